@@ -1,0 +1,82 @@
+"""Attention-augmented convolution (AA; Bello et al., ICCV 2019), the parallel baseline of Table 6.
+
+The output concatenates a 3x3 convolution with ``out - dv`` channels and multi-head self-attention with
+``dv`` channels: ``qkv`` by a 1x1 conv, ``softmax(q.k / sqrt(d_k/heads) + 2-D relative logits)``, then a 1x1
+output projection. Following Bello et al.'s ResNet-50 setting, ``dk = 2 dv = 0.2 out`` (rounded down to a
+multiple of the heads); without biases (ResNet convs have none) this gives Table 6's 25.15M parameters for
+AA-ResNet-50. The relative embeddings are the 2-D height/width tables of
+:class:`~lesa.layers.rel_pos.RelPosEmbed2d` shared across heads, so the layer runs at any map size and
+uses the same fused, linear-memory attention as LESA's 'rel2d' binary term.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .binary import IMPLS, Impl, augment_rel2d, check_choice, check_input, sdpa
+from .rel_pos import RelPosEmbed2d, Size2d
+
+
+def default_aa_dims(out_channels: int, heads: int) -> tuple[int, int]:
+    """``(dk, dv)`` with ``dk = 2 dv = 0.2 out`` rounded down to multiples of ``heads`` (at least ``heads``)."""
+    dk = max(heads, int(0.2 * out_channels) // heads * heads)
+    dv = max(heads, int(0.1 * out_channels) // heads * heads)
+    return dk, dv
+
+
+class AttentionAugmentedConv2d(nn.Module):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        heads: int = 8,
+        stride: int = 1,
+        feature_size: Size2d = 14,
+        dk: Optional[int] = None,
+        dv: Optional[int] = None,
+        impl: Impl = "auto",
+    ) -> None:
+        super().__init__()
+        check_choice("impl", impl, IMPLS)
+        default_dk, default_dv = default_aa_dims(out_channels, heads)
+        dk, dv = dk or default_dk, dv or default_dv
+        if dk % heads or dv % heads:
+            raise ValueError(f"dk={dk} and dv={dv} must be divisible by heads={heads}")
+        if dv >= out_channels:
+            raise ValueError(f"dv={dv} must be smaller than out_channels={out_channels}")
+        self.in_channels, self.out_channels, self.heads = in_channels, out_channels, heads
+        self.dk, self.dv, self.stride, self.impl = dk, dv, stride, impl
+        self.conv = nn.Conv2d(in_channels, out_channels - dv, 3, stride=stride, padding=1, bias=False)
+        self.qkv = nn.Conv2d(in_channels, 2 * dk + dv, 1, bias=False)
+        self.attn_out = nn.Conv2d(dv, dv, 1, bias=False)
+        self.pool = nn.AvgPool2d(stride, stride) if stride > 1 else nn.Identity()
+        self.rel_pos = RelPosEmbed2d(dk // heads, feature_size)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for conv in (self.conv, self.qkv, self.attn_out):
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+        self.rel_pos.reset_parameters()
+
+    def attention(self, x: Tensor) -> Tensor:
+        n, _, h, w = x.shape
+        dkh, dvh = self.dk // self.heads, self.dv // self.heads
+        qkv = self.qkv(x).reshape(n, self.heads, 2 * dkh + dvh, h * w).transpose(-1, -2)
+        q, k, v = torch.split(qkv, [dkh, dkh, dvh], dim=-1)
+        q = q * dkh**-0.5
+        rows, cols = self.rel_pos.rel_logits(q, h, w)
+        if self.impl == "reference":
+            logits = q @ k.transpose(-1, -2) + (rows.unsqueeze(-1) + cols.unsqueeze(-2)).flatten(-2)
+            out = torch.softmax(logits, dim=-1) @ v
+        else:
+            out = sdpa(*augment_rel2d(q, k, rows, cols), v)
+        return self.attn_out(out.transpose(-1, -2).reshape(n, self.dv, h, w))
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_input(x, self.in_channels, type(self).__name__)
+        return torch.cat([self.conv(x), self.attention(self.pool(x))], dim=1)
+
+    def extra_repr(self) -> str:
+        return f"dk={self.dk}, dv={self.dv}, heads={self.heads}, stride={self.stride}, impl={self.impl!r}"

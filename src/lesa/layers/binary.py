@@ -1,0 +1,287 @@
+"""The binary (context) term: multi-head all-to-all attention with relative position embeddings.
+
+This is the sum in Eq. 5 of the paper, ``sum_(h,w) S(q_ij^T k_hw + q_ij^T r) v_hw`` (Eq. 1 with the
+position term), built exactly as the authors' code builds it:
+
+* ``qkv``: a 1x1 projection to per-head ``q, k`` (width ``out/heads/2``) and ``v`` (width ``out/heads``),
+  followed by BatchNorm (``bn_qkv``);
+* the similarity logits ``q.k`` and the position logits are stacked as separate channels, normalised by a
+  BatchNorm (``bn_logits``) and summed -- there is no ``1/sqrt(d)``; the BN sets the temperature;
+* softmax over keys, weighted sum of values (plus, for ``pos_embed='flat'``, of the value embeddings),
+  then a BatchNorm on the output (``bn_out``; with 'flat' the value and value-embedding parts are
+  normalised as separate interleaved channels and summed).
+
+Two implementations compute the same function, parameters, gradients and BN statistics:
+
+* ``impl='reference'`` materialises the ``(N, heads, HW, HW)`` logits, as the official code does.
+* ``impl='fused'`` never does. Since softmax is shift invariant, the logit BN reduces to one scale per
+  head and term; in training that scale needs the batch variance of the logits, which follows from
+  moments of ``q``, ``k`` and the relative logits (:mod:`lesa.layers.bn_moments`). Then:
+
+  - ``'rel2d'``: ``q_i.r_h[y_j-y_i] + q_i.r_w[x_j-x_i]`` is the dot product of ``q_i`` extended with its
+    ``H + W`` relative logits and ``k_j`` extended with one-hot row/column indicators, so the whole term is
+    one call of :func:`torch.nn.functional.scaled_dot_product_attention` (flash / memory-efficient
+    kernels, ``O(HW (d + H + W))`` memory).
+  - ``'flat'``: its logits have no such low-rank form, so queries are processed in blocks with
+    gradient checkpointing per block: ``O(block * HW)`` memory, one extra forward of the attention in
+    the backward pass.
+
+``impl='auto'`` uses the fused path where it is faster (see ``docs/performance.md``).
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .bn_moments import (
+    bn_logit_scale,
+    dot_product_moments,
+    separable_moments,
+    sliding_window_moments,
+    stats_dtype,
+)
+from .rel_pos import FlatRelPosEmbed, RelPosEmbed2d, Size2d, toeplitz_expand
+
+PosEmbed = Literal["flat", "rel2d"]
+Impl = Literal["reference", "fused", "auto"]
+
+POS_EMBEDS = ("flat", "rel2d")
+IMPLS = ("reference", "fused", "auto")
+# 'auto' keeps the flat embedding on the reference path below this many positions (it is faster there;
+# measured in benchmarks/bench_layer.py).
+FLAT_FUSED_MIN_POSITIONS = 1024
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not supported; choose one of {', '.join(map(repr, choices))}")
+
+
+def check_heads(in_channels: int, out_channels: int, heads: int) -> None:
+    """The grouped conv needs ``in/out % heads == 0``; q and k need an even per-head width."""
+    if heads < 1:
+        raise ValueError(f"heads must be >= 1, got {heads}")
+    if out_channels % (2 * heads) != 0:
+        raise ValueError(
+            f"out_channels={out_channels} must be divisible by 2*heads={2 * heads}: each head gets "
+            f"out_channels/heads value channels and half as many query/key channels. "
+            f"Choose heads among {[h for h in (1, 2, 4, 8, 16, 32) if out_channels % (2 * h) == 0]}."
+        )
+    if in_channels % heads != 0:
+        raise ValueError(
+            f"in_channels={in_channels} must be divisible by heads={heads} (the unary term is a grouped "
+            "convolution with one group per head)."
+        )
+
+
+def check_input(x: Tensor, in_channels: int, layer: str) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"{layer} expects a 4-D (N, C, H, W) tensor, got shape {tuple(x.shape)}")
+    if x.shape[1] != in_channels:
+        raise ValueError(
+            f"{layer} was built with in_channels={in_channels} but the input has {x.shape[1]} channels "
+            f"(shape {tuple(x.shape)})."
+        )
+
+
+class BinaryAttention2d(nn.Module):
+    """Multi-head all-to-all attention of the LESA / SA layers (see module docstring)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        heads: int = 8,
+        pos_embed: PosEmbed = "flat",
+        feature_size: Size2d = 14,
+        impl: Impl = "auto",
+    ) -> None:
+        super().__init__()
+        check_choice("pos_embed", pos_embed, POS_EMBEDS)
+        check_choice("impl", impl, IMPLS)
+        check_heads(in_channels, out_channels, heads)
+        self.in_channels, self.out_channels, self.heads = in_channels, out_channels, heads
+        self.qk_dim = out_channels // heads // 2
+        self.v_dim = out_channels // heads
+        self.pos_embed, self.impl = pos_embed, impl
+        self.block_elems = 1 << 21  # flat fused path: logits per query block (N * heads * block * HW)
+
+        self.qkv = nn.Conv2d(in_channels, 2 * out_channels, kernel_size=1, bias=False)
+        self.bn_qkv = nn.BatchNorm2d(2 * out_channels)
+        terms = 3 if pos_embed == "flat" else 2
+        self.bn_logits = nn.BatchNorm2d(terms * heads)
+        self.bn_out = nn.BatchNorm2d(out_channels * (2 if pos_embed == "flat" else 1))
+        if pos_embed == "flat":
+            self.rel_pos: nn.Module = FlatRelPosEmbed(self.qk_dim, self.v_dim, feature_size)
+        else:
+            self.rel_pos = RelPosEmbed2d(self.qk_dim, feature_size)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.qkv.weight, 0.0, self.in_channels**-0.5)
+        self.rel_pos.reset_parameters()
+
+    # -- shared pieces -------------------------------------------------------------------------------
+    def resolve_impl(self, height: int, width: int) -> str:
+        if self.impl != "auto":
+            return self.impl
+        if self.pos_embed == "flat" and height * width < FLAT_FUSED_MIN_POSITIONS:
+            return "reference"
+        return "fused"
+
+    def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(N, C, H, W)`` -> ``q, k: (N, G, HW, d)`` and ``v: (N, G, HW, dv)``."""
+        n, _, h, w = x.shape
+        qkv = self.bn_qkv(self.qkv(x)).reshape(n, self.heads, 2 * self.qk_dim + self.v_dim, h * w)
+        q, k, v = torch.split(qkv.transpose(-1, -2), [self.qk_dim, self.qk_dim, self.v_dim], dim=-1)
+        return q, k, v
+
+    def finish(self, values: Tensor, value_embed: Optional[Tensor], height: int, width: int) -> Tensor:
+        """``(N, G, HW, dv)`` attention outputs -> ``bn_out`` -> ``(N, C, H, W)``."""
+        n = values.shape[0]
+        out = values.transpose(-1, -2)  # (N, G, dv, HW): channel = head * dv + c, as the official code
+        if value_embed is None:
+            return self.bn_out(out.reshape(n, self.out_channels, height, width))
+        stacked = torch.stack([out, value_embed.transpose(-1, -2)], dim=3)  # channel (head*dv+c)*2 + part
+        normed = self.bn_out(stacked.reshape(n, 2 * self.out_channels, height, width))
+        return normed.view(n, self.out_channels, 2, height, width).sum(2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_input(x, self.in_channels, type(self).__name__)
+        height, width = x.shape[-2:]
+        self.rel_pos.check_size(height, width)
+        q, k, v = self.project_qkv(x)
+        if self.resolve_impl(height, width) == "reference":
+            values, value_embed = self.attend_reference(q, k, v, height, width)
+        else:
+            values, value_embed = self.attend_fused(q, k, v, height, width)
+        return self.finish(values, value_embed, height, width)
+
+    # -- reference: materialised logits ---------------------------------------------------------------
+    def reference_logits(self, q: Tensor, k: Tensor, height: int, width: int) -> Tensor:
+        """The summed, BN-normalised ``(N, G, HW, HW)`` logits, exactly as the official code forms them."""
+        n, g, num, _ = q.shape
+        terms = [q @ k.transpose(-1, -2)]
+        if self.pos_embed == "flat":
+            tq, tk, _ = self.rel_pos.tables()
+            terms.append(torch.einsum("ngid,dij->ngij", q, toeplitz_expand(tq, num).to(q.dtype)))
+            terms.append(torch.einsum("ngjd,dji->ngij", k, toeplitz_expand(tk, num).to(k.dtype)))
+        else:
+            rows, cols = self.rel_pos.rel_logits(q, height, width)
+            terms.append((rows.unsqueeze(-1) + cols.unsqueeze(-2)).reshape(n, g, num, num))
+        stacked = self.bn_logits(torch.cat(terms, dim=1))
+        return stacked.view(n, len(terms), g, num, num).sum(1)
+
+    def attend_reference(self, q: Tensor, k: Tensor, v: Tensor, height: int, width: int):
+        attn = torch.softmax(self.reference_logits(q, k, height, width), dim=-1)
+        values = attn @ v
+        if self.pos_embed != "flat":
+            return values, None
+        _, _, tv = self.rel_pos.tables()
+        value_embed = torch.einsum("ngij,dij->ngid", attn, toeplitz_expand(tv, q.shape[-2]).to(attn.dtype))
+        return values, value_embed
+
+    # -- fused: no (HW)^2 tensor ----------------------------------------------------------------------
+    def logit_scales(self, q: Tensor, k: Tensor, height: int, width: int, rel=None) -> Tensor:
+        """Per-term, per-head BN scales ``(terms, G)`` of the logits (updates BN running stats)."""
+        dtype = stats_dtype(q)
+        q64, k64 = q.to(dtype), k.to(dtype)
+        moments = [dot_product_moments(q64, k64)]
+        if self.pos_embed == "flat":
+            tq, tk, _ = self.rel_pos.tables()
+            moments.append(sliding_window_moments(q64, tq.to(dtype)))
+            moments.append(sliding_window_moments(k64, tk.to(dtype)))
+        else:
+            rows, cols = rel
+            moments.append(separable_moments(rows.to(dtype), cols.to(dtype)))
+        count = q.shape[-2] ** 2
+        scale = bn_logit_scale(self.bn_logits, moments, count)
+        return scale.view(len(moments), self.heads).to(q.dtype)
+
+    def attend_fused(self, q: Tensor, k: Tensor, v: Tensor, height: int, width: int):
+        if self.pos_embed == "flat":
+            return self.attend_flat_blocked(q, k, v)
+        rows, cols = self.rel_pos.rel_logits(q, height, width)
+        scale = self.logit_scales(q, k, height, width, rel=(rows, cols))
+        s_qk, s_rel = (s.view(1, -1, 1, 1) for s in scale)
+        q_aug, k_aug = augment_rel2d(q * s_qk, k, rows * s_rel, cols * s_rel)
+        return sdpa(q_aug, k_aug, v), None
+
+    def attend_flat_blocked(self, q: Tensor, k: Tensor, v: Tensor):
+        n, g, num, _ = q.shape
+        scale = self.logit_scales(q, k, *self.rel_pos.feature_size)
+        s_qk, s_qr, s_kr = (s.view(1, -1, 1, 1) for s in scale)
+        tq, tk, tv = (t.to(q.dtype) for t in self.rel_pos.tables())
+        block = max(1, min(num, self.block_elems // max(1, n * g * num)))
+        recompute = torch.is_grad_enabled()
+        values, value_embed = [], []
+        for start in range(0, num, block):
+            args = (q[:, :, start : start + block] * s_qk, q[:, :, start : start + block] * s_qr,
+                    k, k * s_kr, v, tq, tk, tv, start)
+            if recompute:
+                out = checkpoint(flat_attention_block, *args, use_reentrant=False)
+            else:
+                out = flat_attention_block(*args)
+            values.append(out[0])
+            value_embed.append(out[1])
+        return torch.cat(values, dim=2), torch.cat(value_embed, dim=2)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_channels={self.in_channels}, out_channels={self.out_channels}, heads={self.heads}, "
+            f"pos_embed={self.pos_embed!r}, impl={self.impl!r}"
+        )
+
+
+def augment_rel2d(q: Tensor, k: Tensor, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
+    """Fold 2-D relative logits into the dot product.
+
+    ``[q_i, rows_i, cols_i] . [k_j, onehot(y_j), onehot(x_j)] = q_i.k_j + rows_i[y_j] + cols_i[x_j]``.
+    """
+    height, width = rows.shape[-1], cols.shape[-1]
+    eye_h = torch.eye(height, dtype=k.dtype, device=k.device)
+    eye_w = torch.eye(width, dtype=k.dtype, device=k.device)
+    row_onehot = eye_h.repeat_interleave(width, dim=0)  # key j = y * W + x -> onehot(y)
+    col_onehot = eye_w.repeat(height, 1)  # -> onehot(x)
+    indicators = torch.cat([row_onehot, col_onehot], dim=-1).expand(*k.shape[:-1], height + width)
+    return torch.cat([q, rows, cols], dim=-1), torch.cat([k, indicators], dim=-1)
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Unscaled attention; pads ``v`` to the query width where a fused kernel needs equal widths."""
+    dv = v.shape[-1]
+    if q.is_cuda and dv != q.shape[-1]:
+        v = F.pad(v, (0, q.shape[-1] - dv))
+    return F.scaled_dot_product_attention(q, k, v, scale=1.0)[..., :dv]
+
+
+def flat_attention_block(
+    q_k: Tensor, q_r: Tensor, k: Tensor, k_r: Tensor, v: Tensor, tq: Tensor, tk: Tensor, tv: Tensor, start: int
+) -> tuple[Tensor, Tensor]:
+    """Attention of queries ``start : start+B`` with the flat embedding, logits already BN-scaled.
+
+    ``q_k``/``q_r``: the block's queries scaled for the ``q.k`` and ``q.r_q`` terms; ``k``/``k_r``: all
+    keys, unscaled and scaled for the ``k.r_k`` term. Tables are ``(d, 2P-1)``. Returns the block's
+    ``sum_j p_ij v_j`` and ``sum_j p_ij r_v[i - j]``.
+    """
+    blk, num = q_k.shape[-2], k.shape[-2]
+    span = blk + num - 1
+    logits = q_k @ k.transpose(-1, -2)
+    # q_i . r_q[i - j]: table column i - j + P - 1 = start + (t + P - 1 - j) for query start + t.
+    skew = (torch.arange(blk, device=k.device).unsqueeze(1) + (num - 1)
+            - torch.arange(num, device=k.device).unsqueeze(0))
+    skew = skew.expand(*logits.shape)
+    logits = logits + (q_r @ tq[:, start : start + span]).gather(-1, skew)
+    # k_j . r_k[j - i]: table column j - (start + t) + P - 1 = first + (j + B - 1 - t).
+    first = num - start - blk
+    windows = tk[:, first : first + span].unfold(1, blk, 1)  # (d, P, B): [c, j, s] = column first + j + s
+    logits = logits + torch.einsum("ngjd,djs->ngsj", k_r, windows).flip(-2)
+    attn = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(v.dtype)
+    values = attn @ v
+    spread = attn.new_zeros(*attn.shape[:-1], span).scatter(-1, skew, attn)
+    value_embed = spread @ tv[:, start : start + span].t()
+    return values, value_embed

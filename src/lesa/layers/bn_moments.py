@@ -1,0 +1,117 @@
+"""BatchNorm over attention logits that are never materialised.
+
+The official binary term normalises the stacked ``(N, heads, HW, HW)`` similarity logits with a
+BatchNorm. Softmax ignores the additive part of that BN (it is constant along each row), so all the
+fused path needs is the per-head *scale* ``gamma / sqrt(var + eps)``; in training ``var`` is the batch
+variance over ``(N, HW, HW)``. The helpers here compute the mean and variance of the logits from low-order
+moments of ``q``, ``k`` and the relative logits in ``O(HW d^2)`` instead of ``O((HW)^2)``, using centred
+sums (per sample, then combined with the law of total variance) so that no large moments are subtracted.
+They are computed in float64 where the device has it; the result is differentiable.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def stats_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.device.type in ("cpu", "cuda") else torch.float32
+
+
+def combine_moments(mean: Tensor, m2: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    """Merge per-sample ``(N, G)`` means and centred second moments (each over ``count`` values).
+
+    Returns the per-head mean and biased variance over all ``N * count`` values.
+    """
+    total_mean = mean.mean(0)
+    m2_total = m2.sum(0) + count * (mean - total_mean).square().sum(0)
+    return total_mean, m2_total / (mean.shape[0] * count)
+
+
+def dot_product_moments(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-sample mean and centred second moment of ``q_i . k_j`` over all ``(i, j)``.
+
+    ``q``, ``k``: ``(N, G, P, d)``. With ``q = q' + q_bar`` and ``k = k' + k_bar``,
+    ``q_i.k_j - q_bar.k_bar = q'_i.k'_j + q'_i.k_bar + q_bar.k'_j`` and the three parts are orthogonal
+    over ``(i, j)``, so ``M2 = <Q'^T Q', K'^T K'> + P k_bar^T Q'^T Q' k_bar + P q_bar^T K'^T K' q_bar``.
+    """
+    num = q.shape[-2]
+    q_bar, k_bar = q.mean(-2), k.mean(-2)
+    qc, kc = q - q_bar.unsqueeze(-2), k - k_bar.unsqueeze(-2)
+    gram_q = qc.transpose(-1, -2) @ qc
+    gram_k = kc.transpose(-1, -2) @ kc
+    m2 = (
+        (gram_q * gram_k).sum((-1, -2))
+        + num * torch.einsum("ngc,ngcd,ngd->ng", k_bar, gram_q, k_bar)
+        + num * torch.einsum("ngc,ngcd,ngd->ng", q_bar, gram_k, q_bar)
+    )
+    return (q_bar * k_bar).sum(-1), m2
+
+
+def separable_moments(rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-sample moments of ``rows[i, y] + cols[i, x]`` over queries ``i`` and keys ``(y, x)``.
+
+    ``rows``: ``(N, G, P, H)``, ``cols``: ``(N, G, P, W)`` with ``P = H * W`` (the 2-D relative logits).
+    Within one query the two parts vary independently, so the centred sum of squares splits.
+    """
+    height, width = rows.shape[-1], cols.shape[-1]
+    r_bar, c_bar = rows.mean(-1, keepdim=True), cols.mean(-1, keepdim=True)
+    within = width * (rows - r_bar).square().sum(-1) + height * (cols - c_bar).square().sum(-1)
+    return _merge_rows(r_bar.squeeze(-1) + c_bar.squeeze(-1), within, rows.shape[-2])
+
+
+def sliding_window_moments(x: Tensor, table: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-sample moments of ``x_i . table[:, i + t]`` over ``i, t in [0, P)`` (the flat relative logits).
+
+    ``x``: ``(N, G, P, d)``; ``table``: ``(d, 2P-1)``. Row ``i`` sees the window ``table[:, i:i+P]``, whose
+    sum and sum of outer products come from prefix sums in ``O(P d^2)``.
+    """
+    num = x.shape[-2]
+    cols = table.t()
+    zero = cols.new_zeros(1, cols.shape[1])
+    sum1 = torch.cat([zero, cols.cumsum(0)])
+    outer = cols.unsqueeze(-1) * cols.unsqueeze(-2)
+    sum2 = torch.cat([zero.new_zeros(1, *outer.shape[1:]), outer.cumsum(0)])
+    win1 = sum1[num:] - sum1[:num]
+    win2 = sum2[num:] - sum2[:num]
+    row_sum = (x * win1).sum(-1)
+    row_sq = torch.einsum("ngid,ide,ngie->ngi", x, win2, x)
+    row_mean = row_sum / num
+    return _merge_rows(row_mean, row_sq - num * row_mean.square(), num)
+
+
+def _merge_rows(row_mean: Tensor, row_m2: Tensor, per_row: int) -> tuple[Tensor, Tensor]:
+    """Per-row (mean, centred M2) over ``per_row`` values each -> per-sample moments."""
+    mean = row_mean.mean(-1)
+    return mean, row_m2.sum(-1) + per_row * (row_mean - mean.unsqueeze(-1)).square().sum(-1)
+
+
+def bn_logit_scale(bn: nn.BatchNorm2d, moments: list[tuple[Tensor, Tensor]], count: int) -> Tensor:
+    """``gamma / sqrt(var + eps)`` for a BN over stacked logit terms, as ``bn(stacked)`` would use it.
+
+    ``moments``: for each stacked term, per-sample ``(mean, M2)`` of shape ``(N, G)``, each over ``count``
+    values; the BN's channels are the terms' heads in order. In training the running statistics are
+    updated exactly as :class:`torch.nn.BatchNorm2d` would (unbiased variance, momentum or cumulative
+    average). Returns the per-channel scale (length ``terms * G``).
+    """
+    means = torch.cat([m for m, _ in moments], dim=1)
+    m2s = torch.cat([v for _, v in moments], dim=1)
+    mean, var = combine_moments(means, m2s, count)
+    factor = 0.0
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
+    if use_batch:
+        if bn.training and bn.running_mean is not None:
+            n = means.shape[0] * count
+            with torch.no_grad():
+                bn.running_mean.mul_(1 - factor).add_(mean.detach().to(bn.running_mean.dtype), alpha=factor)
+                unbiased = var.detach() * (n / max(n - 1, 1))
+                bn.running_var.mul_(1 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
+        scale = torch.rsqrt(var + bn.eps)
+    else:
+        scale = torch.rsqrt(bn.running_var.to(var.dtype) + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.to(scale.dtype)
+    return scale

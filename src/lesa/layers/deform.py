@@ -1,0 +1,49 @@
+"""Deformable 3x3 convolution that predicts its own offsets (Dai et al. 2017), on torchvision.
+
+The paper makes LESA's unary convolution deformable for detection (Sec. 4.2, one offset group) and uses
+deformable convolutions in stages 2-4 as its strongest detection baseline. ``torchvision.ops.DeformConv2d``
+takes the offsets as an input; this module adds the offset predictor. Parameter names follow mmcv's
+``DeformConv2dPack`` (``weight``, ``conv_offset.weight``, ``conv_offset.bias``), so the authors'
+detection checkpoints map onto it directly.
+"""
+from __future__ import annotations
+
+from torch import Tensor, nn
+from torchvision.ops import DeformConv2d
+
+
+class DeformConv2dPack(DeformConv2d):
+    """``DeformConv2d`` whose offsets come from a zero-initialised conv on the same input."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        padding: int = 1,
+        dilation: int = 1,
+        groups: int = 1,
+        offset_groups: int = 1,
+        bias: bool = False,
+    ) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
+        self.offset_groups = offset_groups
+        self.conv_offset = nn.Conv2d(
+            in_channels,
+            offset_groups * 2 * kernel_size * kernel_size,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            bias=True,
+        )
+        self.reset_offset()
+
+    def reset_offset(self) -> None:
+        # Zero offsets: the layer starts as a plain convolution.
+        nn.init.zeros_(self.conv_offset.weight)
+        nn.init.zeros_(self.conv_offset.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x, self.conv_offset(x))

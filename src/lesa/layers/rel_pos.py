@@ -1,0 +1,146 @@
+"""Relative position embeddings of the binary (context) term.
+
+Eq. 1 of the paper adds ``q_ij^T r_{(i,j)->(h,w)}`` to the attention logits. The authors' code has two
+forms of ``r``, both reproduced here with their checkpoint layouts:
+
+* :class:`FlatRelPosEmbed` (``pos_embed='flat'``, the official *classification* embedding, after
+  Axial-DeepLab): one table over the offset between raster-flattened positions ``i - j``, with separate
+  query, key and value parts. It is tied to the feature-map size it was built for.
+* :class:`RelPosEmbed2d` (``pos_embed='rel2d'``, the official *detection* embedding): separate height and
+  width tables; the logit is ``q_i . r_h[y_j - y_i] + q_i . r_w[x_j - x_i]``. It works at any map size:
+  smaller maps crop the tables, larger ones interpolate them (:func:`resize_rel_table`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Size2d = Union[int, tuple[int, int]]
+
+
+def to_2tuple(size: Size2d) -> tuple[int, int]:
+    if isinstance(size, int):
+        return (size, size)
+    h, w = size
+    return (int(h), int(w))
+
+
+def toeplitz_expand(table: Tensor, length: int) -> Tensor:
+    """``(d, 2L-1)`` table of offsets -> ``(d, L, L)`` with ``[c, i, j] = table[c, i - j + L - 1]``."""
+    return table.unfold(-1, length, 1).flip(-1)
+
+
+def abs_from_rel(table: Tensor, length: int) -> Tensor:
+    """``(2L-1, d)`` table of offsets -> ``(L, L, d)`` with ``[i, j] = table[j - i + L - 1]``."""
+    return table.unfold(0, length, 1).flip(0).transpose(1, 2)
+
+
+def resize_rel_table(table: Tensor, length: int) -> Tensor:
+    """Resize a ``(2L-1, d)`` table of 1-D offsets ``-(L-1)..L-1`` to ``(2*length-1, d)``.
+
+    Shorter: the central ``2*length-1`` offsets are kept unchanged (exact: a smaller map only ever uses
+    those). Longer: linear interpolation along the offset axis (``align_corners=False``), the method of
+    timm's and SAM's ``get_rel_pos``; offset 0 stays at the centre.
+    """
+    old = (table.shape[0] + 1) // 2
+    if length == old:
+        return table
+    if length < old:
+        return table[old - length : old + length - 1]
+    resized = F.interpolate(table.t().unsqueeze(0), size=2 * length - 1, mode="linear", align_corners=False)
+    return resized.squeeze(0).t()
+
+
+class FlatRelPosEmbed(nn.Module):
+    """Relative embedding over raster-flattened offsets (official ``pe_type='classification'``).
+
+    One parameter ``relative`` of shape ``(2*qk_dim + v_dim, 2K-1)``, ``K = H*W``, split into query, key
+    and value parts. For query ``i`` and key ``j`` the logits gain ``q_i . r_q[i - j]`` and
+    ``k_j . r_k[j - i]`` and the output gains ``sum_j p_ij r_v[i - j]``.
+    """
+
+    def __init__(self, qk_dim: int, v_dim: int, feature_size: Size2d) -> None:
+        super().__init__()
+        self.qk_dim, self.v_dim = qk_dim, v_dim
+        self.feature_size = to_2tuple(feature_size)
+        length = self.feature_size[0] * self.feature_size[1]
+        self.relative = nn.Parameter(torch.empty(2 * qk_dim + v_dim, 2 * length - 1))
+        self.reset_parameters()
+
+    @property
+    def length(self) -> int:
+        return self.feature_size[0] * self.feature_size[1]
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.relative, 0.0, math.sqrt(1.0 / self.v_dim))
+
+    def check_size(self, height: int, width: int) -> None:
+        if (height, width) != self.feature_size:
+            raise ValueError(
+                f"pos_embed='flat' was built for {self.feature_size[0]}x{self.feature_size[1]} feature maps "
+                f"but got {height}x{width}: its table is indexed by raster-flattened offsets and cannot be "
+                "resized. Build the layer/model for this size (feature_size=... or img_size=...), or use "
+                "pos_embed='rel2d', which works at any size."
+            )
+
+    def tables(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The query, key and value tables, each ``(dim, 2K-1)``."""
+        return tuple(torch.split(self.relative, [self.qk_dim, self.qk_dim, self.v_dim], dim=0))
+
+    def extra_repr(self) -> str:
+        return f"qk_dim={self.qk_dim}, v_dim={self.v_dim}, feature_size={self.feature_size}"
+
+
+class RelPosEmbed2d(nn.Module):
+    """Separate height/width relative embeddings (official ``pe_type='detection_qr'``).
+
+    ``height``: ``(2H-1, dim)``, ``width``: ``(2W-1, dim)`` for the feature size the layer was built for.
+    At run time :meth:`tables_for` crops or interpolates them to the actual map size.
+    """
+
+    def __init__(self, dim: int, feature_size: Size2d) -> None:
+        super().__init__()
+        self.dim = dim
+        self.feature_size = to_2tuple(feature_size)
+        h, w = self.feature_size
+        self.height = nn.Parameter(torch.empty(2 * h - 1, dim))
+        self.width = nn.Parameter(torch.empty(2 * w - 1, dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        scale = self.dim**-0.5
+        nn.init.normal_(self.height, 0.0, scale)
+        nn.init.normal_(self.width, 0.0, scale)
+
+    def check_size(self, height: int, width: int) -> None:  # any size works
+        return None
+
+    def tables_for(self, height: int, width: int) -> tuple[Tensor, Tensor]:
+        """``(H, H, dim)`` and ``(W, W, dim)`` tables indexed ``[query, key]`` for an ``height x width`` map."""
+        rh = resize_rel_table(self.height, height)
+        rw = resize_rel_table(self.width, width)
+        return abs_from_rel(rh, height), abs_from_rel(rw, width)
+
+    def rel_logits(self, q: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
+        """Per-query logits against every key row and column.
+
+        ``q``: ``(..., H*W, dim)``. Returns ``(..., H*W, H)`` and ``(..., H*W, W)``: entry ``[i, y]`` is
+        ``q_i . r_h[y - y_i]`` and entry ``[i, x]`` is ``q_i . r_w[x - x_i]``. The full logit of key ``j``
+        is their sum at ``(y_j, x_j)``.
+        """
+        rh, rw = self.tables_for(height, width)
+        lead = q.shape[:-2]
+        q2 = q.reshape(*lead, height, width, self.dim)
+        logits_h = torch.einsum("...yxd,ykd->...yxk", q2, rh.to(q.dtype))
+        logits_w = torch.einsum("...yxd,xkd->...yxk", q2, rw.to(q.dtype))
+        return (
+            logits_h.reshape(*lead, height * width, height),
+            logits_w.reshape(*lead, height * width, width),
+        )
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, feature_size={self.feature_size}"

@@ -1,0 +1,40 @@
+"""The self-attention (SA) baseline: the binary term alone (Eq. 1 with relative positions).
+
+This is the layer of the paper's "SA" rows (Tables 1, 2, 6): multi-head all-to-all attention with the same
+projections, BatchNorms and position embeddings as LESA's binary term, and no unary term or gate.
+"""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .binary import BinaryAttention2d, Impl, PosEmbed, check_input
+from .checkpointing import checkpointed
+from .rel_pos import Size2d
+
+
+class SelfAttention2d(nn.Module):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        heads: int = 8,
+        stride: int = 1,
+        pos_embed: PosEmbed = "flat",
+        feature_size: Size2d = 14,
+        impl: Impl = "auto",
+        checkpoint: bool = False,
+    ) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
+        self.checkpoint = checkpoint
+        self.binary = BinaryAttention2d(in_channels, out_channels, heads, pos_embed, feature_size, impl)
+        self.pool = nn.AvgPool2d(stride, stride) if stride > 1 else nn.Identity()
+
+    def reset_parameters(self) -> None:
+        self.binary.reset_parameters()
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_input(x, self.in_channels, type(self).__name__)
+        if self.checkpoint and self.training and x.requires_grad:
+            return self.pool(checkpointed(self.binary, self.binary, x))
+        return self.pool(self.binary(x))

@@ -1,0 +1,38 @@
+"""The unary (local) term of LESA: Eq. 6, ``m = x W_g^k W_1^1``.
+
+A grouped ``k x k`` convolution with one group per head (``W_g^k``) followed by a 1x1 projection
+(``W_1^1``) that mixes the heads, then BatchNorm, as in the authors' code. With ``deform=True`` the grouped
+convolution is deformable with one offset group (Sec. 4.2).
+"""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .deform import DeformConv2dPack
+
+
+class UnaryConv2d(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, heads: int = 8, deform: bool = False) -> None:
+        super().__init__()
+        self.deform = deform
+        if deform:
+            self.conv: nn.Module = DeformConv2dPack(in_channels, out_channels, 3, padding=1, groups=heads)
+        else:
+            self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, groups=heads, bias=False)
+        # With a single head the conv already mixes all channels; the official code then omits W_1^1.
+        self.proj = nn.Conv2d(out_channels, out_channels, 1, bias=False) if heads != 1 else None
+        self.bn = nn.BatchNorm2d(out_channels)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        convs = [self.conv] + ([self.proj] if self.proj is not None else [])
+        for conv in convs:
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+        if self.deform:
+            self.conv.reset_offset()
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.conv(x)
+        if self.proj is not None:
+            out = self.proj(out)
+        return self.bn(out)

@@ -1,0 +1,19 @@
+"""ResNet / WRN model family with LESA and the paper's baselines."""
+from .registry import ARCHS, build_resnet, create_model, is_model, list_models, parse_name
+from .resnet import OPS, Bottleneck, ResNet, attention_layers
+from .timm_hook import register_with_timm
+
+register_with_timm()
+
+__all__ = [
+    "ARCHS",
+    "OPS",
+    "Bottleneck",
+    "ResNet",
+    "attention_layers",
+    "build_resnet",
+    "create_model",
+    "is_model",
+    "list_models",
+    "parse_name",
+]

@@ -1,0 +1,265 @@
+"""ResNet / Wide-ResNet with LESA (or a baseline operation) in the 3x3 slot of stages 3-4.
+
+Follows the paper (Sec. 4.1) and the authors' code: the 3x3 convolution of every bottleneck in stages 3
+and 4 is replaced, except the first block of stage 3, which keeps its stride-2 convolution; stage 4 then
+runs at stride 1 (a 224 input gives 14x14 maps in both stages). The conv models are exactly
+torchvision's ``resnet50`` / ``wide_resnet50_2`` (same modules and parameter names: its weights load).
+
+Replaced slots keep the block's ``bn2`` except LESA's, whose official block has none.
+
+Operations: ``'conv'``, ``'sa'`` (:class:`SelfAttention2d`), ``'aa'`` (:class:`AttentionAugmentedConv2d`),
+``'static_lesa'`` and ``'lesa'`` (:class:`LESA2d`).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..layers import AttentionAugmentedConv2d, DeformConv2dPack, LESA2d, SelfAttention2d
+from ..layers.binary import check_choice
+
+OPS = ("conv", "sa", "aa", "static_lesa", "lesa")
+ATTENTION_LAYERS = (LESA2d, SelfAttention2d, AttentionAugmentedConv2d)
+
+
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1, deform: bool = False) -> nn.Module:
+    if deform:
+        return DeformConv2dPack(in_planes, out_planes, 3, stride=stride, padding=1)
+    return nn.Conv2d(in_planes, out_planes, 3, stride=stride, padding=1, bias=False)
+
+
+def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
+
+
+def spatial_op(
+    op: str, width: int, stride: int, feature_size: tuple[int, int], layer_kwargs: dict[str, Any]
+) -> nn.Module:
+    """The module in a bottleneck's 3x3 slot (``feature_size``: its input map size)."""
+    kw = dict(layer_kwargs)
+    if op == "lesa" or op == "static_lesa":
+        return LESA2d(width, width, stride=stride, feature_size=feature_size,
+                      fusion="dynamic" if op == "lesa" else "static", **kw)
+    kw.pop("unary", None)
+    if op == "sa":
+        return SelfAttention2d(width, width, stride=stride, feature_size=feature_size, **kw)
+    if op == "aa":
+        kw.pop("pos_embed", None)
+        kw.pop("checkpoint", None)
+        return AttentionAugmentedConv2d(width, width, stride=stride, feature_size=feature_size, **kw)
+    raise ValueError(f"unknown operation {op!r}; choose one of {OPS}")
+
+
+class Bottleneck(nn.Module):
+    """torchvision's ResNet-v1.5 bottleneck; ``op`` chooses what fills the 3x3 slot."""
+
+    expansion = 4
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: Optional[nn.Module] = None,
+        base_width: int = 64,
+        op: str = "conv",
+        feature_size: tuple[int, int] = (14, 14),
+        deform: bool = False,
+        layer_kwargs: Optional[dict[str, Any]] = None,
+    ) -> None:
+        super().__init__()
+        width = int(planes * (base_width / 64.0))
+        self.op = op
+        self.conv1 = conv1x1(inplanes, width)
+        self.bn1 = nn.BatchNorm2d(width)
+        if op == "conv":
+            self.conv2 = conv3x3(width, width, stride, deform=deform)
+        else:
+            self.conv2 = spatial_op(op, width, stride, feature_size, layer_kwargs or {})
+        # The official LESA block has no bn2 (LESA ends in BatchNorms of its own). The SA and static-LESA
+        # baselines keep the block's bn2, as a conv slot does: with it their parameter counts are the
+        # paper's (Tables 2 and 6: 18.06M and 20.43M); without it they would be 18.05M and 20.42M.
+        self.bn2 = nn.Identity() if op == "lesa" else nn.BatchNorm2d(width)
+        self.conv3 = conv1x1(width, planes * self.expansion)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        return self.relu(out + identity)
+
+
+class ResNet(nn.Module):
+    """Bottleneck ResNet with per-stage operations and a timm-style interface.
+
+    Args:
+        layers: blocks per stage, e.g. ``(3, 4, 6, 3)``.
+        stage_ops: operation of each stage's 3x3 slots (first block of a stage keeps ``'conv'`` when
+            ``first_block_conv[i]``).
+        strides: stride of each stage (the stem's reduction comes on top).
+        widths: ``planes`` of each stage (the output is ``4 * planes``).
+        width_per_group: 64 for ResNet, 128 for WRN-50-2.
+        stem: ``'imagenet'`` (7x7/2 conv + max-pool, /4) or ``'small'`` (3x3 conv, /1; for 32x32 inputs).
+        img_size: input size; sets the feature size the position tables are built for.
+        dcn_stages: stages (1-based) whose 3x3 convolutions are deformable.
+        layer_kwargs: passed to every attention layer (``heads``, ``pos_embed``, ``impl``, ``unary``,
+            ``checkpoint``, ...).
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[int] = (3, 4, 6, 3),
+        stage_ops: Sequence[str] = ("conv",) * 4,
+        strides: Sequence[int] = (1, 2, 2, 2),
+        widths: Sequence[int] = (64, 128, 256, 512),
+        first_block_conv: Sequence[bool] = (True, True, True, False),
+        width_per_group: int = 64,
+        stem: str = "imagenet",
+        stem_width: int = 64,
+        num_classes: int = 1000,
+        img_size: int | tuple[int, int] = 224,
+        in_chans: int = 3,
+        dcn_stages: Sequence[int] = (),
+        drop_rate: float = 0.0,
+        zero_init_residual: bool = False,
+        layer_kwargs: Optional[dict[str, Any]] = None,
+    ) -> None:
+        super().__init__()
+        check_choice("stem", stem, ("imagenet", "small"))
+        for op in stage_ops:
+            check_choice("operation", op, OPS)
+        self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.stage_ops, self.num_classes, self.drop_rate = tuple(stage_ops), num_classes, drop_rate
+        self.base_width = width_per_group
+        self.layer_kwargs = dict(layer_kwargs or {})
+        if stem == "imagenet":
+            self.conv1 = nn.Conv2d(in_chans, stem_width, 7, stride=2, padding=3, bias=False)
+            self.maxpool: nn.Module = nn.MaxPool2d(3, stride=2, padding=1)
+            reduction = 4
+        else:
+            self.conv1 = nn.Conv2d(in_chans, stem_width, 3, stride=1, padding=1, bias=False)
+            self.maxpool = nn.Identity()
+            reduction = 1
+        self.bn1 = nn.BatchNorm2d(stem_width)
+        self.relu = nn.ReLU(inplace=True)
+
+        self.inplanes = stem_width
+        size = tuple(-(-s // reduction) for s in self.img_size)
+        self.feature_info: list[dict[str, Any]] = []
+        for i, (blocks, planes, stride) in enumerate(zip(layers, widths, strides)):
+            stage, size = self._make_layer(
+                planes, blocks, stride, stage_ops[i], first_block_conv[i], size, deform=(i + 1) in dcn_stages
+            )
+            self.add_module(f"layer{i + 1}", stage)
+            reduction *= stride
+            self.feature_info.append(dict(num_chs=self.inplanes, reduction=reduction, module=f"layer{i + 1}"))
+        self.num_features = self.inplanes
+        self.global_pool = nn.AdaptiveAvgPool2d(1)
+        self.fc: nn.Module = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.pretrained_cfg = dict(
+            input_size=(in_chans, *self.img_size),
+            mean=(0.485, 0.456, 0.406),
+            std=(0.229, 0.224, 0.225),
+            crop_pct=0.875,
+            interpolation="bilinear",
+            num_classes=num_classes,
+            first_conv="conv1",
+            classifier="fc",
+        )
+        self.init_weights(zero_init_residual)
+
+    def _make_layer(
+        self, planes: int, blocks: int, stride: int, op: str, first_conv: bool, size: tuple[int, int],
+        deform: bool,
+    ) -> tuple[nn.Sequential, tuple[int, int]]:
+        out_planes = planes * Bottleneck.expansion
+        downsample = None
+        if stride != 1 or self.inplanes != out_planes:
+            downsample = nn.Sequential(conv1x1(self.inplanes, out_planes, stride), nn.BatchNorm2d(out_planes))
+        blocks_list = []
+        for b in range(blocks):
+            block_op = "conv" if (b == 0 and first_conv) else op
+            block_stride = stride if b == 0 else 1
+            blocks_list.append(Bottleneck(
+                self.inplanes, planes, block_stride, downsample if b == 0 else None, self.base_width,
+                block_op, size, deform=deform and block_op == "conv", layer_kwargs=self.layer_kwargs,
+            ))
+            self.inplanes = out_planes
+            size = tuple(-(-s // block_stride) for s in size)
+        return nn.Sequential(*blocks_list), size
+
+    def init_weights(self, zero_init_residual: bool = False) -> None:
+        """torchvision's ResNet init; attention layers then apply their own (the official order)."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+        for m in self.modules():
+            if isinstance(m, ATTENTION_LAYERS):
+                m.reset_parameters()
+            elif isinstance(m, DeformConv2dPack):
+                m.reset_offset()
+        if zero_init_residual:
+            for m in self.modules():
+                if isinstance(m, Bottleneck):
+                    nn.init.constant_(m.bn3.weight, 0)
+
+    # -- timm-style interface -------------------------------------------------------------------------
+    def stem(self, x: Tensor) -> Tensor:
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
+    def stages(self) -> list[nn.Sequential]:
+        return [self.layer1, self.layer2, self.layer3, self.layer4]
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        x = self.stem(x)
+        for stage in self.stages():
+            x = stage(x)
+        return x
+
+    def forward_intermediates(self, x: Tensor) -> list[Tensor]:
+        """Outputs of the four stages (for FPNs)."""
+        x = self.stem(x)
+        outs = []
+        for stage in self.stages():
+            x = stage(x)
+            outs.append(x)
+        return outs
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = torch.flatten(self.global_pool(x), 1)
+        if self.drop_rate > 0:
+            x = nn.functional.dropout(x, p=self.drop_rate, training=self.training)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str = "avg") -> None:
+        if global_pool != "avg":
+            raise ValueError(f"only global_pool='avg' is supported, got {global_pool!r}")
+        self.num_classes = num_classes
+        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+
+def attention_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every LESA / SA / AA layer in ``model``."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, ATTENTION_LAYERS)]
+
+
+ModelFn = Callable[..., ResNet]
