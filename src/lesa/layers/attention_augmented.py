@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .binary import IMPLS, Impl, augment_rel2d, check_choice, check_input, sdpa
+from .binary import IMPLS, Impl, augment_rel2d, check_choice, check_input, resolve_auto, sdpa
 from .rel_pos import RelPosEmbed2d, Size2d
 
 
@@ -67,7 +67,8 @@ class AttentionAugmentedConv2d(nn.Module):
         q, k, v = torch.split(qkv, [dkh, dkh, dvh], dim=-1)
         q = q * dkh**-0.5
         rows, cols = self.rel_pos.rel_logits(q, h, w)
-        if self.impl == "reference":
+        impl = resolve_auto("rel2d", h * w) if self.impl == "auto" else self.impl
+        if impl == "reference":
             logits = q @ k.transpose(-1, -2) + (rows.unsqueeze(-1) + cols.unsqueeze(-2)).flatten(-2)
             out = torch.softmax(logits, dim=-1) @ v
         else:

@@ -35,7 +35,6 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from .bn_moments import (
     bn_logit_scale,
@@ -51,9 +50,13 @@ Impl = Literal["reference", "fused", "auto"]
 
 POS_EMBEDS = ("flat", "rel2d")
 IMPLS = ("reference", "fused", "auto")
-# 'auto' keeps the flat embedding on the reference path below this many positions (it is faster there;
-# measured in benchmarks/bench_layer.py).
-FLAT_FUSED_MIN_POSITIONS = 1024
+# 'auto' uses the fused path from this many positions on, where it is faster than the reference
+# (benchmarks/bench_layer.py, docs/performance.md); below, the (HW)^2 matrices are small anyway.
+FUSED_MIN_POSITIONS = {"rel2d": 256, "flat": 400}
+
+
+def resolve_auto(pos_embed: str, positions: int) -> str:
+    return "fused" if positions >= FUSED_MIN_POSITIONS[pos_embed] else "reference"
 
 
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -127,11 +130,7 @@ class BinaryAttention2d(nn.Module):
 
     # -- shared pieces -------------------------------------------------------------------------------
     def resolve_impl(self, height: int, width: int) -> str:
-        if self.impl != "auto":
-            return self.impl
-        if self.pos_embed == "flat" and height * width < FLAT_FUSED_MIN_POSITIONS:
-            return "reference"
-        return "fused"
+        return resolve_auto(self.pos_embed, height * width) if self.impl == "auto" else self.impl
 
     def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(N, C, H, W)`` -> ``q, k: (N, G, HW, d)`` and ``v: (N, G, HW, dv)``."""
@@ -215,20 +214,9 @@ class BinaryAttention2d(nn.Module):
         n, g, num, _ = q.shape
         scale = self.logit_scales(q, k, *self.rel_pos.feature_size)
         s_qk, s_qr, s_kr = (s.view(1, -1, 1, 1) for s in scale)
-        tq, tk, tv = (t.to(q.dtype) for t in self.rel_pos.tables())
+        tables = [t.to(q.dtype) for t in self.rel_pos.tables()]
         block = max(1, min(num, self.block_elems // max(1, n * g * num)))
-        recompute = torch.is_grad_enabled()
-        values, value_embed = [], []
-        for start in range(0, num, block):
-            args = (q[:, :, start : start + block] * s_qk, q[:, :, start : start + block] * s_qr,
-                    k, k * s_kr, v, tq, tk, tv, start)
-            if recompute:
-                out = checkpoint(flat_attention_block, *args, use_reentrant=False)
-            else:
-                out = flat_attention_block(*args)
-            values.append(out[0])
-            value_embed.append(out[1])
-        return torch.cat(values, dim=2), torch.cat(value_embed, dim=2)
+        return FlatBlockedAttention.apply(q * s_qk, q * s_qr, k, k * s_kr, v, *tables, block)
 
     def extra_repr(self) -> str:
         return (
@@ -252,36 +240,91 @@ def augment_rel2d(q: Tensor, k: Tensor, rows: Tensor, cols: Tensor) -> tuple[Ten
 
 
 def sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Unscaled attention; pads ``v`` to the query width where a fused kernel needs equal widths."""
+    """Unscaled attention through :func:`~torch.nn.functional.scaled_dot_product_attention`.
+
+    Flash kernels (CPU and CUDA) need one width for q, k and v, a multiple of 8 on CUDA: all three are
+    zero-padded to a common width (zeros add nothing to the dot products) and the output is cut back.
+    """
     dv = v.shape[-1]
-    if q.is_cuda and dv != q.shape[-1]:
-        v = F.pad(v, (0, q.shape[-1] - dv))
+    width = -(-max(q.shape[-1], dv) // 8) * 8
+    q, k, v = (F.pad(t, (0, width - t.shape[-1])) if t.shape[-1] != width else t for t in (q, k, v))
     return F.scaled_dot_product_attention(q, k, v, scale=1.0)[..., :dv]
 
 
-def flat_attention_block(
-    q_k: Tensor, q_r: Tensor, k: Tensor, k_r: Tensor, v: Tensor, tq: Tensor, tk: Tensor, tv: Tensor, start: int
-) -> tuple[Tensor, Tensor]:
-    """Attention of queries ``start : start+B`` with the flat embedding, logits already BN-scaled.
+def flat_windows(start: int, block: int, num: int) -> tuple[slice, slice]:
+    """Table columns used by queries ``start : start+block``: for ``r_q``/``r_v`` and for ``r_k``."""
+    span = block + num - 1
+    return slice(start, start + span), slice(num - start - block, 2 * num - start - 1)
 
-    ``q_k``/``q_r``: the block's queries scaled for the ``q.k`` and ``q.r_q`` terms; ``k``/``k_r``: all
-    keys, unscaled and scaled for the ``k.r_k`` term. Tables are ``(d, 2P-1)``. Returns the block's
-    ``sum_j p_ij v_j`` and ``sum_j p_ij r_v[i - j]``.
+
+def flat_attention_block(
+    q_k: Tensor, q_r: Tensor, k: Tensor, k_r: Tensor, v: Tensor, win_q: Tensor, win_k: Tensor, win_v: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Attention of one block of ``B`` consecutive queries with the flat embedding, logits BN-scaled.
+
+    ``q_k``/``q_r``: the block's queries scaled for the ``q.k`` and ``q.r_q`` terms; ``k``/``k_r``: all ``P``
+    keys, unscaled and scaled for the ``k.r_k`` term; ``win_*``: the ``B + P - 1`` table columns the block
+    uses (:func:`flat_windows`). Returns the block's ``sum_j p_ij v_j`` and ``sum_j p_ij r_v[i - j]``.
     """
     blk, num = q_k.shape[-2], k.shape[-2]
-    span = blk + num - 1
     logits = q_k @ k.transpose(-1, -2)
-    # q_i . r_q[i - j]: table column i - j + P - 1 = start + (t + P - 1 - j) for query start + t.
+    # q_i . r_q[i - j] for query i = start + t sits in window column t + P - 1 - j.
     skew = (torch.arange(blk, device=k.device).unsqueeze(1) + (num - 1)
-            - torch.arange(num, device=k.device).unsqueeze(0))
-    skew = skew.expand(*logits.shape)
-    logits = logits + (q_r @ tq[:, start : start + span]).gather(-1, skew)
-    # k_j . r_k[j - i]: table column j - (start + t) + P - 1 = first + (j + B - 1 - t).
-    first = num - start - blk
-    windows = tk[:, first : first + span].unfold(1, blk, 1)  # (d, P, B): [c, j, s] = column first + j + s
+            - torch.arange(num, device=k.device).unsqueeze(0)).expand(*logits.shape)
+    logits = logits + (q_r @ win_q).gather(-1, skew)
+    # k_j . r_k[j - i] sits in window column j + B - 1 - t.
+    windows = win_k.unfold(1, blk, 1)  # (d, P, B): [c, j, s] = window column j + s
     logits = logits + torch.einsum("ngjd,djs->ngsj", k_r, windows).flip(-2)
     attn = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(v.dtype)
     values = attn @ v
-    spread = attn.new_zeros(*attn.shape[:-1], span).scatter(-1, skew, attn)
-    value_embed = spread @ tv[:, start : start + span].t()
-    return values, value_embed
+    spread = attn.new_zeros(*attn.shape[:-1], win_v.shape[-1]).scatter(-1, skew, attn)
+    return values, spread @ win_v.t()
+
+
+class FlatBlockedAttention(torch.autograd.Function):
+    """The flat binary term over query blocks, recomputing each block in backward.
+
+    Only the inputs are saved; each block's ``(B, P)`` logits exist only while that block is computed, in
+    the forward and again in the backward (flash-attention style, with autograd doing each block's
+    backward). Outputs and gradients go to preallocated tensors, so the allocator reuses one block's
+    memory for the next.
+    """
+
+    @staticmethod
+    def forward(ctx, q_k, q_r, k, k_r, v, tq, tk, tv, block):
+        num = k.shape[-2]
+        values = v.new_empty(*q_k.shape[:-1], v.shape[-1])
+        value_embed = v.new_empty(*q_k.shape[:-1], tv.shape[0])
+        for start in range(0, num, block):
+            rows = slice(start, start + block)
+            wq, wk = flat_windows(start, min(block, num - start), num)
+            values[:, :, rows], value_embed[:, :, rows] = flat_attention_block(
+                q_k[:, :, rows], q_r[:, :, rows], k, k_r, v, tq[:, wq], tk[:, wk], tv[:, wq]
+            )
+        ctx.save_for_backward(q_k, q_r, k, k_r, v, tq, tk, tv)
+        ctx.block = block
+        return values, value_embed
+
+    @staticmethod
+    def backward(ctx, grad_values, grad_value_embed):
+        q_k, q_r, k, k_r, v, tq, tk, tv = ctx.saved_tensors
+        num, block = k.shape[-2], ctx.block
+        grads = [torch.zeros_like(t) for t in (q_k, q_r, k, k_r, v, tq, tk, tv)]
+        shared = [t.detach().requires_grad_() for t in (k, k_r, v)]
+        for start in range(0, num, block):
+            rows = slice(start, start + block)
+            wq, wk = flat_windows(start, min(block, num - start), num)
+            leaves = [q_k[:, :, rows], q_r[:, :, rows], *shared, tq[:, wq], tk[:, wk], tv[:, wq]]
+            leaves[:2] = [t.detach().requires_grad_() for t in leaves[:2]]
+            leaves[5:] = [t.detach().requires_grad_() for t in leaves[5:]]
+            with torch.enable_grad():
+                outs = flat_attention_block(*leaves)
+                parts = torch.autograd.grad(outs, leaves, (grad_values[:, :, rows], grad_value_embed[:, :, rows]))
+            grads[0][:, :, rows] = parts[0]
+            grads[1][:, :, rows] = parts[1]
+            for acc, part in zip(grads[2:5], parts[2:5]):
+                acc += part
+            grads[5][:, wq] += parts[5]
+            grads[6][:, wk] += parts[6]
+            grads[7][:, wq] += parts[7]
+        return (*grads, None)

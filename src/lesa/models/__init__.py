@@ -1,4 +1,5 @@
 """ResNet / WRN model family with LESA and the paper's baselines."""
+from .pos_embed import resize_pos_embed
 from .registry import ARCHS, build_resnet, create_model, is_model, list_models, parse_name
 from .resnet import OPS, Bottleneck, ResNet, attention_layers
 from .timm_hook import register_with_timm
@@ -16,4 +17,5 @@ __all__ = [
     "is_model",
     "list_models",
     "parse_name",
+    "resize_pos_embed",
 ]

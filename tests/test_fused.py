@@ -1,0 +1,178 @@
+"""impl='fused' computes the same function as impl='reference': outputs, gradients, BN statistics."""
+import copy
+
+import pytest
+import torch
+
+import lesa
+from lesa import LESA2d, SelfAttention2d
+from lesa.layers.binary import resolve_auto
+from lesa.models import attention_layers, create_model
+
+from naive_lesa import lesa as naive_lesa
+
+RTOL = {torch.float64: 1e-10, torch.float32: 1e-4}
+
+
+def assert_close(actual, expected, dtype, name=""):
+    """Relative agreement: elementwise to ``rtol`` of the tensor's scale (tiny entries are not judged
+    on their own relative error, which float32 rounding makes meaningless)."""
+    rtol = RTOL[dtype]
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * float(expected.detach().abs().max()),
+                               msg=lambda m: f"{name}: {m}")
+
+
+def pair(cls, dtype, pos_embed, size, block_elems=None, **kw):
+    torch.manual_seed(0)
+    ref = cls(32, 32, heads=4, pos_embed=pos_embed, feature_size=size, impl="reference", **kw).to(dtype)
+    with torch.no_grad():  # non-trivial BN affines
+        for m in ref.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    fused = copy.deepcopy(ref)
+    for m in fused.modules():
+        if hasattr(m, "impl"):
+            m.impl = "fused"
+        if block_elems and hasattr(m, "block_elems"):
+            m.block_elems = block_elems
+    return ref, fused
+
+
+def assert_same_step(ref, fused, x, dtype):
+    """One forward/backward in the modules' current mode: outputs, all gradients, BN buffers."""
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = ref(xa), fused(xb)
+    assert_close(yb, ya, dtype, "output")
+    grad = torch.randn_like(ya)
+    ya.backward(grad)
+    yb.backward(grad)
+    assert_close(xb.grad, xa.grad, dtype, "input gradient")
+    for (name, a), (_, b) in zip(ref.named_parameters(), fused.named_parameters()):
+        if name.endswith("bn_logits.bias"):  # softmax is shift invariant: exactly zero gradient
+            assert b.grad is None or b.grad.abs().max() == 0
+            assert a.grad.abs().max() < 1e-3 * ya.abs().max()
+            continue
+        assert_close(b.grad, a.grad, dtype, name)
+    for (name, a), (_, b) in zip(ref.named_buffers(), fused.named_buffers()):
+        assert_close(b.to(a.dtype), a, dtype, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("pos_embed,size,block_elems", [
+    ("rel2d", (6, 6), None),
+    ("rel2d", (5, 7), None),
+    ("flat", (6, 6), None),
+    ("flat", (5, 7), 3 * 4 * 35),  # several query blocks (a block of 3 queries, last one shorter)
+])
+@pytest.mark.parametrize("cls", [LESA2d, SelfAttention2d])
+def test_fused_equals_reference(cls, pos_embed, size, block_elems, dtype):
+    ref, fused = pair(cls, dtype, pos_embed, size, block_elems)
+    x = torch.randn(3, 32, *size, dtype=dtype) * 1.5 + 0.3
+    for _ in range(2):  # two training steps: running stats accumulate identically
+        assert_same_step(ref.train(), fused.train(), x, dtype)
+    assert_same_step(ref.eval(), fused.eval(), x, dtype)
+
+
+@pytest.mark.parametrize("pos_embed", ["flat", "rel2d"])
+def test_cumulative_and_untracked_batch_norm(pos_embed):
+    ref, fused = pair(LESA2d, torch.float64, pos_embed, (4, 4))
+    for module in (ref, fused):
+        module.binary.bn_logits.momentum = None  # cumulative moving average
+    x = torch.randn(2, 32, 4, 4, dtype=torch.float64)
+    for _ in range(3):
+        assert_same_step(ref.train(), fused.train(), x, torch.float64)
+    assert int(fused.binary.bn_logits.num_batches_tracked) == 3
+    ref, fused = pair(LESA2d, torch.float64, pos_embed, (4, 4))
+    for module in (ref, fused):
+        bn = module.binary.bn_logits
+        bn.track_running_stats = False
+        bn.running_mean = bn.running_var = bn.num_batches_tracked = None
+    assert_same_step(ref.eval(), fused.eval(), x, torch.float64)  # batch statistics even in eval
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_rel2d_crops_tables_for_smaller_maps_exactly(impl):
+    """A layer built for 8x8 maps, run on 5x7, is the layer built for 5x7 with the central offsets."""
+    torch.manual_seed(0)
+    big = LESA2d(32, 32, heads=4, pos_embed="rel2d", feature_size=8, impl=impl).double().train()
+    small = LESA2d(32, 32, heads=4, pos_embed="rel2d", feature_size=(5, 7), impl=impl).double().train()
+    sd = big.state_dict()
+    sd["binary.rel_pos.height"] = sd["binary.rel_pos.height"][8 - 5 : 8 + 5 - 1]
+    sd["binary.rel_pos.width"] = sd["binary.rel_pos.width"][8 - 7 : 8 + 7 - 1]
+    small.load_state_dict(sd)
+    x = torch.randn(2, 32, 5, 7, dtype=torch.float64)
+    expected, _ = naive_lesa(copy.deepcopy(small), x, True)
+    torch.testing.assert_close(big(x), expected)
+
+
+def test_rel2d_interpolates_for_larger_maps():
+    ref, fused = pair(LESA2d, torch.float64, "rel2d", (4, 4))
+    x = torch.randn(2, 32, 6, 9, dtype=torch.float64)
+    assert_same_step(ref.train(), fused.train(), x, torch.float64)
+    # offset 0 stays at the centre and the table keeps its end values when stretched
+    table = ref.binary.rel_pos.height
+    stretched = lesa.layers.resize_rel_table(table, 6)
+    assert stretched.shape == (11, table.shape[1])
+    torch.testing.assert_close(stretched[5], table[3])
+
+
+def test_resize_pos_embed_bakes_in_what_runtime_resizing_does():
+    torch.manual_seed(0)
+    model = create_model("lesa_resnet_tiny", pos_embed="rel2d", impl="fused").eval()
+    x = torch.randn(1, 3, 48, 40)
+    on_the_fly = model(x)
+    sd = lesa.resize_pos_embed(model.state_dict(), (48, 40), old_size=32)
+    lesa.resize_pos_embed(model, (48, 40))
+    assert model.img_size == (48, 40)
+    assert all(m.binary.rel_pos.feature_size == (12, 10) for _, m in attention_layers(model))
+    torch.testing.assert_close(model(x), on_the_fly)
+    assert all(torch.equal(sd[k], v) for k, v in model.state_dict().items())
+    resized = create_model("lesa_resnet_tiny", pos_embed="rel2d", img_size=(48, 40))
+    resized.load_state_dict(sd, strict=True)
+
+
+def test_resize_pos_embed_refuses_flat():
+    with pytest.raises(ValueError, match="cannot be resized.*rel2d"):
+        lesa.resize_pos_embed(create_model("lesa_resnet_tiny"), 64)
+    with pytest.raises(ValueError, match="rel_pos.relative"):
+        lesa.resize_pos_embed(create_model("lesa_resnet_tiny").state_dict(), 64, old_size=32)
+
+
+@pytest.mark.parametrize("size", [(224, 224), (256, 192), (160, 320), (288, 288)])
+def test_lesa_resnet50_rel2d_any_size(size):
+    torch.manual_seed(0)
+    ref = create_model("lesa_resnet50", pos_embed="rel2d", impl="reference", num_classes=10)
+    fused = create_model("lesa_resnet50", pos_embed="rel2d", impl="fused", num_classes=10)
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        for train in (True, False):
+            ya, yb = ref.train(train)(x), fused.train(train)(x)
+            torch.testing.assert_close(yb, ya, rtol=1e-4, atol=1e-4)
+
+
+def test_auto_picks_by_size():
+    assert resolve_auto("rel2d", 64 * 64) == "fused"
+    assert resolve_auto("flat", 64 * 64) == "fused"
+    assert resolve_auto("flat", 14 * 14) == "reference"
+    assert create_model("lesa_resnet_tiny").layer4[0].conv2.binary.impl == "auto"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("pos_embed", ["rel2d", "flat"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_fused_matches_float64_reference(pos_embed, dtype):
+    torch.manual_seed(0)
+    ref = LESA2d(64, 64, heads=8, pos_embed=pos_embed, feature_size=16, impl="reference").double().train()
+    fused = copy.deepcopy(ref).cuda().to(dtype)
+    fused.binary.impl = "fused"
+    x = torch.randn(2, 64, 16, 16, dtype=torch.float64)
+    xa, xb = x.clone().requires_grad_(), x.cuda().to(dtype).requires_grad_()
+    ya, yb = ref(xa), fused(xb)
+    ya.square().sum().backward()
+    yb.float().square().sum().backward()
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    rel = lambda a, b: ((a.double().cpu() - b).norm() / b.norm()).item()  # noqa: E731
+    assert rel(yb, ya) < tol
+    assert rel(xb.grad, xa.grad) < 3 * tol
