@@ -3,13 +3,12 @@ import copy
 
 import pytest
 import torch
+from naive_lesa import lesa as naive_lesa
 
 import lesa
 from lesa import LESA2d, SelfAttention2d
 from lesa.layers.binary import resolve_auto
 from lesa.models import attention_layers, create_model
-
-from naive_lesa import lesa as naive_lesa
 
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-4}
 
@@ -49,9 +48,8 @@ def assert_same_step(ref, fused, x, dtype):
     yb.backward(grad)
     assert_close(xb.grad, xa.grad, dtype, "input gradient")
     for (name, a), (_, b) in zip(ref.named_parameters(), fused.named_parameters()):
-        if name.endswith("bn_logits.bias"):  # softmax is shift invariant: exactly zero gradient
-            assert b.grad is None or b.grad.abs().max() == 0
-            assert a.grad.abs().max() < 1e-3 * ya.abs().max()
+        if name.endswith("bn_logits.bias"):  # softmax is shift invariant: zero up to rounding in both
+            assert max(a.grad.abs().max(), b.grad.abs().max()) < 1e-3 * ya.detach().abs().max()
             continue
         assert_close(b.grad, a.grad, dtype, name)
     for (name, a), (_, b) in zip(ref.named_buffers(), fused.named_buffers()):

@@ -48,10 +48,78 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- lesa train -----------------------------------------------------------------------------------------
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file with any of the options below (the command line overrides it)")
+    p.add_argument("--preset", choices=["digits", "imagenet"], help="start from a shipped recipe")
+    p.add_argument("--model", help="model name (lesa models); default lesa_resnet_tiny")
+    p.add_argument("--data", help="'digits' (embedded) or an ImageFolder root with train/ and val/")
+    p.add_argument("--img-size", type=int, help="input size (default: the model's, 224 or 32)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="images per process")
+    p.add_argument("--val-batch-size", type=int)
+    p.add_argument("--lr", type=float, help="learning rate for a global batch of --lr-base-batch")
+    p.add_argument("--lr-base-batch", type=int, help="the global batch --lr is given for (linear scaling)")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--warmup-epochs", type=float)
+    p.add_argument("--label-smoothing", type=float)
+    p.add_argument("--workers", type=int, help="data-loading processes per training process")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--output", help="run directory (default runs/<model>-<data>)")
+    p.add_argument("--resume", action="store_true", default=None, help="continue from OUTPUT/last.pt")
+    p.add_argument("--amp", choices=["auto", "none", "bf16", "fp16"])
+    p.add_argument("--device", help="auto, cpu or cuda")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--max-steps-per-epoch", type=int, help="cut epochs short (smoke tests)")
+    p.add_argument("--quiet", action="store_true", default=None, help="no progress bars or epoch lines")
+    p.add_argument("--pos-embed", choices=["flat", "rel2d"], help="position embedding of the attention layers")
+    p.add_argument("--impl", choices=["reference", "fused", "auto"], help="binary-term implementation")
+    p.add_argument("--heads", type=int)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .engine import build_config, train
+
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "config", "preset")}
+    layer = {k: v for k in ("pos_embed", "impl", "heads") if (v := options.pop(k)) is not None}
+    cfg = build_config(args.config, args.preset, **options)
+    if layer:
+        cfg.model_kwargs = {**cfg.model_kwargs, **layer}
+    summary = train(cfg)
+    if not cfg.quiet and summary:
+        print(f"{summary['model']}: val top-1 {summary['val_top1']:.2f}%, top-5 {summary['val_top5']:.2f}% "
+              f"after {summary['epochs']} epochs ({summary['wall_time_s']:.0f}s) -> {summary['output']}")
+    return 0
+
+
+# -- lesa eval ------------------------------------------------------------------------------------------
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="run directory (uses best.pt), checkpoint or weights file")
+    p.add_argument("--data", help="dataset (default: the run's)")
+    p.add_argument("--model", help="model name, for a weights-only file")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from .engine import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, args.data, args.batch_size, args.device, args.workers,
+                                 args.quiet, args.model)
+    print(f"{result['model']} on {result['data']}: top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}%, "
+          f"loss {result['loss']:.4f} ({result['n']} images)")
+    return 0
+
+
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 COMMANDS: dict[str, Command] = {
-    "models": ("list the available models", _models_args, run_models),
+    "train": ("train a classifier (default: lesa_resnet_tiny on the embedded digits)", _train_args, run_train),
+    "eval": ("evaluate a checkpoint: top-1 / top-5 and loss", _eval_args, run_eval),
     "convert": ("convert an official LESA checkpoint to lesa's layout", _convert_args, run_convert),
+    "models": ("list the available models", _models_args, run_models),
 }
 
 
@@ -74,9 +142,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         return COMMANDS[args.command][2](args) or 0
-    except (ValueError, FileNotFoundError, TypeError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as err:
         print(f"lesa {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        from .engine.trainer import NonFiniteLossError
+
+        if not isinstance(err, NonFiniteLossError):
+            raise
+        print(f"lesa {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"lesa {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .bn_moments import (
-    bn_logit_scale,
+    bn_logit_affine,
     dot_product_moments,
     separable_moments,
     sliding_window_moments,
@@ -185,8 +185,14 @@ class BinaryAttention2d(nn.Module):
         return values, value_embed
 
     # -- fused: no (HW)^2 tensor ----------------------------------------------------------------------
-    def logit_scales(self, q: Tensor, k: Tensor, height: int, width: int, rel=None) -> Tensor:
-        """Per-term, per-head BN scales ``(terms, G)`` of the logits (updates BN running stats)."""
+    def logit_affine(self, q: Tensor, k: Tensor, rel=None) -> tuple[Tensor, Tensor]:
+        """The logit BN as per-term, per-head scales ``(terms, G)`` and one summed shift per head
+        ``(1, G, 1, 1)``; updates the BN's running statistics in training.
+
+        The shift is constant along each softmax row, so it does not change the output; it is kept so
+        that the fused path computes literally the reference's logits (and every parameter, the BN's
+        bias too, takes part in the graph, as DistributedDataParallel expects).
+        """
         dtype = stats_dtype(q)
         q64, k64 = q.to(dtype), k.to(dtype)
         moments = [dot_product_moments(q64, k64)]
@@ -198,25 +204,26 @@ class BinaryAttention2d(nn.Module):
             rows, cols = rel
             moments.append(separable_moments(rows.to(dtype), cols.to(dtype)))
         count = q.shape[-2] ** 2
-        scale = bn_logit_scale(self.bn_logits, moments, count)
-        return scale.view(len(moments), self.heads).to(q.dtype)
+        scale, shift = bn_logit_affine(self.bn_logits, moments, count)
+        shift = shift.view(len(moments), self.heads).sum(0).view(1, -1, 1, 1)
+        return scale.view(len(moments), self.heads).to(q.dtype), shift.to(q.dtype)
 
     def attend_fused(self, q: Tensor, k: Tensor, v: Tensor, height: int, width: int):
         if self.pos_embed == "flat":
             return self.attend_flat_blocked(q, k, v)
         rows, cols = self.rel_pos.rel_logits(q, height, width)
-        scale = self.logit_scales(q, k, height, width, rel=(rows, cols))
+        scale, shift = self.logit_affine(q, k, rel=(rows, cols))
         s_qk, s_rel = (s.view(1, -1, 1, 1) for s in scale)
-        q_aug, k_aug = augment_rel2d(q * s_qk, k, rows * s_rel, cols * s_rel)
+        q_aug, k_aug = augment_rel2d(q * s_qk, k, rows * s_rel, cols * s_rel, shift)
         return sdpa(q_aug, k_aug, v), None
 
     def attend_flat_blocked(self, q: Tensor, k: Tensor, v: Tensor):
         n, g, num, _ = q.shape
-        scale = self.logit_scales(q, k, *self.rel_pos.feature_size)
+        scale, shift = self.logit_affine(q, k)
         s_qk, s_qr, s_kr = (s.view(1, -1, 1, 1) for s in scale)
         tables = [t.to(q.dtype) for t in self.rel_pos.tables()]
         block = max(1, min(num, self.block_elems // max(1, n * g * num)))
-        return FlatBlockedAttention.apply(q * s_qk, q * s_qr, k, k * s_kr, v, *tables, block)
+        return FlatBlockedAttention.apply(q * s_qk, q * s_qr, k, k * s_kr, v, *tables, shift, block)
 
     def extra_repr(self) -> str:
         return (
@@ -225,18 +232,27 @@ class BinaryAttention2d(nn.Module):
         )
 
 
-def augment_rel2d(q: Tensor, k: Tensor, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
-    """Fold 2-D relative logits into the dot product.
+def augment_rel2d(
+    q: Tensor, k: Tensor, rows: Tensor, cols: Tensor, shift: Optional[Tensor] = None
+) -> tuple[Tensor, Tensor]:
+    """Fold 2-D relative logits (and a per-head constant ``shift``) into the dot product.
 
-    ``[q_i, rows_i, cols_i] . [k_j, onehot(y_j), onehot(x_j)] = q_i.k_j + rows_i[y_j] + cols_i[x_j]``.
+    ``[q_i, rows_i, cols_i, shift] . [k_j, onehot(y_j), onehot(x_j), 1]
+    = q_i.k_j + rows_i[y_j] + cols_i[x_j] + shift``.
     """
     height, width = rows.shape[-1], cols.shape[-1]
     eye_h = torch.eye(height, dtype=k.dtype, device=k.device)
     eye_w = torch.eye(width, dtype=k.dtype, device=k.device)
     row_onehot = eye_h.repeat_interleave(width, dim=0)  # key j = y * W + x -> onehot(y)
     col_onehot = eye_w.repeat(height, 1)  # -> onehot(x)
-    indicators = torch.cat([row_onehot, col_onehot], dim=-1).expand(*k.shape[:-1], height + width)
-    return torch.cat([q, rows, cols], dim=-1), torch.cat([k, indicators], dim=-1)
+    parts = [row_onehot, col_onehot]
+    q_parts = [q, rows, cols]
+    if shift is not None:
+        parts.append(torch.ones(height * width, 1, dtype=k.dtype, device=k.device))
+        q_parts.append(shift.expand(*q.shape[:-1], 1))
+    indicators = torch.cat(parts, dim=-1)
+    indicators = indicators.expand(*k.shape[:-1], indicators.shape[-1])
+    return torch.cat(q_parts, dim=-1), torch.cat([k, indicators], dim=-1)
 
 
 def sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -258,16 +274,19 @@ def flat_windows(start: int, block: int, num: int) -> tuple[slice, slice]:
 
 
 def flat_attention_block(
-    q_k: Tensor, q_r: Tensor, k: Tensor, k_r: Tensor, v: Tensor, win_q: Tensor, win_k: Tensor, win_v: Tensor
+    q_k: Tensor, q_r: Tensor, k: Tensor, k_r: Tensor, v: Tensor, win_q: Tensor, win_k: Tensor, win_v: Tensor,
+    shift: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """Attention of one block of ``B`` consecutive queries with the flat embedding, logits BN-scaled.
 
     ``q_k``/``q_r``: the block's queries scaled for the ``q.k`` and ``q.r_q`` terms; ``k``/``k_r``: all ``P``
     keys, unscaled and scaled for the ``k.r_k`` term; ``win_*``: the ``B + P - 1`` table columns the block
-    uses (:func:`flat_windows`). Returns the block's ``sum_j p_ij v_j`` and ``sum_j p_ij r_v[i - j]``.
+    uses (:func:`flat_windows`); ``shift``: the BN's per-head constant. Returns the block's
+    ``sum_j p_ij v_j`` and ``sum_j p_ij r_v[i - j]``.
     """
     blk, num = q_k.shape[-2], k.shape[-2]
-    logits = q_k @ k.transpose(-1, -2)
+    logits = torch.baddbmm(shift.expand(*q_k.shape[:2], 1, 1).flatten(0, 1), q_k.flatten(0, 1),
+                           k.flatten(0, 1).transpose(-1, -2)).view(*q_k.shape[:3], num)
     # q_i . r_q[i - j] for query i = start + t sits in window column t + P - 1 - j.
     skew = (torch.arange(blk, device=k.device).unsqueeze(1) + (num - 1)
             - torch.arange(num, device=k.device).unsqueeze(0)).expand(*logits.shape)
@@ -291,7 +310,7 @@ class FlatBlockedAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q_k, q_r, k, k_r, v, tq, tk, tv, block):
+    def forward(ctx, q_k, q_r, k, k_r, v, tq, tk, tv, shift, block):
         num = k.shape[-2]
         values = v.new_empty(*q_k.shape[:-1], v.shape[-1])
         value_embed = v.new_empty(*q_k.shape[:-1], tv.shape[0])
@@ -299,30 +318,32 @@ class FlatBlockedAttention(torch.autograd.Function):
             rows = slice(start, start + block)
             wq, wk = flat_windows(start, min(block, num - start), num)
             values[:, :, rows], value_embed[:, :, rows] = flat_attention_block(
-                q_k[:, :, rows], q_r[:, :, rows], k, k_r, v, tq[:, wq], tk[:, wk], tv[:, wq]
+                q_k[:, :, rows], q_r[:, :, rows], k, k_r, v, tq[:, wq], tk[:, wk], tv[:, wq], shift
             )
-        ctx.save_for_backward(q_k, q_r, k, k_r, v, tq, tk, tv)
+        ctx.save_for_backward(q_k, q_r, k, k_r, v, tq, tk, tv, shift)
         ctx.block = block
         return values, value_embed
 
     @staticmethod
     def backward(ctx, grad_values, grad_value_embed):
-        q_k, q_r, k, k_r, v, tq, tk, tv = ctx.saved_tensors
+        q_k, q_r, k, k_r, v, tq, tk, tv, shift = ctx.saved_tensors
         num, block = k.shape[-2], ctx.block
-        grads = [torch.zeros_like(t) for t in (q_k, q_r, k, k_r, v, tq, tk, tv)]
+        grads = [torch.zeros_like(t) for t in (q_k, q_r, k, k_r, v, tq, tk, tv, shift)]
         shared = [t.detach().requires_grad_() for t in (k, k_r, v)]
+        shift_leaf = shift.detach().requires_grad_()
         for start in range(0, num, block):
             rows = slice(start, start + block)
             wq, wk = flat_windows(start, min(block, num - start), num)
             leaves = [q_k[:, :, rows], q_r[:, :, rows], *shared, tq[:, wq], tk[:, wk], tv[:, wq]]
             leaves[:2] = [t.detach().requires_grad_() for t in leaves[:2]]
             leaves[5:] = [t.detach().requires_grad_() for t in leaves[5:]]
+            leaves.append(shift_leaf)
             with torch.enable_grad():
                 outs = flat_attention_block(*leaves)
                 parts = torch.autograd.grad(outs, leaves, (grad_values[:, :, rows], grad_value_embed[:, :, rows]))
             grads[0][:, :, rows] = parts[0]
             grads[1][:, :, rows] = parts[1]
-            for acc, part in zip(grads[2:5], parts[2:5]):
+            for acc, part in zip(grads[2:5] + grads[8:], parts[2:5] + parts[8:]):
                 acc += part
             grads[5][:, wq] += parts[5]
             grads[6][:, wk] += parts[6]

@@ -86,13 +86,13 @@ def _merge_rows(row_mean: Tensor, row_m2: Tensor, per_row: int) -> tuple[Tensor,
     return mean, row_m2.sum(-1) + per_row * (row_mean - mean.unsqueeze(-1)).square().sum(-1)
 
 
-def bn_logit_scale(bn: nn.BatchNorm2d, moments: list[tuple[Tensor, Tensor]], count: int) -> Tensor:
-    """``gamma / sqrt(var + eps)`` for a BN over stacked logit terms, as ``bn(stacked)`` would use it.
+def bn_logit_affine(bn: nn.BatchNorm2d, moments: list[tuple[Tensor, Tensor]], count: int) -> tuple[Tensor, Tensor]:
+    """The per-channel ``(scale, shift)`` that ``bn(stacked)`` applies: ``y = scale * x + shift``.
 
     ``moments``: for each stacked term, per-sample ``(mean, M2)`` of shape ``(N, G)``, each over ``count``
     values; the BN's channels are the terms' heads in order. In training the running statistics are
     updated exactly as :class:`torch.nn.BatchNorm2d` would (unbiased variance, momentum or cumulative
-    average). Returns the per-channel scale (length ``terms * G``).
+    average). ``scale = gamma / sqrt(var + eps)``, ``shift = beta - mean * scale`` (length ``terms * G``).
     """
     means = torch.cat([m for m, _ in moments], dim=1)
     m2s = torch.cat([v for _, v in moments], dim=1)
@@ -102,6 +102,8 @@ def bn_logit_scale(bn: nn.BatchNorm2d, moments: list[tuple[Tensor, Tensor]], cou
         bn.num_batches_tracked.add_(1)
         factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
     use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
+    if not use_batch:
+        mean = bn.running_mean.to(var.dtype)
     if use_batch:
         if bn.training and bn.running_mean is not None:
             n = means.shape[0] * count
@@ -114,4 +116,7 @@ def bn_logit_scale(bn: nn.BatchNorm2d, moments: list[tuple[Tensor, Tensor]], cou
         scale = torch.rsqrt(bn.running_var.to(var.dtype) + bn.eps)
     if bn.weight is not None:
         scale = scale * bn.weight.to(scale.dtype)
-    return scale
+    shift = -mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.to(shift.dtype)
+    return scale, shift

@@ -1,0 +1,61 @@
+"""The embedded classification dataset: scikit-learn's handwritten digits.
+
+1,797 real 8x8 grey-level scans of handwritten digits (UCI "Optical Recognition of Handwritten Digits",
+shipped inside scikit-learn, so nothing is downloaded). A fixed, stratified 80/20 split (seed 0) gives 1,437
+training and 360 validation images; they are upsampled to the model's input size and replicated to 3
+channels. Training images get a small random affine jitter.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+CLASSES = [str(i) for i in range(10)]
+SPLIT_SEED = 0
+VAL_FRACTION = 0.2
+MEAN, STD = 0.5, 0.5
+
+
+def load_digits_split(split: str) -> tuple[Tensor, Tensor]:
+    """``(images (N, 8, 8) in [0, 1], labels (N,))`` of the fixed train or val split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32) / 16.0
+    labels = torch.tensor(digits.target, dtype=torch.long)
+    train_idx, val_idx = train_test_split(
+        list(range(len(labels))), test_size=VAL_FRACTION, stratify=digits.target, random_state=SPLIT_SEED
+    )
+    idx = torch.tensor(train_idx if split == "train" else val_idx)
+    return images[idx], labels[idx]
+
+
+class DigitsDataset(Dataset):
+    """Digits upsampled to ``img_size`` (bilinear), 3 channels, normalised; ``augment`` adds jitter."""
+
+    classes = CLASSES
+
+    def __init__(self, split: str = "train", img_size: int = 32, augment: bool = False) -> None:
+        images, self.targets = load_digits_split(split)
+        up = F.interpolate(images.unsqueeze(1), size=(img_size, img_size), mode="bilinear", align_corners=False)
+        self.images = ((up.clamp(0, 1) - MEAN) / STD).expand(-1, 3, -1, -1).contiguous()
+        self.augment = (
+            v2.RandomAffine(degrees=10, translate=(0.08, 0.08), scale=(0.9, 1.1), fill=-MEAN / STD)
+            if augment
+            else None
+        )
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        image = self.images[index]
+        if self.augment is not None:
+            image = self.augment(image)
+        return image, int(self.targets[index])
