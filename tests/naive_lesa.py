@@ -28,8 +28,11 @@ def batch_norm(x, bn, training, dims):
     return y, (new_mean, new_var)
 
 
-def binary_term(b, x, training):
-    """``b``: a BinaryAttention2d. Returns (output, {bn name: (running_mean, running_var)})."""
+def binary_term(b, x, training, drop_diagonal=False, attn_out=None):
+    """``b``: a BinaryAttention2d. Returns (output, {bn name: (running_mean, running_var)}).
+
+    ``drop_diagonal``: zero each query's own weight (Table 1's ablation); ``attn_out``: a list that
+    receives the softmax matrix."""
     n, _, h, w = x.shape
     p = h * w
     g, dq, dv = b.heads, b.qk_dim, b.v_dim
@@ -63,6 +66,10 @@ def binary_term(b, x, training):
     stacked, stats["bn_logits"] = batch_norm(stacked, b.bn_logits, training, (0, 2, 3))
     logits = sum(stacked[:, t * g : (t + 1) * g] for t in range(len(terms)))
     attn = torch.softmax(logits, dim=-1)
+    if attn_out is not None:
+        attn_out.append(attn)
+    if drop_diagonal:
+        attn = attn * (1 - torch.eye(p, dtype=attn.dtype))
     sv = torch.einsum("ngij,ngcj->ngci", attn, v).reshape(n, g * dv, p)
     if b.pos_embed == "flat":
         sve = torch.einsum("ngij,cij->ngci", attn, tv[:, off_qr]).reshape(n, g * dv, p)
@@ -83,7 +90,7 @@ def unary_term(u, x, training):
     return batch_norm(out, u.bn, training, (0, 2, 3))
 
 
-def lesa(layer, x, training):
+def lesa(layer, x, training, omega_out=None):
     """Eq. 5: m + omega * binary, omega from Eq. 7 as the official code builds F."""
     binary, stats = binary_term(layer.binary, x, training)
     stats = {f"binary.{k}": v for k, v in stats.items()}
@@ -96,6 +103,8 @@ def lesa(layer, x, training):
         hidden, stats["fusion_gate.bn1"] = batch_norm(hidden, gate.bn1, training, (0, 2, 3))
         logits = F.conv2d(torch.relu(hidden), gate.fc2.weight)
         logits, stats["fusion_gate.bn2"] = batch_norm(logits, gate.bn2, training, (0, 2, 3))
+        if omega_out is not None:
+            omega_out.append(torch.sigmoid(logits))
         out = unary + torch.sigmoid(logits) * binary
     if layer.stride > 1:
         out = F.avg_pool2d(out, layer.stride)

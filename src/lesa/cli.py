@@ -101,6 +101,8 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--ablate-unary", action="store_true",
+                   help="remove each query's own attention term S_ii v_i (the paper's Table 1 ablation)")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -108,9 +110,71 @@ def run_eval(args: argparse.Namespace) -> int:
     from .engine import evaluate_checkpoint
 
     result = evaluate_checkpoint(args.checkpoint, args.data, args.batch_size, args.device, args.workers,
-                                 args.quiet, args.model)
-    print(f"{result['model']} on {result['data']}: top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}%, "
-          f"loss {result['loss']:.4f} ({result['n']} images)")
+                                 args.quiet, args.model, args.ablate_unary)
+    what = " without the unary term" if args.ablate_unary else ""
+    print(f"{result['model']}{what} on {result['data']}: top-1 {result['top1']:.2f}%, "
+          f"top-5 {result['top5']:.2f}%, loss {result['loss']:.4f} ({result['n']} images)")
+    return 0
+
+
+# -- lesa analyze / compare ----------------------------------------------------------------------------
+def _analyze_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run directory (uses best.pt) or checkpoint")
+    p.add_argument("--data", help="dataset (default: the run's)")
+    p.add_argument("--output", help="figure/JSON directory (default RUN/analysis)")
+    p.add_argument("--layer", help="layer of the attention map (default: the first SA/LESA layer)")
+    p.add_argument("--query", type=int, nargs=2, metavar=("Y", "X"), help="query of the attention map")
+    p.add_argument("--image-index", type=int, default=0, help="validation image of the per-image figures")
+    p.add_argument("--max-batches", type=int, help="measure the shares on this many batches only")
+
+
+def run_analyze(args: argparse.Namespace) -> int:
+    from .analysis.report import analyze_run
+
+    result = analyze_run(args.run, args.data, args.output, args.layer, tuple(args.query) if args.query else None,
+                         args.image_index, args.max_batches)
+    shares = result["shares"]
+    print(f"{result['model']}: unary {shares['unary_pct']:.2f}% / binary {shares['binary_pct']:.2f}% "
+          f"(mean over {len(shares['layers'])} layers)")
+    for layer in shares["layers"]:
+        print(f"  {layer['name']:18s} {layer['op']:12s} unary {layer['unary_pct']:6.2f}%  "
+              f"binary {layer['binary_pct']:6.2f}%")
+    print("figures: " + ", ".join(result["figures"]))
+    return 0
+
+
+def _compare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true",
+                   help="the tiny models on the embedded digits (about 15 minutes on 2 CPU cores)")
+    p.add_argument("--arch", help="resnet_tiny (default with --quick), resnet50 or wide_resnet50_2")
+    p.add_argument("--data", help="'digits' or an ImageFolder root")
+    p.add_argument("--output", default="runs/compare")
+    p.add_argument("--ops", nargs="+", choices=["conv", "sa", "aa", "static_lesa", "lesa"])
+    p.add_argument("--preset", choices=["digits", "imagenet"])
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--max-steps-per-epoch", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--quiet", action="store_true")
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from .analysis.report import COMPARE_OPS, compare, format_tables
+
+    if args.quick:
+        arch, data, preset = args.arch or "resnet_tiny", args.data or "digits", args.preset or "digits"
+    else:
+        if not args.data or not args.arch:
+            raise ValueError("pass --arch and --data (e.g. --arch resnet50 --data /data/imagenet --preset "
+                             "imagenet), or --quick for the tiny models on the embedded digits")
+        arch, data, preset = args.arch, args.data, args.preset
+    options = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "seed", "workers", "max_steps_per_epoch")
+               if getattr(args, k) is not None}
+    rows = compare(arch, data, args.output, tuple(args.ops or COMPARE_OPS), preset, args.quiet, **options)
+    print(format_tables(rows, f"{arch} on {data}"))
+    print(f"wrote {args.output}/compare.json, compare.md, compare_curves.png, compare_shares.png")
     return 0
 
 
@@ -118,6 +182,9 @@ Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argpar
 COMMANDS: dict[str, Command] = {
     "train": ("train a classifier (default: lesa_resnet_tiny on the embedded digits)", _train_args, run_train),
     "eval": ("evaluate a checkpoint: top-1 / top-5 and loss", _eval_args, run_eval),
+    "analyze": ("unary/binary shares and figures of a trained run", _analyze_args, run_analyze),
+    "compare": ("train conv/SA/AA/static-LESA/LESA alike and tabulate (Tables 1, 2, 6)", _compare_args,
+                run_compare),
     "convert": ("convert an official LESA checkpoint to lesa's layout", _convert_args, run_convert),
     "models": ("list the available models", _models_args, run_models),
 }

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm.auto import tqdm
 
 from ..data import build_classification_data
+from ..layers import ablate_unary as ablate_unary_layers
 from ..models import create_model
 from ..utils import count_params
 from ..weights import check_state_dict, model_state_dict, read_checkpoint
@@ -393,30 +394,45 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         cleanup_distributed()
 
 
+def load_trained_model(checkpoint: str | Path, model_name: Optional[str] = None) -> tuple[nn.Module, dict[str, Any]]:
+    """The model of a run directory (its ``best.pt``), a training checkpoint or a weights file, with the
+    run's configuration (``{}`` for a bare weights file, which then needs ``model_name``)."""
+    state = read_checkpoint(checkpoint)
+    cfg = dict(state.get("config", {})) if isinstance(state, dict) else {}
+    name = model_name or cfg.get("model")
+    if not name:
+        raise ValueError(f"{checkpoint} holds weights only: pass the model name (--model NAME)")
+    sd = model_state_dict(state)
+    if "fc.weight" not in sd:
+        raise ValueError(f"{checkpoint}: no classifier weights (fc.weight) found; is this a classification model?")
+    img_size = cfg.get("img_size") or (32 if name.endswith("_tiny") else 224)
+    model = create_model(name, num_classes=sd["fc.weight"].shape[0], img_size=img_size, **cfg.get("model_kwargs", {}))
+    check_state_dict(model, sd)
+    model.load_state_dict(sd)
+    cfg.update(model=name, img_size=img_size)
+    return model, cfg
+
+
 def evaluate_checkpoint(checkpoint: str | Path, data: Optional[str] = None, batch_size: int = 128,
                         device: str = "auto", workers: int = 0, quiet: bool = False,
-                        model_name: Optional[str] = None) -> dict[str, Any]:
-    """Evaluate a run directory (its best.pt), a training checkpoint or a weights file."""
+                        model_name: Optional[str] = None, ablate_unary: bool = False) -> dict[str, Any]:
+    """Evaluate a run directory (its best.pt), a training checkpoint or a weights file.
+
+    ``ablate_unary``: Table 1's ablation, each query's own attention term removed.
+    """
     ctx = setup_distributed(device)
     try:
-        state = read_checkpoint(checkpoint)
-        cfg = state.get("config", {}) if isinstance(state, dict) else {}
-        name = model_name or cfg.get("model")
-        if not name:
-            raise ValueError(f"{checkpoint} holds weights only: pass --model NAME (and --data)")
+        model, cfg = load_trained_model(checkpoint, model_name)
         data = data or cfg.get("data")
         if not data:
             raise ValueError("no data to evaluate on: pass --data PATH or --data digits")
-        img_size = cfg.get("img_size") or (32 if name.endswith("_tiny") else 224)
-        dataset = build_classification_data(data, img_size, train=False)
-        model = create_model(name, num_classes=len(dataset.classes), img_size=img_size, **cfg.get("model_kwargs", {}))
-        sd = model_state_dict(state)
-        check_state_dict(model, sd)
-        model.load_state_dict(sd)
+        dataset = build_classification_data(data, cfg["img_size"], train=False)
         model.to(ctx.device)
         loader = DataLoader(dataset.val, batch_size=batch_size, num_workers=workers, collate_fn=dataset.collate,
                             sampler=ShardSampler(len(dataset.val), ctx.rank, ctx.world_size))
-        metrics = evaluate(model, loader, ctx, Precision(None, None), dataset.may_skip, quiet or not ctx.is_main)
-        return dict(model=name, data=data, checkpoint=str(checkpoint), **metrics)
+        quiet = quiet or not ctx.is_main
+        with ablate_unary_layers(model) if ablate_unary else contextlib.nullcontext():
+            metrics = evaluate(model, loader, ctx, None, dataset.may_skip, quiet)
+        return dict(model=cfg["model"], data=data, checkpoint=str(checkpoint), ablate_unary=ablate_unary, **metrics)
     finally:
         cleanup_distributed()

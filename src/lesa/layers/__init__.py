@@ -1,6 +1,6 @@
 """LESA layers: one paper concept a module."""
 from .attention_augmented import AttentionAugmentedConv2d
-from .binary import BinaryAttention2d
+from .binary import BinaryAttention2d, ablate_unary
 from .deform import DeformConv2dPack
 from .fusion import DynamicFusionGate
 from .lesa import LESA2d
@@ -18,5 +18,6 @@ __all__ = [
     "RelPosEmbed2d",
     "SelfAttention2d",
     "UnaryConv2d",
+    "ablate_unary",
     "resize_rel_table",
 ]

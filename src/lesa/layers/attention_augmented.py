@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .binary import IMPLS, Impl, augment_rel2d, check_choice, check_input, resolve_auto, sdpa
+from .binary import IMPLS, Impl, augment_rel2d, check_choice, check_input, resolve_auto, sdpa, softmax_diagonal
 from .rel_pos import RelPosEmbed2d, Size2d
 
 
@@ -60,13 +60,19 @@ class AttentionAugmentedConv2d(nn.Module):
             nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
         self.rel_pos.reset_parameters()
 
-    def attention(self, x: Tensor) -> Tensor:
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Scaled queries, keys, values ``(N, heads, HW, d)`` and the relative row/column logits."""
         n, _, h, w = x.shape
         dkh, dvh = self.dk // self.heads, self.dv // self.heads
         qkv = self.qkv(x).reshape(n, self.heads, 2 * dkh + dvh, h * w).transpose(-1, -2)
         q, k, v = torch.split(qkv, [dkh, dkh, dvh], dim=-1)
         q = q * dkh**-0.5
         rows, cols = self.rel_pos.rel_logits(q, h, w)
+        return q, k, v, rows, cols
+
+    def attention(self, x: Tensor) -> Tensor:
+        n, _, h, w = x.shape
+        q, k, v, rows, cols = self.project(x)
         impl = resolve_auto("rel2d", h * w) if self.impl == "auto" else self.impl
         if impl == "reference":
             logits = q @ k.transpose(-1, -2) + (rows.unsqueeze(-1) + cols.unsqueeze(-2)).flatten(-2)
@@ -74,6 +80,15 @@ class AttentionAugmentedConv2d(nn.Module):
         else:
             out = sdpa(*augment_rel2d(q, k, rows, cols), v)
         return self.attn_out(out.transpose(-1, -2).reshape(n, self.dv, h, w))
+
+    @torch.no_grad()
+    def attention_diagonal(self, x: Tensor) -> Tensor:
+        """``p_ii`` of the attention channels, ``(N, heads, H'*W')`` (on the pooled input if strided)."""
+        x = self.pool(x)
+        q, k, _, rows, cols = self.project(x)
+        q_aug, k_aug = augment_rel2d(q, k, rows, cols)
+        block = max(1, (1 << 21) // max(1, q.shape[0] * q.shape[1] * q.shape[2]))
+        return softmax_diagonal(lambda a, b: q_aug[:, :, a:b] @ k_aug.transpose(-1, -2), q.shape[-2], block)
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self.in_channels, type(self).__name__)

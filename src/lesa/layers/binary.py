@@ -30,7 +30,9 @@ Two implementations compute the same function, parameters, gradients and BN stat
 """
 from __future__ import annotations
 
-from typing import Literal, Optional
+import contextlib
+from collections.abc import Iterator
+from typing import Callable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -111,7 +113,8 @@ class BinaryAttention2d(nn.Module):
         self.qk_dim = out_channels // heads // 2
         self.v_dim = out_channels // heads
         self.pos_embed, self.impl = pos_embed, impl
-        self.block_elems = 1 << 21  # flat fused path: logits per query block (N * heads * block * HW)
+        self.block_elems = 1 << 21  # logits per query block (N * heads * block * HW) where blocks are used
+        self.ablate_unary = False  # Table 1: drop each query's own term (eval only; see lesa.analysis)
 
         self.qkv = nn.Conv2d(in_channels, 2 * out_channels, kernel_size=1, bias=False)
         self.bn_qkv = nn.BatchNorm2d(2 * out_channels)
@@ -158,6 +161,10 @@ class BinaryAttention2d(nn.Module):
             values, value_embed = self.attend_reference(q, k, v, height, width)
         else:
             values, value_embed = self.attend_fused(q, k, v, height, width)
+        if self.ablate_unary:
+            if self.training:
+                raise RuntimeError("the unary ablation is an evaluation-time analysis; call model.eval()")
+            values, value_embed = self.remove_self_term(q, k, v, values, value_embed, height, width)
         return self.finish(values, value_embed, height, width)
 
     # -- reference: materialised logits ---------------------------------------------------------------
@@ -208,22 +215,78 @@ class BinaryAttention2d(nn.Module):
         shift = shift.view(len(moments), self.heads).sum(0).view(1, -1, 1, 1)
         return scale.view(len(moments), self.heads).to(q.dtype), shift.to(q.dtype)
 
-    def attend_fused(self, q: Tensor, k: Tensor, v: Tensor, height: int, width: int):
+    def fused_operands(self, q: Tensor, k: Tensor, height: int, width: int) -> dict[str, Tensor]:
+        """What the fused path attends with: the BN-scaled, position-augmented queries and keys
+        (``'rel2d'``), or the scaled queries/keys, tables and shift (``'flat'``)."""
         if self.pos_embed == "flat":
-            return self.attend_flat_blocked(q, k, v)
+            scale, shift = self.logit_affine(q, k)
+            s_qk, s_qr, s_kr = (s.view(1, -1, 1, 1) for s in scale)
+            tq, tk, tv = (t.to(q.dtype) for t in self.rel_pos.tables())
+            return dict(q_k=q * s_qk, q_r=q * s_qr, k=k, k_r=k * s_kr, tq=tq, tk=tk, tv=tv, shift=shift)
         rows, cols = self.rel_pos.rel_logits(q, height, width)
         scale, shift = self.logit_affine(q, k, rel=(rows, cols))
         s_qk, s_rel = (s.view(1, -1, 1, 1) for s in scale)
         q_aug, k_aug = augment_rel2d(q * s_qk, k, rows * s_rel, cols * s_rel, shift)
-        return sdpa(q_aug, k_aug, v), None
+        return dict(q_aug=q_aug, k_aug=k_aug)
 
-    def attend_flat_blocked(self, q: Tensor, k: Tensor, v: Tensor):
+    def query_block(self, q: Tensor) -> int:
         n, g, num, _ = q.shape
-        scale, shift = self.logit_affine(q, k)
-        s_qk, s_qr, s_kr = (s.view(1, -1, 1, 1) for s in scale)
-        tables = [t.to(q.dtype) for t in self.rel_pos.tables()]
-        block = max(1, min(num, self.block_elems // max(1, n * g * num)))
-        return FlatBlockedAttention.apply(q * s_qk, q * s_qr, k, k * s_kr, v, *tables, shift, block)
+        return max(1, min(num, self.block_elems // max(1, n * g * num)))
+
+    def attend_fused(self, q: Tensor, k: Tensor, v: Tensor, height: int, width: int):
+        ops = self.fused_operands(q, k, height, width)
+        if self.pos_embed != "flat":
+            return sdpa(ops["q_aug"], ops["k_aug"], v), None
+        return FlatBlockedAttention.apply(ops["q_k"], ops["q_r"], k, ops["k_r"], v, ops["tq"], ops["tk"],
+                                          ops["tv"], ops["shift"], self.query_block(q))
+
+    # -- looking inside: attention rows without the (HW)^2 matrix ---------------------------------------
+    def logit_rows(self, q: Tensor, k: Tensor, height: int, width: int) -> Callable[[int, int], Tensor]:
+        """``rows(start, stop)``: the BN-normalised logits ``(N, G, stop - start, HW)`` of those queries,
+        equal to rows of :meth:`reference_logits`. Use in eval mode (training would update the BN)."""
+        ops = self.fused_operands(q, k, height, width)
+        if self.pos_embed != "flat":
+            return lambda start, stop: ops["q_aug"][:, :, start:stop] @ ops["k_aug"].transpose(-1, -2)
+        num = q.shape[-2]
+
+        def rows(start: int, stop: int) -> Tensor:
+            wq, wk = flat_windows(start, stop - start, num)
+            return flat_block_logits(ops["q_k"][:, :, start:stop], ops["q_r"][:, :, start:stop], k, ops["k_r"],
+                                     ops["tq"][:, wq], ops["tk"][:, wk], ops["shift"])[0]
+
+        return rows
+
+    def _eval_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if self.training:
+            raise RuntimeError("attention analysis runs in eval mode (call model.eval()): in training mode it "
+                               "would update the BatchNorm statistics")
+        check_input(x, self.in_channels, type(self).__name__)
+        self.rel_pos.check_size(*x.shape[-2:])
+        return self.project_qkv(x)
+
+    @torch.no_grad()
+    def attention_diagonal(self, x: Tensor) -> Tensor:
+        """``p_ii``, the softmax weight each query gives itself (Eq. 2-3), ``(N, heads, H*W)``."""
+        q, k, _ = self._eval_qkv(x)
+        return softmax_diagonal(self.logit_rows(q, k, *x.shape[-2:]), q.shape[-2], self.query_block(q))
+
+    @torch.no_grad()
+    def attention_map(self, x: Tensor, query: int) -> Tensor:
+        """The attention weights of one query (raster index) over all keys, ``(N, heads, H*W)``."""
+        q, k, _ = self._eval_qkv(x)
+        logits = self.logit_rows(q, k, *x.shape[-2:])(query, query + 1)
+        return torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))[:, :, 0]
+
+    def remove_self_term(self, q: Tensor, k: Tensor, v: Tensor, values: Tensor, value_embed: Optional[Tensor],
+                         height: int, width: int) -> tuple[Tensor, Optional[Tensor]]:
+        """Table 1's ablation: drop each query's own term ``p_ii v_i`` (and ``p_ii r_v[0]``) from the sums."""
+        own = softmax_diagonal(self.logit_rows(q, k, height, width), q.shape[-2], self.query_block(q))
+        own = own.unsqueeze(-1).to(values.dtype)
+        values = values - own * v
+        if value_embed is not None:
+            _, _, tv = self.rel_pos.tables()
+            value_embed = value_embed - own * tv[:, q.shape[-2] - 1].to(values.dtype)
+        return values, value_embed
 
     def extra_repr(self) -> str:
         return (
@@ -273,16 +336,15 @@ def flat_windows(start: int, block: int, num: int) -> tuple[slice, slice]:
     return slice(start, start + span), slice(num - start - block, 2 * num - start - 1)
 
 
-def flat_attention_block(
-    q_k: Tensor, q_r: Tensor, k: Tensor, k_r: Tensor, v: Tensor, win_q: Tensor, win_k: Tensor, win_v: Tensor,
-    shift: Tensor,
+def flat_block_logits(
+    q_k: Tensor, q_r: Tensor, k: Tensor, k_r: Tensor, win_q: Tensor, win_k: Tensor, shift: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """Attention of one block of ``B`` consecutive queries with the flat embedding, logits BN-scaled.
+    """BN-normalised flat-embedding logits ``(N, G, B, P)`` of a block of ``B`` consecutive queries.
 
     ``q_k``/``q_r``: the block's queries scaled for the ``q.k`` and ``q.r_q`` terms; ``k``/``k_r``: all ``P``
     keys, unscaled and scaled for the ``k.r_k`` term; ``win_*``: the ``B + P - 1`` table columns the block
-    uses (:func:`flat_windows`); ``shift``: the BN's per-head constant. Returns the block's
-    ``sum_j p_ij v_j`` and ``sum_j p_ij r_v[i - j]``.
+    uses (:func:`flat_windows`); ``shift``: the BN's per-head constant. Also returns the skew index
+    (``[t, j]`` -> window column of offset ``i - j``).
     """
     blk, num = q_k.shape[-2], k.shape[-2]
     logits = torch.baddbmm(shift.expand(*q_k.shape[:2], 1, 1).flatten(0, 1), q_k.flatten(0, 1),
@@ -294,10 +356,33 @@ def flat_attention_block(
     # k_j . r_k[j - i] sits in window column j + B - 1 - t.
     windows = win_k.unfold(1, blk, 1)  # (d, P, B): [c, j, s] = window column j + s
     logits = logits + torch.einsum("ngjd,djs->ngsj", k_r, windows).flip(-2)
+    return logits, skew
+
+
+def flat_attention_block(
+    q_k: Tensor, q_r: Tensor, k: Tensor, k_r: Tensor, v: Tensor, win_q: Tensor, win_k: Tensor, win_v: Tensor,
+    shift: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Attention of one block of queries with the flat embedding (arguments: :func:`flat_block_logits`).
+
+    Returns the block's ``sum_j p_ij v_j`` and ``sum_j p_ij r_v[i - j]``.
+    """
+    logits, skew = flat_block_logits(q_k, q_r, k, k_r, win_q, win_k, shift)
     attn = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(v.dtype)
     values = attn @ v
     spread = attn.new_zeros(*attn.shape[:-1], win_v.shape[-1]).scatter(-1, skew, attn)
     return values, spread @ win_v.t()
+
+
+def softmax_diagonal(rows: Callable[[int, int], Tensor], num: int, block: int) -> Tensor:
+    """``p_ii`` of a softmax over ``num`` keys whose logit rows ``rows(start, stop)`` come in blocks."""
+    parts = []
+    for start in range(0, num, block):
+        logits = rows(start, min(num, start + block))
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        own = logits.diagonal(offset=start, dim1=-2, dim2=-1)
+        parts.append(torch.exp(own - logits.logsumexp(-1)))
+    return torch.cat(parts, dim=-1)
 
 
 class FlatBlockedAttention(torch.autograd.Function):
@@ -349,3 +434,26 @@ class FlatBlockedAttention(torch.autograd.Function):
             grads[6][:, wk] += parts[6]
             grads[7][:, wq] += parts[7]
         return (*grads, None)
+
+
+@contextlib.contextmanager
+def ablate_unary(model: nn.Module) -> Iterator[nn.Module]:
+    """Table 1's unary ablation: within the block, every attention layer of ``model`` (in eval mode)
+    drops each query's own term.
+
+    Eq. 2 splits self-attention into ``S_ii v_i`` (the unary term) and ``sum_{j != i} S_ij v_j``; the
+    binary term here drops ``S_ii v_i`` (and, with the 'flat' embedding, the value embedding's own term
+    ``S_ii r_v[0]``) before its output BatchNorm, and nothing else changes. For an SA model this is
+    "SA - unary term"; in a LESA model it removes the diagonal of the binary term (not the
+    convolutional unary term).
+    """
+    layers = [m for m in model.modules() if isinstance(m, BinaryAttention2d)]
+    if not layers:
+        raise ValueError("the model has no attention layers (SA / LESA) whose unary term could be removed")
+    for layer in layers:
+        layer.ablate_unary = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.ablate_unary = False
