@@ -178,6 +178,107 @@ def run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- lesa det train / eval / predict -------------------------------------------------------------------
+def _det_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="det_command", metavar="{train,eval,predict}", required=True)
+    t = sub.add_parser("train", help="train Mask R-CNN (default: on the embedded digit scenes)")
+    t.add_argument("--config", help="YAML file with any of the options below")
+    t.add_argument("--backbone", help="lesa model name (default lesa_resnet_tiny; the paper: lesa_resnet50, ...)")
+    t.add_argument("--data", help="'digit-scenes' (embedded) or a COCO root")
+    t.add_argument("--schedule", choices=["1x", "20e"])
+    t.add_argument("--epochs", type=int, help="override the schedule's length (its lr steps keep their place)")
+    t.add_argument("--batch-size", type=int, help="images per process")
+    t.add_argument("--lr", type=float, help="learning rate for --lr-base-batch images (default 0.02 per 16)")
+    t.add_argument("--lr-base-batch", type=int)
+    t.add_argument("--weight-decay", type=float)
+    t.add_argument("--warmup-iters", type=int)
+    t.add_argument("--min-size", type=int)
+    t.add_argument("--max-size", type=int)
+    t.add_argument("--dcn-stages", type=int, nargs="*", help="stages with deformable 3x3 convs, e.g. 2 3 4")
+    t.add_argument("--deform-unary", action="store_true", default=None, help="deformable LESA unary term")
+    t.add_argument("--pretrained-backbone", help="classification checkpoint of the same backbone")
+    t.add_argument("--pos-init", choices=["reinit", "interpolate"], help="position tables from the checkpoint")
+    t.add_argument("--trainable-layers", type=int,
+                   help="backbone stages trained, 0-5 (default 3 with a pretrained backbone, else 5)")
+    t.add_argument("--frozen-bn", action=argparse.BooleanOptionalAction, default=None,
+                   help="freeze the backbone's BatchNorms (default: with a pretrained backbone)")
+    t.add_argument("--checkpoint-layers", action="store_true", default=None,
+                   help="gradient checkpointing of the LESA terms")
+    t.add_argument("--impl", choices=["reference", "fused", "auto"])
+    t.add_argument("--workers", type=int)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--output")
+    t.add_argument("--resume", action="store_true", default=None)
+    t.add_argument("--amp", choices=["auto", "none", "bf16", "fp16"])
+    t.add_argument("--device")
+    t.add_argument("--max-steps-per-epoch", type=int, help="cut epochs short (smoke tests)")
+    t.add_argument("--max-eval-images", type=int, help="evaluate on the first N validation images only")
+    t.add_argument("--quiet", action="store_true", default=None)
+    e = sub.add_parser("eval", help="COCO box and mask AP of a trained detector")
+    e.add_argument("--checkpoint", required=True, help="run directory (best.pt) or checkpoint")
+    e.add_argument("--data", help="COCO root (default: the run's)")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--max-images", type=int)
+    e.add_argument("--output", help="write coco_eval.json here (default: the run directory)")
+    r = sub.add_parser("predict", help="draw a detector's boxes, labels, scores and masks on images")
+    r.add_argument("images", nargs="+")
+    r.add_argument("--checkpoint", required=True)
+    r.add_argument("--output", required=True, help="directory for the PNGs")
+    r.add_argument("--score-threshold", type=float, default=0.5)
+    r.add_argument("--device", default="auto")
+
+
+def run_det(args: argparse.Namespace) -> int:
+    if args.det_command == "train":
+        from .detection.train import build_det_config, train_detector
+
+        options = {k: v for k, v in vars(args).items() if k not in ("command", "det_command", "config")}
+        summary = train_detector(build_det_config(args.config, **options))
+        if not args.quiet:
+            print(f"Mask R-CNN + {summary['backbone']}: box AP {summary['bbox_AP']:.1f}, mask AP "
+                  f"{summary['segm_AP']:.1f} after {summary['epochs']} epochs ({summary['wall_time_s']:.0f}s) "
+                  f"-> {summary['output']}")
+        return 0
+    from pathlib import Path
+
+    from .detection.train import load_detector
+    from .engine.distributed import resolve_device
+
+    device = resolve_device(args.device)
+    model, cfg, state = load_detector(args.checkpoint)
+    model.to(device)
+    if args.det_command == "eval":
+        from .data.coco import CocoDetection
+        from .detection.train import coco_splits, evaluate_detector
+        from .engine.distributed import DistContext
+        from .engine.records import write_json
+
+        dataset = CocoDetection(*coco_splits(args.data or cfg.data)["val"])
+        result = evaluate_detector(model, dataset, DistContext(device=device), args.max_images, quiet=False)
+        run_dir = Path(args.checkpoint) if Path(args.checkpoint).is_dir() else Path(args.checkpoint).parent
+        out = Path(args.output) if args.output else run_dir
+        write_json(out / "coco_eval.json", result)
+        for iou_type, stats in result.items():
+            print(f"{iou_type:5s} " + "  ".join(f"{k} {v:5.1f}" for k, v in stats.items()))
+        print(f"wrote {out / 'coco_eval.json'}")
+        return 0
+    import torch
+
+    from .detection.visualize import draw_prediction, load_image
+
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    for path in args.images:
+        image = load_image(path)
+        with torch.no_grad():
+            prediction = {k: v.cpu() for k, v in model([image.to(device)])[0].items()}
+        target = out / f"{Path(path).stem}.png"
+        draw_prediction(image, prediction, state["classes"], args.score_threshold).save(target)
+        kept = int((prediction["scores"] >= args.score_threshold).sum())
+        print(f"{path}: {kept} detections -> {target}")
+    return 0
+
+
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 COMMANDS: dict[str, Command] = {
     "train": ("train a classifier (default: lesa_resnet_tiny on the embedded digits)", _train_args, run_train),
@@ -185,6 +286,7 @@ COMMANDS: dict[str, Command] = {
     "analyze": ("unary/binary shares and figures of a trained run", _analyze_args, run_analyze),
     "compare": ("train conv/SA/AA/static-LESA/LESA alike and tabulate (Tables 1, 2, 6)", _compare_args,
                 run_compare),
+    "det": ("detection and instance segmentation: train / eval / predict", _det_args, run_det),
     "convert": ("convert an official LESA checkpoint to lesa's layout", _convert_args, run_convert),
     "models": ("list the available models", _models_args, run_models),
 }

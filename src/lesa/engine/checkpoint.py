@@ -47,3 +47,17 @@ def load_checkpoint(path: Path, map_location: Optional[str | torch.device] = "cp
     if not Path(path).is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def open_run_dir(out: Path, resume: bool) -> Optional[dict[str, Any]]:
+    """The state to resume from (``resume``), or ``None`` for a new run; never lets a new run overwrite
+    an existing one."""
+    last = Path(out) / "last.pt"
+    if not resume:
+        if last.exists():
+            raise FileExistsError(f"{out} already holds a run (last.pt): pass --resume to continue it, or "
+                                  "--output DIR for a new run")
+        return None
+    if not last.exists():
+        raise FileNotFoundError(f"--resume: there is no {last} to continue from")
+    return load_checkpoint(last)

@@ -100,8 +100,13 @@ def build_config(config_file: Optional[str] = None, preset: Optional[str] = None
         values["preset"] = preset
     values.update(file_values)
     values.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return config_from_values(TrainConfig, values)
+
+
+def config_from_values(cls: type, values: dict[str, Any]) -> Any:
+    """``cls(**values)`` for a config dataclass, naming unknown options instead of a TypeError."""
+    known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"unknown config options {unknown}; valid options: {sorted(known)}")
-    return TrainConfig(**values)
+    return cls(**values)

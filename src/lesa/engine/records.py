@@ -12,12 +12,13 @@ from ..utils import atomic_write
 METRIC_COLUMNS = ["epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr", "epoch_time_s"]
 
 
-def write_metrics_csv(path: Path, history: list[dict[str, Any]]) -> None:
+def write_metrics_csv(path: Path, history: list[dict[str, Any]], columns: Optional[list[str]] = None) -> None:
     """The whole history, rewritten atomically (a resumed run rewrites it from its checkpoint)."""
+    columns = columns or METRIC_COLUMNS
 
     def write(tmp: str) -> None:
         with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(history)
 
@@ -73,7 +74,7 @@ def plot_curves(runs: dict[str, list[dict[str, float]]], path: Path, title: str 
         ax_loss.plot(epochs, [row["train_loss"] for row in history], "-", color=color, label=f"{label} train")
         ax_loss.plot(epochs, [row["val_loss"] for row in history], "--", color=color, label=f"{label} val")
         ax_acc.plot(epochs, [row["val_top1"] for row in history], "-o", ms=3, color=color, label=label)
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax_loss.set(xlabel="epoch", ylabel="loss (log scale)", title="loss", yscale="log")
     ax_acc.set(xlabel="epoch", ylabel="val top-1 (%)", title="validation accuracy")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)

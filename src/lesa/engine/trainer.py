@@ -31,7 +31,7 @@ from ..layers import ablate_unary as ablate_unary_layers
 from ..models import create_model
 from ..utils import count_params
 from ..weights import check_state_dict, model_state_dict, read_checkpoint
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import open_run_dir, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .distributed import DistContext, cleanup_distributed, setup_distributed
 from .records import TensorBoard, plot_curves, write_json, write_metrics_csv
@@ -99,6 +99,32 @@ def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...
     top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
     hits = top == targets.unsqueeze(1)
     return [float(hits[:, : min(k, top.shape[1])].any(dim=1).sum()) for k in ks]
+
+
+def all_finite(ctx: DistContext, loss: torch.Tensor) -> bool:
+    """Whether the loss is finite in every process (all stop together)."""
+    return ctx.all_reduce_sum([float(torch.isfinite(loss))])[0] == ctx.world_size
+
+
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler, scaler=None) -> None:
+    """Backward, step (through the fp16 gradient scaler if any) and advance the per-step schedule."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    scheduler.step()
+
+
+def check_resume_config(state: dict[str, Any], cfg: Any, keys: tuple[str, ...]) -> None:
+    saved = state.get("config", {})
+    for key in keys:
+        if key in saved and saved[key] != getattr(cfg, key):
+            raise ValueError(f"--resume: the run in {cfg.output_dir} has {key}={saved[key]!r}, this command "
+                             f"{getattr(cfg, key)!r}; resume with the run's settings")
 
 
 def unpack(batch, may_skip: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -206,20 +232,9 @@ class Trainer:
                           drop_last=False, persistent_workers=self.cfg.workers > 0)
 
     def _resume_state(self) -> Optional[dict[str, Any]]:
-        last = self.out / "last.pt"
-        if not self.cfg.resume:
-            if last.exists():
-                raise FileExistsError(f"{self.out} already holds a run (last.pt): pass --resume to continue it, or "
-                                      "--output DIR for a new run")
-            return None
-        if not last.exists():
-            raise FileNotFoundError(f"--resume: there is no {last} to continue from")
-        state = load_checkpoint(last)
-        saved = state.get("config", {})
-        for key in ("model", "model_kwargs", "data", "img_size", "batch_size"):
-            if key in saved and saved[key] != getattr(self.cfg, key):
-                raise ValueError(f"--resume: the run in {self.out} has {key}={saved[key]!r}, this command "
-                                 f"{getattr(self.cfg, key)!r}; resume with the run's settings")
+        state = open_run_dir(self.out, self.cfg.resume)
+        if state is not None:
+            check_resume_config(state, self.cfg, ("model", "model_kwargs", "data", "img_size", "batch_size"))
         return state
 
     def _restore(self, state: dict[str, Any]) -> None:
@@ -310,8 +325,7 @@ class Trainer:
         with precision.autocast(ctx.device):
             logits = self.net(images)
             loss = self.criterion(logits.float(), targets)
-        finite = ctx.all_reduce_sum([float(torch.isfinite(loss))])[0] == ctx.world_size
-        if not finite:
+        if not all_finite(ctx, loss):
             done = self.start_epoch if not self.history else int(self.history[-1]["epoch"])
             where = f"{self.out / 'last.pt'} (after epoch {done})" if done else "none was written yet"
             raise NonFiniteLossError(
@@ -319,15 +333,7 @@ class Trainer:
                 f"nothing more. Last good checkpoint: {where}. Lower --lr (or use --amp none) and resume "
                 "with --resume, or start again."
             )
-        self.optimizer.zero_grad(set_to_none=True)
-        if precision.scaler is not None:
-            precision.scaler.scale(loss).backward()
-            precision.scaler.step(self.optimizer)
-            precision.scaler.update()
-        else:
-            loss.backward()
-            self.optimizer.step()
-        self.scheduler.step()
+        optimizer_step(loss, self.optimizer, self.scheduler, precision.scaler)
         return loss.item(), logits
 
     def count_skipped(self, bad: int, good: int) -> None:
@@ -344,7 +350,7 @@ class Trainer:
         self.history.append(row)
         improved = row["val_top1"] > self.best_top1
         self.best_top1 = max(self.best_top1, row["val_top1"])
-        rngs = self.gather_rng()
+        rngs = self.ctx.gather(rng_state())  # every process's, so a resumed multi-process run restores each
         if self.ctx.is_main:
             state = dict(
                 model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
@@ -364,15 +370,6 @@ class Trainer:
         if self.skipped[0]:
             self.log(f"skipped {int(self.skipped[0])} undecodable images so far")
         self.ctx.barrier()
-
-    def gather_rng(self) -> list[dict[str, Any]]:
-        """Every process's RNG state (rank order), so a resumed multi-process run restores each."""
-        state = rng_state()
-        if not self.ctx.distributed:
-            return [state]
-        gathered: list[Any] = [None] * self.ctx.world_size
-        torch.distributed.all_gather_object(gathered, state)
-        return gathered
 
     def summary(self, wall_time: float) -> dict[str, Any]:
         last = self.history[-1] if self.history else {}

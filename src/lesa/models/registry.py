@@ -56,6 +56,7 @@ def build_resnet(
     in_chans: int = 3,
     last_stride: Optional[int] = None,
     dcn_stages: tuple[int, ...] = (),
+    stem: Optional[str] = None,
     drop_rate: float = 0.0,
     zero_init_residual: bool = False,
     heads: int = 8,
@@ -67,9 +68,12 @@ def build_resnet(
     """Build ``arch`` with ``op`` in the 3x3 slots of stages 3-4.
 
     Attention models run stage 4 at stride 1 (``last_stride=1``) as the paper does; detection backbones
-    pass ``last_stride=2``. ``img_size`` sets the map size the position tables are built for.
+    pass ``last_stride=2``. ``img_size`` sets the map size the position tables are built for; ``stem``
+    overrides the architecture's (``'imagenet'``: 7x7/2 + max-pool, ``'small'``: 3x3/1).
     """
     cfg = dict(ARCHS[arch])
+    if stem is not None:
+        cfg["stem"] = stem
     size = cfg.pop("img_size")
     size = size if img_size is None else img_size
     if last_stride is None:

@@ -142,16 +142,15 @@ class ResNet(nn.Module):
         self.stage_ops, self.num_classes, self.drop_rate = tuple(stage_ops), num_classes, drop_rate
         self.base_width = width_per_group
         self.layer_kwargs = dict(layer_kwargs or {})
-        if stem == "imagenet":
-            self.conv1 = nn.Conv2d(in_chans, stem_width, 7, stride=2, padding=3, bias=False)
-            self.maxpool: nn.Module = nn.MaxPool2d(3, stride=2, padding=1)
-            reduction = 4
-        else:
-            self.conv1 = nn.Conv2d(in_chans, stem_width, 3, stride=1, padding=1, bias=False)
-            self.maxpool = nn.Identity()
-            reduction = 1
+        # Children in torchvision's order (conv1, bn1, relu, maxpool, layer1-4): feature extractors that run
+        # the children in sequence (IntermediateLayerGetter) then work on these models too.
+        imagenet_stem = stem == "imagenet"
+        self.conv1 = nn.Conv2d(in_chans, stem_width, 7 if imagenet_stem else 3, stride=2 if imagenet_stem else 1,
+                               padding=3 if imagenet_stem else 1, bias=False)
         self.bn1 = nn.BatchNorm2d(stem_width)
         self.relu = nn.ReLU(inplace=True)
+        self.maxpool: nn.Module = nn.MaxPool2d(3, stride=2, padding=1) if imagenet_stem else nn.Identity()
+        reduction = 4 if imagenet_stem else 1
 
         self.inplanes = stem_width
         size = tuple(-(-s // reduction) for s in self.img_size)
@@ -164,7 +163,7 @@ class ResNet(nn.Module):
             reduction *= stride
             self.feature_info.append(dict(num_chs=self.inplanes, reduction=reduction, module=f"layer{i + 1}"))
         self.num_features = self.inplanes
-        self.global_pool = nn.AdaptiveAvgPool2d(1)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc: nn.Module = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.pretrained_cfg = dict(
             input_size=(in_chans, *self.img_size),
@@ -239,7 +238,7 @@ class ResNet(nn.Module):
         return outs
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = torch.flatten(self.global_pool(x), 1)
+        x = torch.flatten(self.avgpool(x), 1)
         if self.drop_rate > 0:
             x = nn.functional.dropout(x, p=self.drop_rate, training=self.training)
         return x if pre_logits else self.fc(x)

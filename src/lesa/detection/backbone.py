@@ -1,0 +1,94 @@
+"""LESA ResNet + FPN backbones for torchvision's detectors (Sec. 4.2 of the paper).
+
+Any lesa model (conv, SA, AA, static LESA, LESA; ResNet-50, WRN-50-2, or the tiny widths) with its last
+stage at stride 2 (as the authors' detection configs), an FPN over stages 1-4 (strides 4-32) and an extra
+max-pooled level (stride 64). As usual for detection the stem and first stage are frozen and BatchNorm
+statistics are frozen (``frozen_bn``: BNs stay in eval mode, their affine parameters are not trained,
+like torchvision's ``FrozenBatchNorm2d``; LESA's internal BNs then use their running statistics and the
+fused path skips the batch moments). The attention layers use the 2-D relative embedding, so images keep
+their aspect ratio and sizes may differ per batch.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any, Optional
+
+from torch import Tensor, nn
+from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from ..models import create_model
+from ..models.resnet import ResNet
+
+
+class LesaFPNBackbone(nn.Module):
+    """``body`` (a lesa ResNet without its head) + ``fpn``; ``out_channels`` as torchvision expects."""
+
+    def __init__(self, body: ResNet, out_channels: int = 256, trainable_layers: int = 3,
+                 frozen_bn: bool = True) -> None:
+        super().__init__()
+        if not 0 <= trainable_layers <= 5:
+            raise ValueError(f"trainable_layers must be in 0..5, got {trainable_layers}")
+        body.fc = nn.Identity()
+        self.body = body
+        self.frozen_bn = frozen_bn
+        in_channels = [info["num_chs"] for info in body.feature_info]
+        self.fpn = FeaturePyramidNetwork(in_channels, out_channels, extra_blocks=LastLevelMaxPool())
+        self.out_channels = out_channels
+        trainable = ["layer4", "layer3", "layer2", "layer1", "stem"][:trainable_layers]
+        for name, param in body.named_parameters():
+            stage = name.split(".")[0] if name.startswith("layer") else "stem"
+            if stage not in trainable:
+                param.requires_grad_(False)
+        if frozen_bn:
+            for module in body.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    for param in module.parameters():
+                        param.requires_grad_(False)
+        self.train()
+
+    def train(self, mode: bool = True) -> LesaFPNBackbone:
+        super().train(mode)
+        if self.frozen_bn:
+            for module in self.body.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
+
+    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        features = self.body.forward_intermediates(x)
+        return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(features)))
+
+
+def build_backbone(
+    name: str,
+    dcn_stages: Sequence[int] = (),
+    deform_unary: bool = False,
+    trainable_layers: int = 3,
+    frozen_bn: bool = True,
+    table_size: int = 1024,
+    checkpoint: bool = False,
+    impl: str = "auto",
+    pos_embed: str = "rel2d",
+    stem: Optional[str] = None,
+    **model_kwargs: Any,
+) -> LesaFPNBackbone:
+    """A lesa model as an FPN backbone. ``table_size``: the input size the position tables are built for
+    (any size runs); ``dcn_stages``: stages (1-4) whose 3x3 convolutions are deformable;
+    ``deform_unary``: LESA's unary convolution deformable (one offset group)."""
+    kwargs = dict(num_classes=0, img_size=table_size, last_stride=2, dcn_stages=tuple(dcn_stages), **model_kwargs)
+    if not name.startswith("resnet") and not name.startswith("wide_resnet"):  # attention models
+        kwargs.update(impl=impl, pos_embed=pos_embed, checkpoint=checkpoint)
+        if deform_unary:
+            if "lesa" not in name:
+                raise ValueError(f"deform_unary needs a LESA backbone, got {name!r}")
+            kwargs["unary"] = "deform"
+    elif deform_unary:
+        raise ValueError(f"deform_unary needs a LESA backbone, got {name!r}")
+    if name.endswith("_tiny"):
+        kwargs["stem"] = stem or "imagenet"  # strides 4-32, as the FPN's anchors expect
+    elif stem:
+        kwargs["stem"] = stem
+    body = create_model(name, **kwargs)
+    return LesaFPNBackbone(body, trainable_layers=trainable_layers, frozen_bn=frozen_bn)
