@@ -1,5 +1,8 @@
 """Mask R-CNN with LESA backbones: features, DCN, initialisation, COCO I/O and evaluation, the commands."""
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,6 +12,7 @@ from lesa.cli import main
 from lesa.data.coco import CocoDetection, coco_evaluate, encode_mask, to_coco_results, write_coco
 from lesa.data.digit_scenes import ensure_digit_scenes
 from lesa.detection import build_backbone, build_maskrcnn, load_backbone_weights
+from lesa.engine.records import read_metrics_csv
 from lesa.layers import DeformConv2dPack, LESA2d
 from lesa.layers.rel_pos import resize_rel_table
 from lesa.models import create_model
@@ -195,3 +199,17 @@ def test_det_commands_end_to_end(tmp_path, capsys):
     assert (tmp_path / "pred" / "00001.png").is_file()
     assert main([*args[:-3], "--output", str(out), "--quiet"]) == 2  # the run is not overwritten
     assert "already holds a run" in capsys.readouterr().err
+    assert main([*args[:3], str(root), "--epochs", "2", *args[6:], "--resume"]) == 0
+    assert [r["epoch"] for r in read_metrics_csv(out / "metrics.csv")] == [1, 2]
+
+
+def test_det_train_with_two_cpu_processes(tmp_path):
+    root = ensure_digit_scenes(tmp_path / "scenes", counts={"train": 4, "val": 2})
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lesa",
+           "det", "train", "--data", str(root), "--epochs", "1", "--batch-size", "1", "--min-size", "128",
+           "--max-size", "160", "--output", str(out), "--quiet"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+    assert set(json.loads((out / "coco_eval.json").read_text())) == {"bbox", "segm"}

@@ -178,3 +178,19 @@ def test_defaults_are_the_digits_preset():
     defaults = build_config().to_dict()
     for key, value in preset_values("digits").items():
         assert defaults[key] == value or (key == "img_size" and defaults[key] is None), key
+
+
+def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
+    from lesa.utils import atomic_write
+
+    target = tmp_path / "f.txt"
+    atomic_write(target, lambda tmp: Path(tmp).write_text("one"))
+    assert target.read_text() == "one" and (target.stat().st_mode & 0o044)  # readable like any new file
+
+    def broken(tmp):
+        Path(tmp).write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        atomic_write(target, broken)
+    assert target.read_text() == "one" and list(tmp_path.iterdir()) == [target]
