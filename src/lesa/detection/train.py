@@ -11,14 +11,12 @@ percent) after every evaluation.
 from __future__ import annotations
 
 import bisect
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
@@ -31,12 +29,12 @@ from ..engine.config import config_from_values, load_yaml
 from ..engine.distributed import DistContext, cleanup_distributed, setup_distributed
 from ..engine.records import TensorBoard, write_json, write_metrics_csv
 from ..engine.trainer import (
+    EpochRunner,
     NonFiniteLossError,
     ShardSampler,
     all_finite,
     check_resume_config,
     choose_precision,
-    epoch_seed,
     optimizer_step,
     seed_everything,
 )
@@ -96,6 +94,9 @@ class DetConfig:
     def output_dir(self) -> Path:
         return Path(self.output) if self.output else Path("runs") / f"det-{self.backbone}-{Path(self.data).name}"
 
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
     def schedule_epochs(self) -> tuple[int, list[float]]:
         """Total epochs and the lr steps as fractions of training."""
         epochs, steps = SCHEDULES[self.schedule]
@@ -129,7 +130,7 @@ def coco_splits(data: str) -> dict[str, tuple[Path, Path]]:
     return splits
 
 
-class DetTrainer:
+class DetTrainer(EpochRunner):
     def __init__(self, cfg: DetConfig, ctx: DistContext) -> None:
         self.cfg, self.ctx = cfg, ctx
         self.out = cfg.output_dir
@@ -143,13 +144,13 @@ class DetTrainer:
         self.model.to(ctx.device)
         self.params = count_params(self.model)
         self.precision = choose_precision(cfg.amp, ctx.device)
-        self.sampler = DistributedSampler(self.train_set, ctx.world_size, ctx.rank, shuffle=True, seed=cfg.seed,
-                                          drop_last=True)
-        self.loader = DataLoader(self.train_set, cfg.batch_size, sampler=self.sampler, num_workers=cfg.workers,
-                                 collate_fn=collate_detection, drop_last=True)
-        if len(self.loader) == 0:
+        self.train_sampler = DistributedSampler(self.train_set, ctx.world_size, ctx.rank, shuffle=True,
+                                                seed=cfg.seed, drop_last=True)
+        self.train_loader = DataLoader(self.train_set, cfg.batch_size, sampler=self.train_sampler,
+                                       num_workers=cfg.workers, collate_fn=collate_detection, drop_last=True)
+        if len(self.train_loader) == 0:
             raise ValueError(f"{len(self.train_set)} training images are fewer than one batch per process")
-        self.steps_per_epoch = min(len(self.loader), cfg.max_steps_per_epoch or len(self.loader))
+        self.steps_per_epoch = min(len(self.train_loader), cfg.max_steps_per_epoch or len(self.train_loader))
         self.epochs, fractions = cfg.schedule_epochs()
         total = self.epochs * self.steps_per_epoch
         self.milestones = [int(round(f * total)) for f in fractions]
@@ -185,52 +186,25 @@ class DetTrainer:
         if self.ctx.rank < len(state.get("rng") or []):
             set_rng_state(state["rng"][self.ctx.rank])
 
-    def log(self, message: str) -> None:
-        if not self.quiet:
-            tqdm.write(message, file=sys.stderr)
+    def describe(self) -> str:
+        return (f"Mask R-CNN + {self.cfg.backbone}-FPN: {self.params / 1e6:.2f}M parameters, "
+                f"{len(self.train_set)} training images, {self.epochs} epochs, lr {self.lr:g}; "
+                f"{describe_init(self.model.backbone_init)}")
 
-    def run(self) -> dict[str, Any]:
-        cfg, ctx = self.cfg, self.ctx
-        tb = None
-        if ctx.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
-            tb = TensorBoard(self.out / "tb")
-        self.log(f"Mask R-CNN + {cfg.backbone}-FPN: {self.params / 1e6:.2f}M parameters, {len(self.train_set)} "
-                 f"training images, {self.epochs} epochs, lr {self.lr:g}; {describe_init(self.model.backbone_init)}")
-        started = time.time()
-        evaluation: dict[str, dict] = {}
-        try:
-            for epoch in tqdm(range(self.start_epoch, self.epochs), desc="epochs", disable=self.quiet or None,
-                              initial=self.start_epoch, total=self.epochs):
-                row = self.train_epoch(epoch)
-                evaluation = evaluate_detector(self.model, self.val_set, ctx, cfg.max_eval_images, self.quiet)
-                row.update({f"{t}_{k}": evaluation[t][k] for t in ("bbox", "segm") for k in ("AP", "AP50")})
-                self.after_epoch(epoch, row, evaluation, tb)
-        finally:
-            if tb is not None:
-                tb.close()
+    def summary(self, wall_time: float) -> dict[str, Any]:
         last = self.history[-1] if self.history else {}
-        summary = dict(backbone=cfg.backbone, params=self.params, data=cfg.data, epochs=self.epochs,
-                       world_size=ctx.world_size, device=str(ctx.device), bbox_AP=last.get("bbox_AP"),
-                       segm_AP=last.get("segm_AP"), best_bbox_AP=self.best_ap, wall_time_s=time.time() - started,
-                       output=str(self.out))
-        if ctx.is_main:
-            write_json(self.out / "summary.json", summary)
-        return summary
+        return dict(backbone=self.cfg.backbone, params=self.params, data=self.cfg.data, epochs=self.epochs,
+                    world_size=self.ctx.world_size, device=str(self.ctx.device), bbox_AP=last.get("bbox_AP"),
+                    segm_AP=last.get("segm_AP"), best_bbox_AP=self.best_ap, wall_time_s=wall_time,
+                    output=str(self.out))
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
-        cfg, ctx = self.cfg, self.ctx
-        seed_everything(epoch_seed(cfg.seed, epoch, ctx.rank))
-        self.sampler.set_epoch(epoch)
-        self.net.train()
+        """One epoch of training, then COCO evaluation; the row has the mean losses and the APs."""
+        ctx = self.ctx
         t0 = time.time()
         sums = [0.0] * (len(LOSSES) + 1)
-        bar = tqdm(self.loader, total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.epochs}", leave=False,
-                   disable=self.quiet or None)
+        bar = self.epoch_batches(epoch)
         for step, (images, targets) in enumerate(bar):
-            if step >= self.steps_per_epoch:
-                break
             images = [im.to(ctx.device) for im in images]
             targets = [{k: v.to(ctx.device) for k, v in t.items()} for t in targets]
             with self.precision.autocast(ctx.device):
@@ -251,9 +225,11 @@ class DetTrainer:
         row = dict(epoch=epoch + 1, loss=totals[0] / steps, lr=self.optimizer.param_groups[0]["lr"],
                    epoch_time_s=time.time() - t0)
         row.update({name: totals[i] / steps for i, name in enumerate(LOSSES, 1)})
+        self.evaluation = evaluate_detector(self.model, self.val_set, ctx, self.cfg.max_eval_images, self.quiet)
+        row.update({f"{t}_{k}": self.evaluation[t][k] for t in ("bbox", "segm") for k in ("AP", "AP50")})
         return row
 
-    def after_epoch(self, epoch: int, row: dict[str, float], evaluation: dict, tb: Optional[TensorBoard]) -> None:
+    def after_epoch(self, epoch: int, row: dict[str, float], tb: Optional[TensorBoard]) -> None:
         self.history.append(row)
         improved = row["bbox_AP"] > self.best_ap
         self.best_ap = max(self.best_ap, row["bbox_AP"])
@@ -268,7 +244,7 @@ class DetTrainer:
             if improved:
                 save_checkpoint(self.out / "best.pt", state)
             write_metrics_csv(self.out / "metrics.csv", self.history, COLUMNS)
-            write_json(self.out / "coco_eval.json", evaluation)
+            write_json(self.out / "coco_eval.json", self.evaluation)
             tb.scalars({k: v for k, v in row.items() if k != "epoch"}, epoch + 1)
         self.log(f"epoch {epoch + 1}: loss {row['loss']:.3f} (mask {row['loss_mask']:.3f}), box AP "
                  f"{row['bbox_AP']:.1f}, mask AP {row['segm_AP']:.1f} ({row['epoch_time_s']:.0f}s)")

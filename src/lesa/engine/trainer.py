@@ -9,6 +9,7 @@ resumed run retraces the uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import random
 import sys
@@ -174,7 +175,47 @@ def evaluate(
     return dict(loss=loss / n, top1=100.0 * top1 / n, top5=100.0 * top5 / n, n=int(n), skipped=int(bad))
 
 
-class Trainer:
+class EpochRunner:
+    """The epoch loop that classification and detection share: the run directory, TensorBoard, per-epoch
+    reseeding and progress bars. Subclasses set ``cfg, ctx, out, quiet, epochs, start_epoch, net,
+    train_loader, train_sampler, steps_per_epoch`` and implement ``describe``, ``train_epoch``,
+    ``after_epoch`` and ``summary``."""
+
+    def log(self, message: str) -> None:
+        if not self.quiet:
+            tqdm.write(message, file=sys.stderr)
+
+    def run(self) -> dict[str, Any]:
+        tb = None
+        if self.ctx.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+            tb = TensorBoard(self.out / "tb")
+        self.log(self.describe())
+        started = time.time()
+        try:
+            for epoch in tqdm(range(self.start_epoch, self.epochs), desc="epochs", disable=self.quiet or None,
+                              initial=self.start_epoch, total=self.epochs):
+                self.after_epoch(epoch, self.train_epoch(epoch), tb)
+        finally:
+            if tb is not None:
+                tb.close()
+        summary = self.summary(time.time() - started)
+        if self.ctx.is_main:
+            write_json(self.out / "summary.json", summary)
+        return summary
+
+    def epoch_batches(self, epoch: int):
+        """Reseed from ``(seed, epoch, rank)``, reshuffle, and iterate this epoch's batches with a bar."""
+        seed_everything(epoch_seed(self.cfg.seed, epoch, self.ctx.rank))
+        self.train_sampler.set_epoch(epoch)
+        self.net.train()
+        batches = itertools.islice(self.train_loader, self.steps_per_epoch)
+        return tqdm(batches, total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.epochs}", leave=False,
+                    disable=self.quiet or None)
+
+
+class Trainer(EpochRunner):
     """One training run (see the module docstring). ``run()`` returns the summary."""
 
     def __init__(self, cfg: TrainConfig, ctx: DistContext) -> None:
@@ -199,6 +240,7 @@ class Trainer:
             raise ValueError(f"{len(self.data.train)} training images are fewer than one batch per process "
                              f"({cfg.batch_size} x {ctx.world_size}); lower --batch-size")
         self.steps_per_epoch = min(len(self.train_loader), cfg.max_steps_per_epoch or len(self.train_loader))
+        self.epochs = cfg.epochs
         self.lr = cfg.lr * cfg.batch_size * ctx.world_size / cfg.lr_base_batch
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=self.lr, momentum=cfg.momentum,
                                          nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
@@ -258,47 +300,17 @@ class Trainer:
             set_rng_state(rngs[self.ctx.rank])
         self.log(f"resuming {self.out} after epoch {self.start_epoch}")
 
-    def log(self, message: str) -> None:
-        if not self.quiet:
-            tqdm.write(message, file=sys.stderr)
-
     # -- the loop ------------------------------------------------------------------------------------
-    def run(self) -> dict[str, Any]:
-        cfg, ctx = self.cfg, self.ctx
-        tb = None
-        if ctx.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-            tb = TensorBoard(self.out / "tb")
-        self.log(f"{cfg.model}: {self.params / 1e6:.2f}M parameters, {len(self.data.train)} training images, "
-                 f"{ctx.world_size} process(es) on {ctx.device}, lr {self.lr:g}")
-        started = time.time()
-        try:
-            epochs = range(self.start_epoch, cfg.epochs)
-            for epoch in tqdm(epochs, desc="epochs", disable=self.quiet or None, initial=self.start_epoch,
-                              total=cfg.epochs):
-                row = self.train_epoch(epoch)
-                self.after_epoch(epoch, row, tb)
-        finally:
-            if tb is not None:
-                tb.close()
-        summary = self.summary(time.time() - started)
-        if ctx.is_main:
-            write_json(self.out / "summary.json", summary)
-        return summary
+    def describe(self) -> str:
+        return (f"{self.cfg.model}: {self.params / 1e6:.2f}M parameters, {len(self.data.train)} training images, "
+                f"{self.ctx.world_size} process(es) on {self.ctx.device}, lr {self.lr:g}")
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
-        cfg, ctx = self.cfg, self.ctx
-        seed_everything(epoch_seed(cfg.seed, epoch, ctx.rank))
-        self.train_sampler.set_epoch(epoch)
-        self.net.train()
+        ctx = self.ctx
         t0 = time.time()
         sums = [0.0, 0.0, 0.0]  # loss * n, top-1 hits, n
-        bar = tqdm(self.train_loader, total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   leave=False, disable=self.quiet or None)
+        bar = self.epoch_batches(epoch)
         for step, batch in enumerate(bar):
-            if step >= self.steps_per_epoch:
-                break
             images, targets, bad = unpack(batch, self.data.may_skip)
             self.count_skipped(bad, len(targets))
             if len(targets) == 0:
