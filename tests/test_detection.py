@@ -12,6 +12,7 @@ from lesa.cli import main
 from lesa.data.coco import CocoDetection, coco_evaluate, encode_mask, to_coco_results, write_coco
 from lesa.data.digit_scenes import ensure_digit_scenes
 from lesa.detection import build_backbone, build_maskrcnn, load_backbone_weights
+from lesa.detection.train import DetConfig
 from lesa.engine.records import read_metrics_csv
 from lesa.layers import DeformConv2dPack, LESA2d
 from lesa.layers.rel_pos import resize_rel_table
@@ -180,6 +181,13 @@ def test_digit_scenes_are_deterministic_coco(tmp_path):
             ys, xs = torch.nonzero(mask, as_tuple=True)
             assert box.tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
     assert len(sizes) == 3
+
+
+def test_det_defaults_depend_on_the_data():
+    scenes, coco = DetConfig(), DetConfig(data="/data/coco", min_size=640)
+    assert (scenes.batch_size, scenes.min_size, scenes.max_size, scenes.box_batch_size_per_image) == (4, 320, 512, 128)
+    assert (coco.batch_size, coco.min_size, coco.max_size, coco.box_batch_size_per_image) == (2, 640, 1333, 512)
+    assert coco.rpn_post_nms_top_n_train == 2000
 
 
 def test_det_commands_end_to_end(tmp_path, capsys):

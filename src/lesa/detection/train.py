@@ -45,6 +45,14 @@ SCHEDULES = {"1x": (12, (8, 11)), "20e": (20, (16, 19))}
 LOSSES = ["loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"]
 COLUMNS = ["epoch", "loss", *LOSSES, "bbox_AP", "bbox_AP50", "segm_AP", "segm_AP50", "lr", "epoch_time_s"]
 EMBEDDED = "digit-scenes"
+# Options left unset take these by data: CPU-sized for the embedded digit scenes; torchvision's and
+# mmdetection's usual COCO settings (800-1333 px, 2 images per GPU, 512 RoIs, 2000 proposals) otherwise.
+DATA_DEFAULTS = {
+    "embedded": {"batch_size": 4, "min_size": 320, "max_size": 512,
+                 "box_batch_size_per_image": 128, "rpn_post_nms_top_n_train": 1000},
+    "coco": {"batch_size": 2, "min_size": 800, "max_size": 1333,
+             "box_batch_size_per_image": 512, "rpn_post_nms_top_n_train": 2000},
+}
 
 
 @dataclass
@@ -55,15 +63,15 @@ class DetConfig:
     data: str = EMBEDDED
     schedule: str = "1x"
     epochs: Optional[int] = None
-    batch_size: int = 4
+    batch_size: Optional[int] = None  # images per process; see DATA_DEFAULTS
     lr: float = 0.02
     lr_base_batch: int = 16
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_iters: int = 500
     warmup_ratio: float = 0.001
-    min_size: int = 320
-    max_size: int = 512
+    min_size: Optional[int] = None
+    max_size: Optional[int] = None
     dcn_stages: list[int] = field(default_factory=list)
     deform_unary: bool = False
     pretrained_backbone: Optional[str] = None
@@ -71,8 +79,8 @@ class DetConfig:
     trainable_layers: Optional[int] = None  # default: 3 with a pretrained backbone, else all (5)
     frozen_bn: Optional[bool] = None  # default: frozen with a pretrained backbone; from scratch BN must train
     checkpoint_layers: bool = False
-    box_batch_size_per_image: int = 128  # RoIs per image for the box/mask heads (torchvision: 512)
-    rpn_post_nms_top_n_train: int = 1000  # proposals kept in training (torchvision: 2000)
+    box_batch_size_per_image: Optional[int] = None  # RoIs per image for the box/mask heads
+    rpn_post_nms_top_n_train: Optional[int] = None  # proposals kept in training
     impl: str = "auto"
     workers: int = 0
     seed: int = 0
@@ -85,6 +93,9 @@ class DetConfig:
     max_eval_images: Optional[int] = None
 
     def __post_init__(self) -> None:
+        for name, value in DATA_DEFAULTS["embedded" if self.data == EMBEDDED else "coco"].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
         if self.epochs is not None and self.epochs < 1:
@@ -185,6 +196,7 @@ class DetTrainer(EpochRunner):
         self.start_epoch, self.history, self.best_ap = state["epoch"], list(state["history"]), state["best_ap"]
         if self.ctx.rank < len(state.get("rng") or []):
             set_rng_state(state["rng"][self.ctx.rank])
+        self.log(f"resuming {self.out} after epoch {self.start_epoch}")
 
     def describe(self) -> str:
         return (f"Mask R-CNN + {self.cfg.backbone}-FPN: {self.params / 1e6:.2f}M parameters, "
