@@ -164,6 +164,8 @@ def test_coco_writer_reader_round_trip_and_perfect_evaluation(tmp_path):
     assert {r["category_id"] for r in results["bbox"]} == {3, 7}
     stats = coco_evaluate(data, results)
     assert stats["bbox"]["AP"] == pytest.approx(100) and stats["segm"]["AP"] == pytest.approx(100)
+    # size ranges without ground truth are undefined (pycocotools' -1), not a zero AP
+    assert stats["bbox"]["APl"] is None and stats["bbox"]["APs"] == pytest.approx(100)
     assert coco_evaluate(data, {"bbox": [], "segm": []})["bbox"]["AP"] == 0
 
 

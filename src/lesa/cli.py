@@ -259,7 +259,7 @@ def run_det(args: argparse.Namespace) -> int:
         out = Path(args.output) if args.output else run_dir
         write_json(out / "coco_eval.json", result)
         for iou_type, stats in result.items():
-            print(f"{iou_type:5s} " + "  ".join(f"{k} {v:5.1f}" for k, v in stats.items()))
+            print(f"{iou_type:5s} " + "  ".join(f"{k} {'-' if v is None else f'{v:.1f}':>5}" for k, v in stats.items()))
         print(f"wrote {out / 'coco_eval.json'}")
         return 0
     import torch

@@ -152,7 +152,7 @@ STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 def coco_evaluate(dataset: CocoDetection, results: dict[str, list[dict]], quiet: bool = True,
                   image_ids: Optional[list[int]] = None) -> dict[str, dict]:
     """COCO AP (percent) of ``results`` (``{'bbox': [...], 'segm': [...]}``) against the dataset's JSON,
-    over ``image_ids`` (default: all of the dataset's images)."""
+    over ``image_ids`` (default: all of the dataset's images); ``None`` where a size range has no objects."""
     from pycocotools.cocoeval import COCOeval
 
     out: dict[str, dict] = {}
@@ -169,7 +169,8 @@ def coco_evaluate(dataset: CocoDetection, results: dict[str, list[dict]], quiet:
             evaluator.evaluate()
             evaluator.accumulate()
             evaluator.summarize()
-        stats = [max(0.0, float(v)) * 100.0 for v in evaluator.stats[:6]]
+        # pycocotools reports -1 where no ground truth falls in a range (e.g. no large objects): None.
+        stats = [float(v) * 100.0 if v >= 0 else None for v in evaluator.stats[:6]]
         out[iou_type] = dict(zip(STAT_NAMES, stats))
     return out
 
