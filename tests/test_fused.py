@@ -8,6 +8,7 @@ from naive_lesa import lesa as naive_lesa
 import lesa
 from lesa import LESA2d, SelfAttention2d
 from lesa.layers.binary import resolve_auto
+from lesa.layers.rel2d_attention import ROWS_PER_GROUP, KeyRowSplitAttention, augment_rel2d, sdpa
 from lesa.models import attention_layers, create_model
 
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-4}
@@ -60,6 +61,7 @@ def assert_same_step(ref, fused, x, dtype):
 @pytest.mark.parametrize("pos_embed,size,block_elems", [
     ("rel2d", (6, 6), None),
     ("rel2d", (5, 7), None),
+    ("rel2d", (19, 5), None),  # more key rows than one group of the CPU key-row split
     ("flat", (6, 6), None),
     ("flat", (5, 7), 3 * 4 * 35),  # several query blocks (a block of 3 queries, last one shorter)
 ])
@@ -70,6 +72,24 @@ def test_fused_equals_reference(cls, pos_embed, size, block_elems, dtype):
     for _ in range(2):  # two training steps: running stats accumulate identically
         assert_same_step(ref.train(), fused.train(), x, dtype)
     assert_same_step(ref.eval(), fused.eval(), x, dtype)
+
+
+@pytest.mark.parametrize("height,width", [(ROWS_PER_GROUP + 3, 4), (2 * ROWS_PER_GROUP, 3), (3, 5)])
+def test_rel2d_attention_kernels_equal_the_softmax(height, width):
+    """The CPU key-row split and the single SDPA call (the CUDA path) against the softmax, float64."""
+    gen = torch.Generator().manual_seed(height)
+    n, g, d, dv, num = 2, 3, 5, 7, height * width
+    shapes = [(n, g, num, d), (n, g, num, d), (n, g, num, dv), (n, g, num, height), (n, g, num, width)]
+    q, k, v, rows, cols = (torch.randn(*s, generator=gen, dtype=torch.float64, requires_grad=True) for s in shapes)
+    logits = q @ k.transpose(-1, -2) + (rows.unsqueeze(-1) + cols.unsqueeze(-2)).flatten(-2)
+    expected = torch.softmax(logits, dim=-1) @ v
+    grad = torch.randn(expected.shape, generator=gen, dtype=torch.float64)
+    inputs = (q, k, v, rows, cols)
+    want = torch.autograd.grad(expected, inputs, grad)
+    for out in (KeyRowSplitAttention.apply(q, k, v, rows, cols), sdpa(*augment_rel2d(q, k, rows, cols), v)):
+        torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+        for got, ref in zip(torch.autograd.grad(out, inputs, grad), want):
+            torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("pos_embed", ["flat", "rel2d"])

@@ -15,7 +15,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .binary import IMPLS, Impl, augment_rel2d, check_choice, check_input, resolve_auto, sdpa, softmax_diagonal
+from .binary import IMPLS, Impl, check_choice, check_input, resolve_auto, softmax_diagonal
+from .rel2d_attention import augment_rel2d, rel2d_attention
 from .rel_pos import RelPosEmbed2d, Size2d
 
 
@@ -78,7 +79,7 @@ class AttentionAugmentedConv2d(nn.Module):
             logits = q @ k.transpose(-1, -2) + (rows.unsqueeze(-1) + cols.unsqueeze(-2)).flatten(-2)
             out = torch.softmax(logits, dim=-1) @ v
         else:
-            out = sdpa(*augment_rel2d(q, k, rows, cols), v)
+            out = rel2d_attention(q, k, v, rows, cols)
         return self.attn_out(out.transpose(-1, -2).reshape(n, self.dv, h, w))
 
     @torch.no_grad()

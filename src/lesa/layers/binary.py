@@ -19,9 +19,9 @@ Two implementations compute the same function, parameters, gradients and BN stat
   moments of ``q``, ``k`` and the relative logits (:mod:`lesa.layers.bn_moments`). Then:
 
   - ``'rel2d'``: ``q_i.r_h[y_j-y_i] + q_i.r_w[x_j-x_i]`` is the dot product of ``q_i`` extended with its
-    ``H + W`` relative logits and ``k_j`` extended with one-hot row/column indicators, so the whole term is
-    one call of :func:`torch.nn.functional.scaled_dot_product_attention` (flash / memory-efficient
-    kernels, ``O(HW (d + H + W))`` memory).
+    ``H + W`` relative logits and ``k_j`` extended with one-hot row/column indicators, so the whole term
+    runs in flash / memory-efficient attention kernels (:mod:`lesa.layers.rel2d_attention`,
+    ``O(HW (d + H + W))`` memory).
   - ``'flat'``: its logits have no such low-rank form, so queries are processed in blocks with
     gradient checkpointing per block: ``O(block * HW)`` memory, one extra forward of the attention in
     the backward pass.
@@ -35,7 +35,6 @@ from collections.abc import Iterator
 from typing import Callable, Literal, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .bn_moments import (
@@ -45,6 +44,7 @@ from .bn_moments import (
     sliding_window_moments,
     stats_dtype,
 )
+from .rel2d_attention import augment_rel2d, rel2d_attention
 from .rel_pos import FlatRelPosEmbed, RelPosEmbed2d, Size2d, toeplitz_expand
 
 PosEmbed = Literal["flat", "rel2d"]
@@ -226,8 +226,8 @@ class BinaryAttention2d(nn.Module):
         rows, cols = self.rel_pos.rel_logits(q, height, width)
         scale, shift = self.logit_affine(q, k, rel=(rows, cols))
         s_qk, s_rel = (s.view(1, -1, 1, 1) for s in scale)
-        q_aug, k_aug = augment_rel2d(q * s_qk, k, rows * s_rel, cols * s_rel, shift)
-        return dict(q_aug=q_aug, k_aug=k_aug)
+        # every key lies in exactly one row, so the per-head shift rides on the row logits
+        return dict(q=q * s_qk, rows=rows * s_rel + shift, cols=cols * s_rel)
 
     def query_block(self, q: Tensor) -> int:
         n, g, num, _ = q.shape
@@ -236,7 +236,7 @@ class BinaryAttention2d(nn.Module):
     def attend_fused(self, q: Tensor, k: Tensor, v: Tensor, height: int, width: int):
         ops = self.fused_operands(q, k, height, width)
         if self.pos_embed != "flat":
-            return sdpa(ops["q_aug"], ops["k_aug"], v), None
+            return rel2d_attention(ops["q"], k, v, ops["rows"], ops["cols"]), None
         return FlatBlockedAttention.apply(ops["q_k"], ops["q_r"], k, ops["k_r"], v, ops["tq"], ops["tk"],
                                           ops["tv"], ops["shift"], self.query_block(q))
 
@@ -246,7 +246,8 @@ class BinaryAttention2d(nn.Module):
         equal to rows of :meth:`reference_logits`. Use in eval mode (training would update the BN)."""
         ops = self.fused_operands(q, k, height, width)
         if self.pos_embed != "flat":
-            return lambda start, stop: ops["q_aug"][:, :, start:stop] @ ops["k_aug"].transpose(-1, -2)
+            q_aug, k_aug = augment_rel2d(ops["q"], k, ops["rows"], ops["cols"])
+            return lambda start, stop: q_aug[:, :, start:stop] @ k_aug.transpose(-1, -2)
         num = q.shape[-2]
 
         def rows(start: int, stop: int) -> Tensor:
@@ -293,41 +294,6 @@ class BinaryAttention2d(nn.Module):
             f"in_channels={self.in_channels}, out_channels={self.out_channels}, heads={self.heads}, "
             f"pos_embed={self.pos_embed!r}, impl={self.impl!r}"
         )
-
-
-def augment_rel2d(
-    q: Tensor, k: Tensor, rows: Tensor, cols: Tensor, shift: Optional[Tensor] = None
-) -> tuple[Tensor, Tensor]:
-    """Fold 2-D relative logits (and a per-head constant ``shift``) into the dot product.
-
-    ``[q_i, rows_i, cols_i, shift] . [k_j, onehot(y_j), onehot(x_j), 1]
-    = q_i.k_j + rows_i[y_j] + cols_i[x_j] + shift``.
-    """
-    height, width = rows.shape[-1], cols.shape[-1]
-    eye_h = torch.eye(height, dtype=k.dtype, device=k.device)
-    eye_w = torch.eye(width, dtype=k.dtype, device=k.device)
-    row_onehot = eye_h.repeat_interleave(width, dim=0)  # key j = y * W + x -> onehot(y)
-    col_onehot = eye_w.repeat(height, 1)  # -> onehot(x)
-    parts = [row_onehot, col_onehot]
-    q_parts = [q, rows, cols]
-    if shift is not None:
-        parts.append(torch.ones(height * width, 1, dtype=k.dtype, device=k.device))
-        q_parts.append(shift.expand(*q.shape[:-1], 1))
-    indicators = torch.cat(parts, dim=-1)
-    indicators = indicators.expand(*k.shape[:-1], indicators.shape[-1])
-    return torch.cat(q_parts, dim=-1), torch.cat([k, indicators], dim=-1)
-
-
-def sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Unscaled attention through :func:`~torch.nn.functional.scaled_dot_product_attention`.
-
-    Flash kernels (CPU and CUDA) need one width for q, k and v, a multiple of 8 on CUDA: all three are
-    zero-padded to a common width (zeros add nothing to the dot products) and the output is cut back.
-    """
-    dv = v.shape[-1]
-    width = -(-max(q.shape[-1], dv) // 8) * 8
-    q, k, v = (F.pad(t, (0, width - t.shape[-1])) if t.shape[-1] != width else t for t in (q, k, v))
-    return F.scaled_dot_product_attention(q, k, v, scale=1.0)[..., :dv]
 
 
 def flat_windows(start: int, block: int, num: int) -> tuple[slice, slice]:
