@@ -32,12 +32,17 @@ _CPU_FLASH = "_scaled_dot_product_flash_attention_for_cpu"
 
 
 def augment_rel2d(q: Tensor, k: Tensor, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
-    """``[q_i, rows_i, cols_i] . [k_j, onehot(y_j), onehot(x_j)] = q_i.k_j + rows_i[y_j] + cols_i[x_j]``."""
-    height, width = rows.shape[-1], cols.shape[-1]
-    row_onehot = torch.eye(height, dtype=k.dtype, device=k.device).repeat_interleave(width, dim=0)
-    col_onehot = torch.eye(width, dtype=k.dtype, device=k.device).repeat(height, 1)
-    indicators = torch.cat([row_onehot, col_onehot], dim=-1).expand(*k.shape[:-1], height + width)
-    return torch.cat([q, rows, cols], dim=-1), torch.cat([k, indicators], dim=-1)
+    """``[q_i, cols_i, rows_i] . [k_j, onehot(x_j), onehot(y_j)] = q_i.k_j + rows_i[y_j] + cols_i[x_j]``."""
+    q_cols, k_cols = column_augmented(q, k, cols)
+    row_onehot = torch.eye(rows.shape[-1], dtype=k.dtype, device=k.device).repeat_interleave(cols.shape[-1], 0)
+    return torch.cat([q_cols, rows], dim=-1), torch.cat([k_cols, row_onehot.expand(*k.shape[:-1], -1)], dim=-1)
+
+
+def column_augmented(q: Tensor, k: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
+    """``[q_i, cols_i]`` and ``[k_j, onehot(x_j)]`` (keys in raster order)."""
+    num_cols = cols.shape[-1]
+    col_onehot = torch.eye(num_cols, dtype=k.dtype, device=k.device).repeat(k.shape[-2] // num_cols, 1)
+    return torch.cat([q, cols], dim=-1), torch.cat([k, col_onehot.expand(*k.shape[:-1], -1)], dim=-1)
 
 
 def pad_to(t: Tensor, width: int) -> Tensor:
@@ -82,7 +87,7 @@ class KeyRowSplitAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
         height, d, dv = rows.shape[-1], q.shape[-1], v.shape[-1]
-        q_cols, k_cols = _column_augmented(q, k, cols)
+        q_cols, k_cols = column_augmented(q, k, cols)
         width = max(q_cols.shape[-1] + ROWS_PER_GROUP, dv)
         flash = getattr(torch.ops.aten, _CPU_FLASH)
         out = lse = None
@@ -107,7 +112,7 @@ class KeyRowSplitAttention(torch.autograd.Function):
         q, k, v, rows, cols, out, lse = ctx.saved_tensors
         d, dv, width = ctx.dims
         height = rows.shape[-1]
-        q_cols, k_cols = _column_augmented(q, k, cols)
+        q_cols, k_cols = column_augmented(q, k, cols)
         grad_out = pad_to(grad_out.contiguous(), width)
         backward = getattr(torch.ops.aten, _CPU_FLASH + "_backward")
         grad_q_cols = torch.zeros_like(q_cols)
@@ -126,10 +131,3 @@ class KeyRowSplitAttention(torch.autograd.Function):
             grad_v[..., keys, :] = gv[..., :dv]
         return grad_q_cols[..., :d], grad_k, grad_v, grad_rows, grad_q_cols[..., d:]
 
-
-def _column_augmented(q: Tensor, k: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
-    """``[q_i, cols_i]`` and ``[k_j, onehot(x_j)]``: the part shared by every row group."""
-    num_cols = cols.shape[-1]
-    height = k.shape[-2] // num_cols
-    col_onehot = torch.eye(num_cols, dtype=k.dtype, device=k.device).repeat(height, 1)
-    return torch.cat([q, cols], dim=-1), torch.cat([k, col_onehot.expand(*k.shape[:-1], num_cols)], dim=-1)
