@@ -8,7 +8,13 @@ from naive_lesa import lesa as naive_lesa
 import lesa
 from lesa import LESA2d, SelfAttention2d
 from lesa.layers.binary import resolve_auto
-from lesa.layers.rel2d_attention import ROWS_PER_GROUP, KeyRowSplitAttention, augment_rel2d, sdpa
+from lesa.layers.rel2d_attention import (
+    ROWS_PER_GROUP,
+    KeyRowSplitAttention,
+    augment_rel2d,
+    rel2d_attention,
+    sdpa,
+)
 from lesa.models import attention_layers, create_model
 
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-4}
@@ -86,6 +92,8 @@ def test_rel2d_attention_kernels_equal_the_softmax(height, width):
     grad = torch.randn(expected.shape, generator=gen, dtype=torch.float64)
     inputs = (q, k, v, rows, cols)
     want = torch.autograd.grad(expected, inputs, grad)
+    dispatched = rel2d_attention(q, k, v, rows, cols)
+    assert (type(dispatched.grad_fn).__name__ == "KeyRowSplitAttentionBackward") == (height > ROWS_PER_GROUP)
     for out in (KeyRowSplitAttention.apply(q, k, v, rows, cols), sdpa(*augment_rel2d(q, k, rows, cols), v)):
         torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
         for got, ref in zip(torch.autograd.grad(out, inputs, grad), want):

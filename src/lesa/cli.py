@@ -49,6 +49,16 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 # -- lesa train -----------------------------------------------------------------------------------------
+def _run_args(p: argparse.ArgumentParser, default_output: str) -> None:
+    """Options every training command shares (classification and detection)."""
+    p.add_argument("--workers", type=int, help="data-loading processes per training process")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--output", help=f"run directory (default {default_output})")
+    p.add_argument("--resume", action="store_true", default=None, help="continue from OUTPUT/last.pt")
+    p.add_argument("--amp", choices=["auto", "none", "bf16", "fp16"])
+    p.add_argument("--device", help="auto, cpu or cuda")
+
+
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file with any of the options below (the command line overrides it)")
     p.add_argument("--preset", choices=["digits", "imagenet"], help="start from a shipped recipe")
@@ -63,12 +73,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--warmup-epochs", type=float)
     p.add_argument("--label-smoothing", type=float)
-    p.add_argument("--workers", type=int, help="data-loading processes per training process")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--output", help="run directory (default runs/<model>-<data>)")
-    p.add_argument("--resume", action="store_true", default=None, help="continue from OUTPUT/last.pt")
-    p.add_argument("--amp", choices=["auto", "none", "bf16", "fp16"])
-    p.add_argument("--device", help="auto, cpu or cuda")
+    _run_args(p, "runs/<model>-<data>")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument("--max-steps-per-epoch", type=int, help="cut epochs short (smoke tests)")
@@ -205,12 +210,7 @@ def _det_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--checkpoint-layers", action="store_true", default=None,
                    help="gradient checkpointing of the LESA terms")
     t.add_argument("--impl", choices=["reference", "fused", "auto"])
-    t.add_argument("--workers", type=int)
-    t.add_argument("--seed", type=int)
-    t.add_argument("--output")
-    t.add_argument("--resume", action="store_true", default=None)
-    t.add_argument("--amp", choices=["auto", "none", "bf16", "fp16"])
-    t.add_argument("--device")
+    _run_args(t, "runs/det-<backbone>-<data>")
     t.add_argument("--max-steps-per-epoch", type=int, help="cut epochs short (smoke tests)")
     t.add_argument("--max-eval-images", type=int, help="evaluate on the first N validation images only")
     t.add_argument("--quiet", action="store_true", default=None)
