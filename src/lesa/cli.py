@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import Callable, Optional
@@ -17,7 +18,12 @@ def run_models(args: argparse.Namespace) -> int:
     from .models import create_model, list_models
     from .utils import count_params
 
-    for name in list_models(args.pattern):
+    names = list_models(args.pattern)
+    if not names:
+        print(f"lesa models: no model matches {args.pattern!r} (try 'lesa models' for all, or a pattern like "
+              "'*lesa*')", file=sys.stderr)
+        return 1
+    for name in names:
         print(f"{name:32s} {count_params(create_model(name)) / 1e6:8.2f}M" if args.params else name)
     return 0
 
@@ -37,12 +43,12 @@ def run_convert(args: argparse.Namespace) -> int:
 
     sd = convert_official_state_dict(read_checkpoint(args.input))
     if args.model:
-        from .models import create_model
+        from .models import create_model, parse_name
 
         kwargs = {k: v for k, v in (("pos_embed", args.pos_embed), ("img_size", args.img_size)) if v}
-        if "pos_embed" not in kwargs:
+        if "pos_embed" not in kwargs and parse_name(args.model)[0] != "conv":
             kwargs["pos_embed"] = "rel2d" if any(k.endswith("rel_pos.height") for k in sd) else "flat"
-        check_state_dict(create_model(args.model, **kwargs), sd)
+        check_state_dict(create_model(args.model, **kwargs), sd, source=args.input)
     save_state_dict(sd, args.output)
     print(f"wrote {len(sd)} tensors to {args.output}")
     return 0
@@ -57,6 +63,11 @@ def _run_args(p: argparse.ArgumentParser, default_output: str) -> None:
     p.add_argument("--resume", action="store_true", default=None, help="continue from OUTPUT/last.pt")
     p.add_argument("--amp", choices=["auto", "none", "bf16", "fp16"])
     p.add_argument("--device", help="auto, cpu or cuda")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels-last memory format (default: on CUDA)")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--max-steps-per-epoch", type=int, help="cut epochs short (smoke tests)")
+    p.add_argument("--quiet", action="store_true", default=None, help="no progress bars or epoch lines")
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
@@ -73,11 +84,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--warmup-epochs", type=float)
     p.add_argument("--label-smoothing", type=float)
+    p.add_argument("--max-bad-fraction", type=float,
+                   help="undecodable images tolerated, as a fraction of the training set (default 0.001)")
     _run_args(p, "runs/<model>-<data>")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    p.add_argument("--max-steps-per-epoch", type=int, help="cut epochs short (smoke tests)")
-    p.add_argument("--quiet", action="store_true", default=None, help="no progress bars or epoch lines")
     p.add_argument("--pos-embed", choices=["flat", "rel2d"], help="position embedding of the attention layers")
     p.add_argument("--impl", choices=["reference", "fused", "auto"], help="binary-term implementation")
     p.add_argument("--heads", type=int)
@@ -86,7 +95,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 def run_train(args: argparse.Namespace) -> int:
     from .engine import build_config, train
 
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "config", "preset")}
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "debug", "config", "preset")}
     layer = {k: v for k in ("pos_embed", "impl", "heads") if (v := options.pop(k)) is not None}
     cfg = build_config(args.config, args.preset, **options)
     if layer:
@@ -112,10 +121,12 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from .engine import evaluate_checkpoint
+    if args.ablate_unary:
+        from .analysis.report import evaluate_without_unary as evaluate
+    else:
+        from .engine import evaluate_checkpoint as evaluate
 
-    result = evaluate_checkpoint(args.checkpoint, args.data, args.batch_size, args.device, args.workers,
-                                 args.quiet, args.model, args.ablate_unary)
+    result = evaluate(args.checkpoint, args.data, args.batch_size, args.device, args.workers, args.quiet, args.model)
     what = " without the unary term" if args.ablate_unary else ""
     print(f"{result['model']}{what} on {result['data']}: top-1 {result['top1']:.2f}%, "
           f"top-5 {result['top5']:.2f}%, loss {result['loss']:.4f} ({result['n']} images)")
@@ -150,16 +161,21 @@ def run_analyze(args: argparse.Namespace) -> int:
 
 def _compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
-                   help="the tiny models on the embedded digits (about 15 minutes on 2 CPU cores)")
+                   help="the tiny models on an embedded set (default digits), 3 seeds; about 30 minutes on 2 CPU "
+                        "cores with --data cluttered-digits")
     p.add_argument("--arch", help="resnet_tiny (default with --quick), resnet50 or wide_resnet50_2")
-    p.add_argument("--data", help="'digits' or an ImageFolder root")
-    p.add_argument("--output", default="runs/compare")
+    p.add_argument("--data", help="'digits', 'cluttered-digits' (embedded) or an ImageFolder root")
+    p.add_argument("--output", default="runs/compare", help="runs go to OUTPUT/<op>/seed<k>")
     p.add_argument("--ops", nargs="+", choices=["conv", "sa", "aa", "static_lesa", "lesa"])
-    p.add_argument("--preset", choices=["digits", "imagenet"])
+    p.add_argument("--preset", choices=["digits", "cluttered_digits", "imagenet"],
+                   help="training recipe (default: the embedded set's own, digits or cluttered_digits)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seeds", type=int, metavar="N",
+                   help="runs per operation, with seeds SEED..SEED+N-1 (default 3 with --quick, else 1); the "
+                        "tables report mean and standard deviation over them")
+    p.add_argument("--seed", type=int, help="the first seed (default 0)")
     p.add_argument("--workers", type=int)
     p.add_argument("--max-steps-per-epoch", type=int, help=argparse.SUPPRESS)
     p.add_argument("--quiet", action="store_true")
@@ -168,16 +184,25 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
 def run_compare(args: argparse.Namespace) -> int:
     from .analysis.report import COMPARE_OPS, compare, format_tables
 
+    from .errors import ConfigError
+
+    embedded_presets = {"digits": "digits", "cluttered-digits": "cluttered_digits"}
     if args.quick:
-        arch, data, preset = args.arch or "resnet_tiny", args.data or "digits", args.preset or "digits"
+        arch, data = args.arch or "resnet_tiny", args.data or "digits"
+        preset, n_seeds = args.preset or embedded_presets.get(data, "digits"), args.seeds or 3
     else:
         if not args.data or not args.arch:
-            raise ValueError("pass --arch and --data (e.g. --arch resnet50 --data /data/imagenet --preset "
-                             "imagenet), or --quick for the tiny models on the embedded digits")
-        arch, data, preset = args.arch, args.data, args.preset
-    options = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "seed", "workers", "max_steps_per_epoch")
+            raise ConfigError("pass --arch and --data (e.g. --arch resnet50 --data /data/imagenet --preset "
+                              "imagenet), or --quick for the tiny models on the embedded digits")
+        arch, data = args.arch, args.data
+        preset, n_seeds = args.preset or embedded_presets.get(data), args.seeds or 1
+    if n_seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1 (got {n_seeds})")
+    first = args.seed if args.seed is not None else 0
+    options = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "workers", "max_steps_per_epoch")
                if getattr(args, k) is not None}
-    rows = compare(arch, data, args.output, tuple(args.ops or COMPARE_OPS), preset, args.quiet, **options)
+    rows = compare(arch, data, args.output, tuple(args.ops or COMPARE_OPS), preset, args.quiet,
+                   seeds=tuple(range(first, first + n_seeds)), **options)
     print(format_tables(rows, f"{arch} on {data}"))
     print(f"wrote {args.output}/compare.json, compare.md, compare_curves.png, compare_shares.png")
     return 0
@@ -210,10 +235,8 @@ def _det_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--checkpoint-layers", action="store_true", default=None,
                    help="gradient checkpointing of the LESA terms")
     t.add_argument("--impl", choices=["reference", "fused", "auto"])
-    _run_args(t, "runs/det-<backbone>-<data>")
-    t.add_argument("--max-steps-per-epoch", type=int, help="cut epochs short (smoke tests)")
     t.add_argument("--max-eval-images", type=int, help="evaluate on the first N validation images only")
-    t.add_argument("--quiet", action="store_true", default=None)
+    _run_args(t, "runs/det-<backbone>-<data>")
     e = sub.add_parser("eval", help="COCO box and mask AP of a trained detector")
     e.add_argument("--checkpoint", required=True, help="run directory (best.pt) or checkpoint")
     e.add_argument("--data", help="COCO root (default: the run's)")
@@ -232,7 +255,7 @@ def run_det(args: argparse.Namespace) -> int:
     if args.det_command == "train":
         from .detection.train import build_det_config, train_detector
 
-        options = {k: v for k, v in vars(args).items() if k not in ("command", "det_command", "config")}
+        options = {k: v for k, v in vars(args).items() if k not in ("command", "debug", "det_command", "config")}
         summary = train_detector(build_det_config(args.config, **options))
         if not args.quiet:
             print(f"Mask R-CNN + {summary['backbone']}: box AP {summary['bbox_AP']:.1f}, mask AP "
@@ -297,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="lesa", description="Locally Enhanced Self-Attention")
     parser.add_argument("--version", action="version", version=f"lesa {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of any error (or LESA_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, add_args, _) in COMMANDS.items():
         add_args(sub.add_parser(name, help=help_text, description=help_text))
@@ -304,6 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run one command. A user error (:class:`lesa.errors.LesaError`) prints one line and returns its exit
+    code (2 for bad input); anything else is a bug and keeps its traceback. ``--debug`` or ``LESA_DEBUG=1``
+    shows the traceback of every error."""
+    from .errors import LesaError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -311,16 +340,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         return COMMANDS[args.command][2](args) or 0
-    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as err:
-        print(f"lesa {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except RuntimeError as err:
-        from .engine.trainer import NonFiniteLossError
-
-        if not isinstance(err, NonFiniteLossError):
+    except LesaError as err:
+        if args.debug or os.environ.get("LESA_DEBUG", "") not in ("", "0"):
             raise
-        print(f"lesa {args.command}: error: {err}", file=sys.stderr)
-        return 1
+        message = " ".join(str(err).split())  # one line
+        print(f"lesa {args.command}: error: {message}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         print(f"lesa {args.command}: interrupted", file=sys.stderr)
         return 130

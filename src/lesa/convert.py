@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .errors import CheckpointError
+
 # Leading path components of an official LESA parameter -> our module path.
 _RENAMES: dict[tuple[str, ...], str] = {
     ("qkv_transform",): "binary.qkv",
@@ -41,13 +43,13 @@ def unwrap_state_dict(obj: Any) -> dict[str, Tensor]:
     while isinstance(obj, Mapping) and not _is_tensor_dict(obj):
         inner = next((obj[k] for k in _WRAPPERS if k in obj and isinstance(obj[k], Mapping)), None)
         if inner is None:
-            raise ValueError(
+            raise CheckpointError(
                 f"no state dict found in the checkpoint: top-level keys are {sorted(obj)[:10]}; expected "
                 f"tensors, or one of {_WRAPPERS} holding them"
             )
         obj = inner
     if not isinstance(obj, Mapping):
-        raise ValueError(f"a checkpoint must hold a dict of tensors, got {type(obj).__name__}")
+        raise CheckpointError(f"a checkpoint must hold a dict of tensors, got {type(obj).__name__}")
     out = {}
     for key, value in obj.items():
         out[key[len("module.") :] if key.startswith("module.") else key] = value
@@ -104,7 +106,7 @@ def convert_official_state_dict(sd: Any, backbone_only: bool = True) -> dict[str
             value = value.unsqueeze(-1)  # Conv1d (2C, C, 1) -> 1x1 Conv2d
         out[new_key] = value
     if unknown:
-        raise ValueError(
+        raise CheckpointError(
             f"{len(unknown)} official LESA keys have no counterpart in lesa (a configuration other than "
             f"df_channel_shrink=[2], df_kernel_size=[1,1]?): {unknown[:8]}"
         )
@@ -124,4 +126,4 @@ def save_state_dict(sd: Mapping[str, Tensor], path: str) -> None:
     elif path.endswith((".pth", ".pt")):
         atomic_write(path, lambda tmp: torch.save(tensors, tmp))
     else:
-        raise ValueError(f"output {path!r}: use a .pth, .pt or .safetensors file name")
+        raise CheckpointError(f"output {path!r}: use a .pth, .pt or .safetensors file name")

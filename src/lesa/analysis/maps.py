@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..layers import LESA2d, SelfAttention2d
 
 
@@ -40,10 +41,10 @@ def attention_map(model: nn.Module, image: Tensor, layer: Optional[str] = None,
     first SA/LESA layer) at ``query = (y, x)`` (default: the centre). Returns (layer, map, query)."""
     layers = dict(attention_layers_with_maps(model))
     if not layers:
-        raise ValueError("the model has no SA / LESA layer to show an attention map of")
+        raise ConfigError("the model has no SA / LESA layer to show an attention map of")
     name = layer or next(iter(layers))
     if name not in layers:
-        raise ValueError(f"no SA / LESA layer named {name!r}; choose one of {sorted(layers)}")
+        raise ConfigError(f"no SA / LESA layer named {name!r}; choose one of {sorted(layers)}")
     captured: dict[str, Tensor] = {}
     binary = layers[name].binary
     handle = binary.register_forward_hook(lambda m, args, out: captured.setdefault("x", args[0]))
@@ -55,7 +56,7 @@ def attention_map(model: nn.Module, image: Tensor, layer: Optional[str] = None,
         height, width = x.shape[-2:]
         y, xq = query if query is not None else (height // 2, width // 2)
         if not (0 <= y < height and 0 <= xq < width):
-            raise ValueError(f"query {(y, xq)} is outside the {height}x{width} map of {name}")
+            raise ConfigError(f"query {(y, xq)} is outside the {height}x{width} map of {name}")
         weights = binary.attention_map(x, y * width + xq)[0]
     finally:
         handle.remove()

@@ -2,30 +2,36 @@
 
 ``analyze_run`` measures a run's unary/binary shares on its validation set and draws the per-layer
 shares, the fusion gate of one image and one query's attention. ``compare`` trains the conv, SA, AA,
-static-LESA and LESA variants of an architecture with one recipe and seed, evaluates SA without its unary
-term, and lays the results out as the paper's Tables 1, 2 and 6 (``compare.json``, ``compare.md``) with
-the training curves of all runs in one figure (Fig. 5).
+static-LESA and LESA variants of an architecture with one recipe, once per seed, evaluates SA without its
+unary term, and lays the results out as the paper's Tables 1, 2 and 6 (``compare.json``, ``compare.md``;
+mean ± sample standard deviation over the seeds) with the training curves of all runs in one figure
+(Fig. 5, spread bands over the seeds).
 """
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 from torch.utils.data import DataLoader
 
 from ..data import build_classification_data
-from ..engine import build_config, evaluate_checkpoint, load_trained_model, train
+from ..engine import build_config, evaluate_model, load_trained_model, train
 from ..engine.records import plot_curves, read_metrics_csv, write_json
+from ..errors import ConfigError
+from ..layers import ablate_unary
 from ..models.registry import model_name
 from ..utils import atomic_write
-from .figures import plot_attention_map, plot_gate_maps, plot_shares
+from .figures import plot_attention_map, plot_curve_bands, plot_gate_maps, plot_shares
 from .maps import attention_layers_with_maps, attention_map, gate_maps
 from .shares import unary_binary_shares
 
 COMPARE_OPS = ("conv", "sa", "aa", "static_lesa", "lesa")
 OP_LABELS = {"conv": "Convolution", "sa": "Self-Attention", "aa": "AA", "static_lesa": "Static LESA",
              "lesa": "LESA", "sa_minus_unary": "SA - unary term"}
+SEED_METRICS = ("val_top1", "val_top5", "val_loss", "unary_pct", "binary_pct")
 
 
 def analyze_run(run: str | Path, data: Optional[str] = None, output: Optional[str | Path] = None,
@@ -37,7 +43,7 @@ def analyze_run(run: str | Path, data: Optional[str] = None, output: Optional[st
     model, cfg = load_trained_model(run)
     data = data or cfg.get("data")
     if not data:
-        raise ValueError("no data: pass --data PATH or --data digits")
+        raise ConfigError("no data: pass --data PATH or --data digits")
     out = Path(output) if output else (run if run.is_dir() else run.parent) / "analysis"
     out.mkdir(parents=True, exist_ok=True)
     val = build_classification_data(data, cfg["img_size"], train=False)
@@ -48,7 +54,7 @@ def analyze_run(run: str | Path, data: Optional[str] = None, output: Optional[st
     plot_shares({cfg["model"]: shares}, out / "shares.png")
     figures = [out / "shares.png"]
     if not 0 <= image_index < len(dataset):
-        raise ValueError(f"image index {image_index} is outside the validation set (0..{len(dataset) - 1})")
+        raise ConfigError(f"image index {image_index} is outside the validation set (0..{len(dataset) - 1})")
     image = dataset[image_index][0]
     maps = gate_maps(model, image)
     if maps:
@@ -65,73 +71,158 @@ def analyze_run(run: str | Path, data: Optional[str] = None, output: Optional[st
     return dict(model=cfg["model"], shares=shares, figures=[str(f) for f in figures], output=str(out))
 
 
+def evaluate_without_unary(checkpoint: str | Path, data: Optional[str] = None, batch_size: int = 128,
+                           device: str = "auto", workers: int = 0, quiet: bool = False,
+                           model_name: Optional[str] = None) -> dict[str, Any]:
+    """Table 1's ablation: a trained classifier evaluated with each query's own attention term removed."""
+    model, cfg = load_trained_model(checkpoint, model_name)
+    data = data or cfg.get("data")
+    if not data:
+        raise ConfigError("no data to evaluate on: pass --data PATH or --data digits")
+    with ablate_unary(model):
+        metrics = evaluate_model(model, data, cfg["img_size"], batch_size, device, workers, quiet)
+    return dict(model=cfg["model"], data=data, checkpoint=str(checkpoint), **metrics)
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (``ddof=1``; 0 for a single value) of per-seed values."""
+    array = np.asarray(values, dtype=np.float64)
+    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
+
+
+def _aggregate(row: dict[str, Any], runs: list[dict[str, Any]], keys: Sequence[str]) -> dict[str, Any]:
+    """``row`` plus, for every key, the mean over ``runs`` (``key``) and their spread (``key_std``)."""
+    for key in keys:
+        row[key], row[f"{key}_std"] = _mean_std([run[key] for run in runs])
+    row["n_seeds"] = len(runs)
+    row["runs"] = runs
+    return row
+
+
+def _mean_shares(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-layer shares averaged over seeds (the same layers in every run)."""
+    layers = [dict(layer, unary_pct=float(np.mean([r["layers"][i]["unary_pct"] for r in results])),
+                   binary_pct=float(np.mean([r["layers"][i]["binary_pct"] for r in results])))
+              for i, layer in enumerate(results[0]["layers"])]
+    return dict(layers=layers, unary_pct=float(np.mean([r["unary_pct"] for r in results])),
+                binary_pct=float(np.mean([r["binary_pct"] for r in results])))
+
+
 def compare(arch: str = "resnet_tiny", data: str = "digits", output: str | Path = "runs/compare",
             ops: tuple[str, ...] = COMPARE_OPS, preset: Optional[str] = None, quiet: bool = False,
-            **train_options: Any) -> list[dict[str, Any]]:
-    """Train every operation's variant of ``arch`` (skipping finished runs, resuming interrupted ones),
-    then measure and tabulate. Returns the rows written to ``compare.json``."""
+            seeds: Sequence[int] = (0,), **train_options: Any) -> list[dict[str, Any]]:
+    """Train every operation's variant of ``arch`` once per seed, in ``OUTPUT/<op>/seed<k>`` (skipping
+    finished runs, resuming interrupted ones), then measure and tabulate. Returns the rows written to
+    ``compare.json``: per operation the mean over seeds of each metric (``val_top1``, ...), its sample
+    standard deviation (``val_top1_std``, ``ddof=1``) and the per-seed values (``runs``)."""
+    seeds = tuple(int(s) for s in seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds must be one or more distinct integers (got {list(seeds)})")
+    if "seed" in train_options:
+        raise ConfigError("compare trains one run per seed: pass seeds=(...) instead of seed=")
     out = Path(output)
     rows: list[dict[str, Any]] = []
-    curves: dict[str, list[dict[str, float]]] = {}
+    curves: dict[str, list[list[dict[str, float]]]] = {}
     shares_by_op: dict[str, dict[str, Any]] = {}
     for op in ops:
         name = model_name(op, arch)
-        run = out / op
-        if not (run / "summary.json").is_file():
-            cfg = build_config(None, preset, model=name, data=data, output=str(run), quiet=quiet,
-                               resume=(run / "last.pt").is_file(), **train_options)
-            train(cfg)
-        summary = json.loads((run / "summary.json").read_text())
-        model, cfg = load_trained_model(run / "last.pt")
-        val = build_classification_data(data, cfg["img_size"], train=False)
-        shares = unary_binary_shares(model, DataLoader(val.val, batch_size=128, collate_fn=val.collate))
-        shares_by_op[OP_LABELS[op]] = shares
-        curves[OP_LABELS[op]] = read_metrics_csv(run / "metrics.csv")
-        rows.append(dict(operation=op, model=name, params=summary["params"], val_top1=summary["val_top1"],
-                         val_top5=summary["val_top5"], unary_pct=shares["unary_pct"], binary_pct=shares["binary_pct"]))
+        runs, ablated_runs, shares_runs, histories = [], [], [], []
+        for seed in seeds:
+            run = out / op / f"seed{seed}"
+            if not (run / "summary.json").is_file():
+                cfg = build_config(None, preset, model=name, data=data, output=str(run), quiet=quiet, seed=seed,
+                                   resume=(run / "last.pt").is_file(), **train_options)
+                train(cfg)
+            summary = json.loads((run / "summary.json").read_text())
+            model, cfg = load_trained_model(run / "last.pt")
+            val = build_classification_data(data, cfg["img_size"], train=False)
+            shares = unary_binary_shares(model, DataLoader(val.val, batch_size=128, collate_fn=val.collate))
+            shares_runs.append(shares)
+            histories.append(read_metrics_csv(run / "metrics.csv"))
+            runs.append(dict(seed=seed, run=str(run), params=summary["params"], val_top1=summary["val_top1"],
+                             val_top5=summary["val_top5"], val_loss=summary["val_loss"],
+                             unary_pct=shares["unary_pct"], binary_pct=shares["binary_pct"]))
+            if op == "sa":
+                ablated = evaluate_without_unary(run / "last.pt", data, quiet=True)
+                ablated_runs.append(dict(
+                    seed=seed, run=str(run), val_top1=ablated["top1"], val_top5=ablated["top5"],
+                    val_loss=ablated["loss"], unary_pct=0.0, binary_pct=shares["binary_pct"],
+                    top1_err_increase=summary["val_top1"] - ablated["top1"],
+                    loss_increase=ablated["loss"] - summary["val_loss"]))
+        shares_by_op[OP_LABELS[op]] = _mean_shares(shares_runs)
+        curves[OP_LABELS[op]] = histories
+        rows.append(_aggregate(dict(operation=op, model=name, params=runs[0]["params"]), runs, SEED_METRICS))
         if op in ("sa", "lesa"):
-            analyze_run(run, data, out / f"analysis_{op}")
+            analyze_run(out / op / f"seed{seeds[0]}", data, out / f"analysis_{op}")
         if op == "sa":
-            ablated = evaluate_checkpoint(run / "last.pt", data, quiet=True, ablate_unary=True)
-            rows.append(dict(operation="sa_minus_unary", model=name, params=summary["params"],
-                             val_top1=ablated["top1"], val_top5=ablated["top5"], unary_pct=0.0,
-                             binary_pct=shares["binary_pct"]))
-    write_json(out / "compare.json", {"rows": rows})
-    table = format_tables(rows, f"{arch} on {data}")
+            rows.append(_aggregate(dict(operation="sa_minus_unary", model=name, params=runs[0]["params"]),
+                                   ablated_runs, SEED_METRICS + ("top1_err_increase", "loss_increase")))
+    write_json(out / "compare.json", dict(arch=arch, data=data, seeds=list(seeds),
+                                          spread="sample standard deviation over seeds (ddof=1)", rows=rows))
+    title = f"{arch} on {data}"
+    table = format_tables(rows, title)
     atomic_write(out / "compare.md", lambda tmp: Path(tmp).write_text(table))
-    plot_curves(curves, out / "compare_curves.png", f"{arch} on {data}: training and validation (Fig. 5)")
+    what = f"mean ± std over {len(seeds)} seeds" if len(seeds) > 1 else f"seed {seeds[0]}"
+    plot_curve_bands(curves, out / "compare_curves.png", f"{title}: training and validation (Fig. 5), {what}")
     plot_shares(shares_by_op, out / "compare_shares.png")
     return rows
 
 
+def _pm(row: dict[str, Any], key: str, digits: int, transform=None, signed: bool = False) -> str:
+    """``mean ± std`` of a row's metric (just the value for a single seed or a row without spreads)."""
+    value = row[key] if transform is None else transform(row[key])
+    text = f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+    std = row.get(f"{key}_std")
+    if std is None or row.get("n_seeds", 1) < 2:
+        return text
+    return f"{text} ± {std:.{digits}f}"
+
+
 def format_tables(rows: list[dict[str, Any]], title: str) -> str:
-    """Markdown tables laid out like the paper's Tables 1, 2 and 6 (rows that exist only)."""
+    """Markdown tables laid out like the paper's Tables 1, 2 and 6 (rows that exist only), with
+    ``mean ± std`` over seeds where the rows come from several."""
     by_op = {r["operation"]: r for r in rows}
     lines = [f"# Comparison of operations: {title}", ""]
+    n_seeds = max((r.get("n_seeds", 1) for r in rows), default=1)
+    if n_seeds > 1:
+        seeds = [run["seed"] for run in rows[0].get("runs", [])]
+        lines += [f"Mean ± sample standard deviation over {n_seeds} seeds ({', '.join(map(str, seeds))}); "
+                  "each seed is one training run per operation.", ""]
 
     def params(r):
         return f"{r['params'] / 1e6:.2f}"
 
+    def err(v):
+        return 100 - v
+
     if "sa" in by_op and "sa_minus_unary" in by_op:
+        sa, ablated = by_op["sa"], by_op["sa_minus_unary"]
         lines += ["## Table 1: contribution of the unary term in SA", "",
-                  "| Methods | Top-1 Err. (%) | Weight Pct. (%) |", "|---|---|---|"]
-        lines.append(f"| SA | {100 - by_op['sa']['val_top1']:.2f} | 100.00 |")
-        ablated = by_op["sa_minus_unary"]
-        lines.append(f"| SA - unary term | {100 - ablated['val_top1']:.2f} | {ablated['binary_pct']:.2f} |")
+                  "| Methods | Top-1 Err. (%) | Loss | Weight Pct. (%) |", "|---|---|---|---|"]
+        lines.append(f"| SA | {_pm(sa, 'val_top1', 2, err)} | {_pm(sa, 'val_loss', 4)} | 100.00 |")
+        lines.append(f"| SA - unary term | {_pm(ablated, 'val_top1', 2, err)} | {_pm(ablated, 'val_loss', 4)} | "
+                     f"{_pm(ablated, 'binary_pct', 2)} |")
         lines.append("")
+        if "top1_err_increase" in ablated:
+            lines += [f"Removing the unary term changes SA's top-1 error by "
+                      f"{_pm(ablated, 'top1_err_increase', 2, signed=True)} points and its loss by "
+                      f"{_pm(ablated, 'loss_increase', 4, signed=True)} (differences within each seed's run).", ""]
     table2 = [op for op in ("conv", "sa", "lesa") if op in by_op]
     if table2:
         lines += ["## Table 2: accuracy and unary/binary weights", "",
-                  "| Ops. | Params (M) | Top-1 (%) | Top-5 (%) | Unary (%) | Binary (%) |", "|---|---|---|---|---|---|"]
+                  "| Ops. | Params (M) | Top-1 (%) | Top-5 (%) | Loss | Unary (%) | Binary (%) |",
+                  "|---|---|---|---|---|---|---|"]
         for op in table2:
             r = by_op[op]
-            lines.append(f"| {OP_LABELS[op]} | {params(r)} | {r['val_top1']:.2f} | {r['val_top5']:.2f} | "
-                         f"{r['unary_pct']:.1f} | {r['binary_pct']:.1f} |")
+            lines.append(f"| {OP_LABELS[op]} | {params(r)} | {_pm(r, 'val_top1', 2)} | {_pm(r, 'val_top5', 2)} | "
+                         f"{_pm(r, 'val_loss', 4) if 'val_loss' in r else '-'} | {_pm(r, 'unary_pct', 1)} | "
+                         f"{_pm(r, 'binary_pct', 1)} |")
         lines.append("")
     table6 = [op for op in COMPARE_OPS if op in by_op]
     lines += ["## Table 6: parallel connection methods and ablation", "",
-              "| Operations | Params (M) | Top-1 (%) | Top-5 (%) |", "|---|---|---|---|"]
+              "| Operations | Params (M) | Top-1 (%) | Top-5 (%) | Loss |", "|---|---|---|---|---|"]
     for op in table6:
         r = by_op[op]
-        lines.append(f"| {OP_LABELS[op]} | {params(r)} | {r['val_top1']:.2f} | {r['val_top5']:.2f} |")
+        lines.append(f"| {OP_LABELS[op]} | {params(r)} | {_pm(r, 'val_top1', 2)} | {_pm(r, 'val_top5', 2)} | "
+                     f"{_pm(r, 'val_loss', 4) if 'val_loss' in r else '-'} |")
     return "\n".join(lines) + "\n"

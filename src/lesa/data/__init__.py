@@ -1,17 +1,21 @@
 """Datasets: the embedded digits (and digit scenes for detection), ImageNet-style folders, COCO."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 from torch.utils.data import Dataset, default_collate
 
+from .cluttered_digits import ClutteredDigitsDataset
 from .digits import DigitsDataset
 from .imagefolder import TolerantImageFolder, check_image_folder, collate_skipping_bad
-from .transforms import imagenet_train_transform, imagenet_val_transform
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, imagenet_train_transform, imagenet_val_transform
 
-EMBEDDED = ("digits",)
+# The embedded classification sets: name -> dataset class taking ``(split, img_size, augment=...)`` and
+# carrying ``classes``. Each is generated from packaged data, nothing is downloaded.
+EMBEDDED: dict[str, type[Dataset]] = {"digits": DigitsDataset, "cluttered-digits": ClutteredDigitsDataset}
 
 
 @dataclass
@@ -23,18 +27,22 @@ class ClassificationData:
     may_skip: bool = False  # the collate returns (images, targets, n_skipped)
 
 
-def build_classification_data(data: str, img_size: int, train: bool = True) -> ClassificationData:
-    """``'digits'`` or an ImageFolder root with ``train/`` and ``val/``."""
-    if data == "digits":
+def build_classification_data(data: str, img_size: int, train: bool = True, mean: Sequence[float] = IMAGENET_MEAN,
+                              std: Sequence[float] = IMAGENET_STD, crop_pct: float = 0.875) -> ClassificationData:
+    """An embedded set (:data:`EMBEDDED`, e.g. ``'digits'``; normalised by the set itself) or an ImageFolder
+    root with ``train/`` and ``val/`` (normalised with ``mean`` / ``std``, validation centre crop ``crop_pct``;
+    the model's :func:`lesa.models.default_cfg` gives them)."""
+    if data in EMBEDDED:
+        cls = EMBEDDED[data]
         return ClassificationData(
-            train=DigitsDataset("train", img_size, augment=True) if train else None,
-            val=DigitsDataset("val", img_size),
-            classes=list(DigitsDataset.classes),
+            train=cls("train", img_size, augment=True) if train else None,
+            val=cls("val", img_size),
+            classes=list(cls.classes),
         )
     classes = check_image_folder(data)
     root = Path(data)
-    train_set = TolerantImageFolder(root / "train", imagenet_train_transform(img_size)) if train else None
-    val_set = TolerantImageFolder(root / "val", imagenet_val_transform(img_size))
+    train_set = TolerantImageFolder(root / "train", imagenet_train_transform(img_size, mean, std)) if train else None
+    val_set = TolerantImageFolder(root / "val", imagenet_val_transform(img_size, crop_pct, mean, std))
     return ClassificationData(train_set, val_set, classes, collate_skipping_bad, may_skip=True)
 
 

@@ -20,6 +20,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
+from ..errors import DataError, NotFoundError
+
 
 def _mask_utils():
     try:
@@ -62,23 +64,23 @@ class CocoDetection(Dataset):
 
         annotation_file, self.image_dir = Path(annotation_file), Path(image_dir)
         if not annotation_file.is_file():
-            raise FileNotFoundError(f"annotation file {str(annotation_file)!r} does not exist")
+            raise NotFoundError(f"annotation file {str(annotation_file)!r} does not exist")
         if not self.image_dir.is_dir():
-            raise FileNotFoundError(f"image folder {str(self.image_dir)!r} does not exist")
+            raise NotFoundError(f"image folder {str(self.image_dir)!r} does not exist")
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
             self.coco = COCO(str(annotation_file))
         self.annotation_file = annotation_file
         self.train, self.flip = train, flip
         self.category_ids = sorted(self.coco.getCatIds())
         if not self.category_ids:
-            raise ValueError(f"{annotation_file} has no categories")
+            raise DataError(f"{annotation_file} has no categories")
         self.label_of = {cid: i + 1 for i, cid in enumerate(self.category_ids)}
         self.classes = [self.coco.cats[cid]["name"] for cid in self.category_ids]
         ids = sorted(self.coco.getImgIds())
         if train:
             ids = [i for i in ids if any(not a.get("iscrowd", 0) for a in self.coco.imgToAnns.get(i, []))]
         if not ids:
-            raise ValueError(f"{annotation_file} has no {'annotated ' if train else ''}images")
+            raise DataError(f"{annotation_file} has no {'annotated ' if train else ''}images")
         self.ids = ids
 
     def __len__(self) -> int:

@@ -13,6 +13,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
+from ..errors import DataError
+
 CLASSES = [str(i) for i in range(10)]
 SPLIT_SEED = 0
 VAL_FRACTION = 0.2
@@ -25,7 +27,7 @@ def load_digits_split(split: str) -> tuple[Tensor, Tensor]:
     from sklearn.model_selection import train_test_split
 
     if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        raise DataError(f"split must be 'train' or 'val', got {split!r}")
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32) / 16.0
     labels = torch.tensor(digits.target, dtype=torch.long)

@@ -15,6 +15,8 @@ from torch.utils.data import default_collate
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from ..errors import DataError, NotFoundError
+
 LAYOUT = "expected ROOT/train/<class>/<image> and ROOT/val/<class>/<image>"
 
 
@@ -26,23 +28,23 @@ def check_image_folder(root: str | Path) -> list[str]:
     """Validate the layout; return the class names. Raises with what is wrong and what is expected."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"data folder {str(root)!r} does not exist ({LAYOUT}, or --data digits)")
+        raise NotFoundError(f"data folder {str(root)!r} does not exist ({LAYOUT}, or --data digits)")
     classes = {}
     for split in ("train", "val"):
         split_dir = root / split
         if not split_dir.is_dir():
-            raise FileNotFoundError(f"{str(split_dir)!r} is missing ({LAYOUT})")
+            raise NotFoundError(f"{str(split_dir)!r} is missing ({LAYOUT})")
         names = _class_dirs(split_dir)
         if not names:
-            raise ValueError(f"{str(split_dir)!r} has no class folders ({LAYOUT})")
+            raise DataError(f"{str(split_dir)!r} has no class folders ({LAYOUT})")
         empty = [n for n in names if not any(p.suffix.lower() in IMG_EXTENSIONS for p in (split_dir / n).iterdir())]
         if len(empty) == len(names):
-            raise ValueError(f"{str(split_dir)!r} has class folders but no images ({', '.join(IMG_EXTENSIONS)})")
+            raise DataError(f"{str(split_dir)!r} has class folders but no images ({', '.join(IMG_EXTENSIONS)})")
         classes[split] = names
     if classes["train"] != classes["val"]:
         only_train = sorted(set(classes["train"]) - set(classes["val"]))
         only_val = sorted(set(classes["val"]) - set(classes["train"]))
-        raise ValueError(
+        raise DataError(
             "class folders differ between train and val: "
             f"only in train: {only_train[:10] or 'none'}; only in val: {only_val[:10] or 'none'}"
         )

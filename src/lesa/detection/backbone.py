@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from ..errors import ConfigError
 from ..models import create_model
 from ..models.resnet import ResNet
 
@@ -29,7 +30,7 @@ class LesaFPNBackbone(nn.Module):
                  frozen_bn: bool = True) -> None:
         super().__init__()
         if not 0 <= trainable_layers <= 5:
-            raise ValueError(f"trainable_layers must be in 0..5, got {trainable_layers}")
+            raise ConfigError(f"trainable_layers must be in 0..5, got {trainable_layers}")
         body.fc = nn.Identity()
         self.body = body
         self.frozen_bn = frozen_bn
@@ -82,10 +83,10 @@ def build_backbone(
         kwargs.update(impl=impl, pos_embed=pos_embed, checkpoint=checkpoint)
         if deform_unary:
             if "lesa" not in name:
-                raise ValueError(f"deform_unary needs a LESA backbone, got {name!r}")
+                raise ConfigError(f"deform_unary needs a LESA backbone, got {name!r}")
             kwargs["unary"] = "deform"
     elif deform_unary:
-        raise ValueError(f"deform_unary needs a LESA backbone, got {name!r}")
+        raise ConfigError(f"deform_unary needs a LESA backbone, got {name!r}")
     if name.endswith("_tiny"):
         kwargs["stem"] = stem or "imagenet"  # strides 4-32, as the FPN's anchors expect
     elif stem:

@@ -7,6 +7,8 @@ from typing import Any, Optional
 
 from torchvision.models.detection import MaskRCNN
 
+from ..engine import run_kind
+from ..errors import CheckpointError, ConfigError
 from ..layers.rel_pos import resize_rel_table
 from ..weights import model_state_dict, read_checkpoint
 from .backbone import LesaFPNBackbone, build_backbone
@@ -50,7 +52,7 @@ def build_maskrcnn(
         kwargs: passed to ``MaskRCNN`` (e.g. ``box_detections_per_img``, ``rpn_batch_size_per_image``).
     """
     if pos_init not in POS_INIT:
-        raise ValueError(f"pos_init={pos_init!r}: choose one of {POS_INIT}")
+        raise ConfigError(f"pos_init={pos_init!r}: choose one of {POS_INIT}")
     backbone = build_backbone(backbone_name, dcn_stages, deform_unary, trainable_layers, frozen_bn,
                               table_size or max_size, checkpoint, impl)
     report = None
@@ -64,14 +66,18 @@ def build_maskrcnn(
 def load_backbone_weights(backbone: LesaFPNBackbone, source: str | Path, pos_init: str = "reinit"
                           ) -> dict[str, list[str]]:
     """Initialise ``backbone.body`` from a classification checkpoint; return what was skipped and why."""
-    sd = model_state_dict(read_checkpoint(source))
+    state = read_checkpoint(source)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict) and run_kind(state) == "detection":
+        raise CheckpointError(f"{source} is a detection run: --pretrained-backbone takes a classification checkpoint "
+                              "(a lesa run or weights file, or the authors' converted one)")
+    sd = model_state_dict(state)
     body = backbone.body
     own = body.state_dict()
     tables = [k for k in sd if ".rel_pos." in k]
     if pos_init == "interpolate":
         flat = [k for k in tables if k.endswith("rel_pos.relative")]
         if flat:
-            raise ValueError(f"pos_init='interpolate' needs 'rel2d' tables; the checkpoint has 'flat' ones "
+            raise ConfigError(f"pos_init='interpolate' needs 'rel2d' tables; the checkpoint has 'flat' ones "
                              f"({flat[0]}, ...): use pos_init='reinit'")
         # Each table to the length this backbone's layer uses: the detection layout runs stage 4 at stride
         # 32 where classification runs it at 16, so one image-size ratio would not fit every layer.
@@ -89,8 +95,14 @@ def load_backbone_weights(backbone: LesaFPNBackbone, source: str | Path, pos_ini
             skipped["not in the backbone"].append(key)
         elif own[key].shape != value.shape:
             skipped["shape mismatch"].append(f"{key} {tuple(value.shape)} vs {tuple(own[key].shape)}")
+        elif own[key].is_floating_point() != value.is_floating_point():
+            raise CheckpointError(f"{source}: {key} is stored as {value.dtype} where the backbone has "
+                                  f"{own[key].dtype}; re-export the weights as float")
         else:
             loadable[key] = value
+    if not loadable:
+        raise CheckpointError(f"no weights of {source} fit the {type(body).__name__} backbone (its keys: "
+                              f"{', '.join(list(sd)[:3])}, ...): pass a classification checkpoint of the same model")
     body.load_state_dict(loadable, strict=False)
     skipped["newly initialised"] = sorted(k for k in own if k not in loadable)
     return {k: v for k, v in skipped.items() if v}

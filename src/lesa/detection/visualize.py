@@ -9,6 +9,8 @@ from torch import Tensor
 from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
+from ..errors import NotFoundError
+
 PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#469990",
            "#9a6324"]
 
@@ -17,7 +19,7 @@ def load_image(path: str | Path) -> Tensor:
     """``(3, H, W)`` float image in [0, 1]."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"image {str(path)!r} does not exist")
+        raise NotFoundError(f"image {str(path)!r} does not exist")
     return pil_to_tensor(Image.open(path).convert("RGB")).float() / 255.0
 
 

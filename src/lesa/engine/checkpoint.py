@@ -8,7 +8,9 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from ..errors import CheckpointError
 from ..utils import atomic_write
+from ..weights import read_checkpoint
 
 
 def rng_state() -> dict[str, Any]:
@@ -43,21 +45,26 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def load_checkpoint(path: Path, map_location: Optional[str | torch.device] = "cpu") -> dict[str, Any]:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    return torch.load(path, map_location=map_location, weights_only=True)
+def load_checkpoint(path: Path, kind: Optional[str] = None) -> dict[str, Any]:
+    """A training checkpoint (``last.pt`` / ``best.pt``), read safely (see :func:`lesa.weights.read_checkpoint`);
+    with ``kind``, one of that kind of run (``'classification'`` / ``'detection'``)."""
+    state = read_checkpoint(path)
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict) or "epoch" not in state:
+        raise CheckpointError(f"{path} holds weights only, not a training checkpoint of a lesa run (last.pt / best.pt)")
+    if kind is not None and run_kind(state) != kind:
+        raise CheckpointError(f"{path} is a {run_kind(state)} run, not a {kind} run: {COMMANDS_OF[run_kind(state)]}")
+    return state
 
 
-def open_run_dir(out: Path, resume: bool) -> Optional[dict[str, Any]]:
-    """The state to resume from (``resume``), or ``None`` for a new run; never lets a new run overwrite
-    an existing one."""
-    last = Path(out) / "last.pt"
-    if not resume:
-        if last.exists():
-            raise FileExistsError(f"{out} already holds a run (last.pt): pass --resume to continue it, or "
-                                  "--output DIR for a new run")
-        return None
-    if not last.exists():
-        raise FileNotFoundError(f"--resume: there is no {last} to continue from")
-    return load_checkpoint(last)
+# What to do with each kind of run, for errors that meet the other kind.
+COMMANDS_OF = {
+    "classification": "use `lesa eval` / `lesa analyze` (or --pretrained-backbone to initialise a detector from it)",
+    "detection": "use `lesa det eval` / `lesa det predict`",
+}
+
+
+def run_kind(state: dict[str, Any]) -> str:
+    """``'classification'`` or ``'detection'`` (checkpoints from before the field: from their config)."""
+    if "kind" in state:
+        return state["kind"]
+    return "detection" if "backbone" in state.get("config", {}) else "classification"

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from .binary import IMPLS, Impl, check_choice, check_input, resolve_auto, softmax_diagonal
 from .rel2d_attention import augment_rel2d, rel2d_attention
 from .rel_pos import RelPosEmbed2d, Size2d
@@ -44,9 +45,9 @@ class AttentionAugmentedConv2d(nn.Module):
         default_dk, default_dv = default_aa_dims(out_channels, heads)
         dk, dv = dk or default_dk, dv or default_dv
         if dk % heads or dv % heads:
-            raise ValueError(f"dk={dk} and dv={dv} must be divisible by heads={heads}")
+            raise ConfigError(f"dk={dk} and dv={dv} must be divisible by heads={heads}")
         if dv >= out_channels:
-            raise ValueError(f"dv={dv} must be smaller than out_channels={out_channels}")
+            raise ConfigError(f"dv={dv} must be smaller than out_channels={out_channels}")
         self.in_channels, self.out_channels, self.heads = in_channels, out_channels, heads
         self.dk, self.dv, self.stride, self.impl = dk, dv, stride, impl
         self.conv = nn.Conv2d(in_channels, out_channels - dv, 3, stride=stride, padding=1, bias=False)

@@ -37,6 +37,7 @@ from typing import Callable, Literal, Optional
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from .bn_moments import (
     bn_logit_affine,
     dot_product_moments,
@@ -63,21 +64,21 @@ def resolve_auto(pos_embed: str, positions: int) -> str:
 
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ValueError(f"{name}={value!r} is not supported; choose one of {', '.join(map(repr, choices))}")
+        raise ConfigError(f"{name}={value!r} is not supported; choose one of {', '.join(map(repr, choices))}")
 
 
 def check_heads(in_channels: int, out_channels: int, heads: int) -> None:
     """The grouped conv needs ``in/out % heads == 0``; q and k need an even per-head width."""
     if heads < 1:
-        raise ValueError(f"heads must be >= 1, got {heads}")
+        raise ConfigError(f"heads must be >= 1, got {heads}")
     if out_channels % (2 * heads) != 0:
-        raise ValueError(
+        raise ConfigError(
             f"out_channels={out_channels} must be divisible by 2*heads={2 * heads}: each head gets "
             f"out_channels/heads value channels and half as many query/key channels. "
             f"Choose heads among {[h for h in (1, 2, 4, 8, 16, 32) if out_channels % (2 * h) == 0]}."
         )
     if in_channels % heads != 0:
-        raise ValueError(
+        raise ConfigError(
             f"in_channels={in_channels} must be divisible by heads={heads} (the unary term is a grouped "
             "convolution with one group per head)."
         )
@@ -85,9 +86,9 @@ def check_heads(in_channels: int, out_channels: int, heads: int) -> None:
 
 def check_input(x: Tensor, in_channels: int, layer: str) -> None:
     if x.dim() != 4:
-        raise ValueError(f"{layer} expects a 4-D (N, C, H, W) tensor, got shape {tuple(x.shape)}")
+        raise ConfigError(f"{layer} expects a 4-D (N, C, H, W) tensor, got shape {tuple(x.shape)}")
     if x.shape[1] != in_channels:
-        raise ValueError(
+        raise ConfigError(
             f"{layer} was built with in_channels={in_channels} but the input has {x.shape[1]} channels "
             f"(shape {tuple(x.shape)})."
         )
@@ -415,7 +416,7 @@ def ablate_unary(model: nn.Module) -> Iterator[nn.Module]:
     """
     layers = [m for m in model.modules() if isinstance(m, BinaryAttention2d)]
     if not layers:
-        raise ValueError("the model has no attention layers (SA / LESA) whose unary term could be removed")
+        raise ConfigError("the model has no attention layers (SA / LESA) whose unary term could be removed")
     for layer in layers:
         layer.ablate_unary = True
     try:

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import ConfigError
+
 Size2d = Union[int, tuple[int, int]]
 
 
@@ -80,7 +82,7 @@ class FlatRelPosEmbed(nn.Module):
 
     def check_size(self, height: int, width: int) -> None:
         if (height, width) != self.feature_size:
-            raise ValueError(
+            raise ConfigError(
                 f"pos_embed='flat' was built for {self.feature_size[0]}x{self.feature_size[1]} feature maps "
                 f"but got {height}x{width}: its table is indexed by raster-flattened offsets and cannot be "
                 "resized. Build the layer/model for this size (feature_size=... or img_size=...), or use "

@@ -1,6 +1,6 @@
 """ResNet / WRN model family with LESA and the paper's baselines."""
 from .pos_embed import resize_pos_embed
-from .registry import ARCHS, build_resnet, create_model, is_model, list_models, parse_name
+from .registry import ARCHS, build_resnet, create_model, default_cfg, is_model, list_models, parse_name
 from .resnet import OPS, Bottleneck, ResNet, attention_layers
 from .timm_hook import register_with_timm
 
@@ -14,6 +14,7 @@ __all__ = [
     "attention_layers",
     "build_resnet",
     "create_model",
+    "default_cfg",
     "is_model",
     "list_models",
     "parse_name",

@@ -13,6 +13,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..layers.rel_pos import FlatRelPosEmbed, RelPosEmbed2d, Size2d, resize_rel_table, to_2tuple
 
 FLAT_HINT = (
@@ -44,7 +45,7 @@ def resize_pos_embed(
         old_h, old_w = getattr(model, "img_size", None) or to_2tuple(old_size or 224)
         for name, module in model.named_modules():
             if isinstance(module, FlatRelPosEmbed):
-                raise ValueError(f"{name}: {FLAT_HINT}")
+                raise ConfigError(f"{name}: {FLAT_HINT}")
             if isinstance(module, RelPosEmbed2d):
                 fh, fw = module.feature_size
                 resize_table_module(module, (_scaled(fh, new_h, old_h), _scaled(fw, new_w, old_w)))
@@ -57,7 +58,7 @@ def resize_pos_embed(
     out = dict(model_or_state_dict)
     for key, table in model_or_state_dict.items():
         if key.endswith("rel_pos.relative"):
-            raise ValueError(f"{key}: {FLAT_HINT}")
+            raise ConfigError(f"{key}: {FLAT_HINT}")
         if key.endswith(("rel_pos.height", "rel_pos.width")):
             old_len = (table.shape[0] + 1) // 2
             new_len = _scaled(old_len, new_h, old_h) if key.endswith("height") else _scaled(old_len, new_w, old_w)

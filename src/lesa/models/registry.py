@@ -10,19 +10,31 @@ import difflib
 import fnmatch
 from typing import Any, Callable, Optional
 
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ..errors import ConfigError
 from .resnet import OPS, ResNet
 
-# Keyword arguments forwarded to the attention layers (ignored by the conv baselines).
-LAYER_KWARGS = ("heads", "pos_embed", "impl", "unary", "checkpoint")
-
-ARCHS: dict[str, dict[str, Any]] = {
-    "resnet50": dict(layers=(3, 4, 6, 3), width_per_group=64, img_size=224),
-    "wide_resnet50_2": dict(layers=(3, 4, 6, 3), width_per_group=128, img_size=224),
-    "resnet_tiny": dict(
-        layers=(1, 1, 2, 2), widths=(16, 32, 64, 128), width_per_group=64, stem="small", stem_width=32,
-        img_size=32,
-    ),
+# Keyword arguments of the attention layers, per operation (the conv baseline takes none).
+LAYER_KWARGS: dict[str, tuple[str, ...]] = {
+    "conv": (),
+    "sa": ("heads", "pos_embed", "impl", "unary", "checkpoint"),
+    "static_lesa": ("heads", "pos_embed", "impl", "unary", "checkpoint"),
+    "lesa": ("heads", "pos_embed", "impl", "unary", "checkpoint"),
+    "aa": ("heads", "pos_embed", "impl", "checkpoint"),
 }
+LAYER_DEFAULTS: dict[str, Any] = dict(heads=8, pos_embed="flat", impl="auto", unary="conv", checkpoint=False)
+
+# The architectures and what their inputs look like: ImageNet-sized for the paper's models, and the
+# embedded 32 px sets (normalised to mean = std = 0.5, ten classes) for the CPU-sized tiny variants.
+ARCHS: dict[str, dict[str, Any]] = {
+    "resnet50": dict(layers=(3, 4, 6, 3), width_per_group=64),
+    "wide_resnet50_2": dict(layers=(3, 4, 6, 3), width_per_group=128),
+    "resnet_tiny": dict(layers=(1, 1, 2, 2), widths=(16, 32, 64, 128), width_per_group=64, stem="small",
+                        stem_width=32),
+}
+IMAGENET_INPUT = dict(img_size=224, crop_pct=0.875, mean=IMAGENET_MEAN, std=IMAGENET_STD, num_classes=1000)
+EMBEDDED_INPUT = dict(img_size=32, crop_pct=1.0, mean=(0.5,) * 3, std=(0.5,) * 3, num_classes=10)
+ARCH_INPUT = {"resnet50": IMAGENET_INPUT, "wide_resnet50_2": IMAGENET_INPUT, "resnet_tiny": EMBEDDED_INPUT}
 
 _MODELS: dict[str, Callable[..., ResNet]] = {}
 
@@ -41,17 +53,33 @@ def parse_name(name: str) -> tuple[str, str]:
     raise unknown_model(name)
 
 
-def unknown_model(name: str) -> ValueError:
+def default_cfg(name: str, **model_kwargs: Any) -> dict[str, Any]:
+    """A model's defaults, the one place they are written: input size, crop, mean/std, classes (timm's
+    ``pretrained_cfg`` keys), for the given layer options (``'flat'`` tables fix the input size)."""
+    op, arch = parse_name(name)
+    inputs = ARCH_INPUT[arch]
+    size = model_kwargs.get("img_size") or inputs["img_size"]
+    pos_embed = model_kwargs.get("pos_embed", LAYER_DEFAULTS["pos_embed"])
+    reduction = 32 if op == "conv" else 16  # attention models run stage 4 at stride 1
+    return dict(
+        url="", num_classes=inputs["num_classes"], input_size=(3, size, size),
+        pool_size=(size // reduction, size // reduction), crop_pct=inputs["crop_pct"], interpolation="bilinear",
+        mean=inputs["mean"], std=inputs["std"], first_conv="conv1", classifier="fc",
+        fixed_input_size=op != "conv" and pos_embed == "flat",
+    )
+
+
+def unknown_model(name: str) -> ConfigError:
     close = difflib.get_close_matches(name, list_models(), n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
-    return ValueError(f"unknown model {name!r}.{hint} Available: {', '.join(list_models())}")
+    return ConfigError(f"unknown model {name!r}.{hint} Available: {', '.join(list_models())}")
 
 
 def build_resnet(
     op: str,
     arch: str,
     *,
-    num_classes: int = 1000,
+    num_classes: Optional[int] = None,
     img_size: Optional[int | tuple[int, int]] = None,
     in_chans: int = 3,
     last_stride: Optional[int] = None,
@@ -59,28 +87,36 @@ def build_resnet(
     stem: Optional[str] = None,
     drop_rate: float = 0.0,
     zero_init_residual: bool = False,
-    heads: int = 8,
-    pos_embed: str = "flat",
-    impl: str = "auto",
-    unary: str = "conv",
-    checkpoint: bool = False,
+    **layer_kwargs: Any,
 ) -> ResNet:
     """Build ``arch`` with ``op`` in the 3x3 slots of stages 3-4.
 
     Attention models run stage 4 at stride 1 (``last_stride=1``) as the paper does; detection backbones
     pass ``last_stride=2``. ``img_size`` sets the map size the position tables are built for; ``stem``
-    overrides the architecture's (``'imagenet'``: 7x7/2 + max-pool, ``'small'``: 3x3/1).
+    overrides the architecture's (``'imagenet'``: 7x7/2 + max-pool, ``'small'``: 3x3/1). ``num_classes``
+    defaults to the architecture's (:func:`default_cfg`); 0 builds no head. ``layer_kwargs`` (``heads``,
+    ``pos_embed``, ``impl``, ``unary``, ``checkpoint``) go to the attention layers; an option the model's
+    layers do not take is an error.
     """
+    unused = sorted(set(layer_kwargs) - set(LAYER_KWARGS[op]))
+    if unused:
+        takes = ", ".join(LAYER_KWARGS[op]) or "none: it has no attention layers"
+        raise ConfigError(f"{model_name(op, arch)} does not use the layer option(s) {', '.join(unused)} (it takes "
+                          f"{takes}); drop them or choose another model")
+    inputs = ARCH_INPUT[arch]
+    num_classes = inputs["num_classes"] if num_classes is None else num_classes
+    if num_classes < 0:
+        raise ConfigError(f"num_classes must be >= 0 (0: no classifier head), got {num_classes}")
+    size = inputs["img_size"] if img_size is None else img_size
+    if min((size, size) if isinstance(size, int) else size) < 1:
+        raise ConfigError(f"img_size must be > 0, got {size}")
     cfg = dict(ARCHS[arch])
     if stem is not None:
         cfg["stem"] = stem
-    size = cfg.pop("img_size")
-    size = size if img_size is None else img_size
     if last_stride is None:
         last_stride = 2 if op == "conv" else 1
-    layer_kwargs = dict(heads=heads, pos_embed=pos_embed, impl=impl, unary=unary, checkpoint=checkpoint)
-    if op == "aa":
-        layer_kwargs.pop("unary")
+    if op != "conv":
+        layer_kwargs = {k: layer_kwargs.get(k, LAYER_DEFAULTS[k]) for k in LAYER_KWARGS[op]}
     return ResNet(
         stage_ops=("conv", "conv", op, op),
         strides=(1, 2, 2, last_stride),
@@ -130,14 +166,14 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[
     if name not in _MODELS:
         raise unknown_model(name)
     if pretrained:
-        raise ValueError(
+        raise ConfigError(
             "pretrained=True: lesa ships no weights. Pass checkpoint_path=... (a lesa checkpoint, or an "
             "official one converted with `lesa convert`)."
         )
     try:
         model = _MODELS[name](**kwargs)
-    except TypeError as err:
-        raise TypeError(f"{name}: {err}. Accepted keyword arguments: see lesa.models.build_resnet") from None
+    except TypeError as err:  # an unknown keyword
+        raise ConfigError(f"{name}: {err}. Accepted keyword arguments: see lesa.models.build_resnet") from None
     if checkpoint_path:
         from ..weights import load_weights
 

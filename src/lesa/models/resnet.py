@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..layers import AttentionAugmentedConv2d, DeformConv2dPack, LESA2d, SelfAttention2d
 from ..layers.binary import check_choice
 
@@ -50,7 +51,7 @@ def spatial_op(
         kw.pop("pos_embed", None)
         kw.pop("checkpoint", None)
         return AttentionAugmentedConv2d(width, width, stride=stride, feature_size=feature_size, **kw)
-    raise ValueError(f"unknown operation {op!r}; choose one of {OPS}")
+    raise ConfigError(f"unknown operation {op!r}; choose one of {OPS}")
 
 
 class Bottleneck(nn.Module):
@@ -251,7 +252,7 @@ class ResNet(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: str = "avg") -> None:
         if global_pool != "avg":
-            raise ValueError(f"only global_pool='avg' is supported, got {global_pool!r}")
+            raise ConfigError(f"only global_pool='avg' is supported, got {global_pool!r}")
         self.num_classes = num_classes
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from .registry import create_model, list_models
+from .registry import create_model, default_cfg, list_models
 
 default_cfgs: dict[str, dict[str, Any]] = {}
 registered: list[str] = []
@@ -33,12 +33,7 @@ def register_with_timm() -> list[str]:
     for name in list_models():
         if name in registered or is_model(name):
             continue
-        size = 32 if name.endswith("_tiny") else 224
-        default_cfgs[name] = dict(
-            url="", num_classes=10 if name.endswith("_tiny") else 1000, input_size=(3, size, size),
-            pool_size=None, crop_pct=0.875 if size == 224 else 1.0, interpolation="bilinear",
-            mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), first_conv="conv1", classifier="fc",
-        )
+        default_cfgs[name] = default_cfg(name)
         fn = _entrypoint(name)
         setattr(sys.modules[__name__], name, fn)
         register_model(fn)

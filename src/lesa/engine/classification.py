@@ -1,0 +1,222 @@
+"""Image classification on the one training engine (``lesa train`` / ``lesa eval``).
+
+The task: a registered model (:func:`lesa.create_model`) on an embedded set or an ImageFolder root,
+cross-entropy with optional label smoothing, the paper's warm-up + cosine schedule per step, top-1 / top-5
+and loss on the validation split after every epoch, ``best.pt`` by validation top-1 and ``curves.png``.
+Undecodable images are skipped and counted; the run stops once they exceed ``max_bad_fraction`` of the
+training set (or of what was read, when more), from the first images on.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..data import build_classification_data
+from ..errors import CheckpointError, ConfigError, DataError
+from ..models import create_model, default_cfg
+from ..weights import check_state_dict, model_state_dict, read_checkpoint
+from .checkpoint import COMMANDS_OF, run_kind
+from .config import TrainConfig
+from .distributed import DistContext, cleanup_distributed, setup_distributed
+from .loop import Precision, Runtime, ShardSampler, Step, Task, run_task, warmup_cosine
+from .records import plot_curves
+
+COLUMNS = ["epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr", "epoch_time_s"]
+
+
+def model_img_size(model: str, img_size: Optional[int] = None) -> int:
+    return img_size or default_cfg(model)["input_size"][-1]
+
+
+def classification_data(model: str, data: str, img_size: int, train: bool = True):
+    inputs = default_cfg(model)
+    return build_classification_data(data, img_size, train=train, mean=inputs["mean"], std=inputs["std"],
+                                     crop_pct=inputs["crop_pct"])
+
+
+class ClassificationTask(Task):
+    kind = "classification"
+    best_metric = "val_top1"
+    columns = COLUMNS
+    resume_keys = ("model", "model_kwargs", "data", "img_size", "batch_size")
+
+    def __init__(self, cfg: TrainConfig, ctx: DistContext) -> None:
+        self.cfg, self.ctx = cfg, ctx
+        self.img_size = model_img_size(cfg.model, cfg.img_size)
+        self.data = classification_data(cfg.model, cfg.data, self.img_size)
+        self.model = create_model(cfg.model, num_classes=len(self.data.classes), img_size=self.img_size,
+                                  **cfg.model_kwargs)
+        self.train_set = self.data.train
+        self.val_loader = DataLoader(self.data.val, batch_size=cfg.val_batch_size or cfg.batch_size,
+                                     num_workers=cfg.workers, collate_fn=self.data.collate,
+                                     sampler=ShardSampler(len(self.data.val), ctx.rank, ctx.world_size),
+                                     pin_memory=ctx.device.type == "cuda", persistent_workers=cfg.workers > 0)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        self.skipped = [0.0, 0.0]  # undecodable images, images read
+
+    def collate(self, batch: list) -> Any:
+        return self.data.collate(batch)
+
+    def lr_schedule(self, steps_per_epoch: int, epochs: int) -> Callable[[int], float]:
+        warmup = int(round(self.cfg.warmup_epochs * steps_per_epoch))
+        total = epochs * steps_per_epoch
+        return lambda step: warmup_cosine(step, warmup, total)
+
+    def train_step(self, net: nn.Module, batch: Any, runtime: Runtime) -> Step:
+        images, targets, bad = unpack(batch, self.data.may_skip)
+        self.count_skipped(bad, len(targets))
+        if len(targets) == 0:
+            raise DataError("a whole batch of images could not be decoded; check the data folder")
+        images, targets = runtime.images(images), targets.to(runtime.device, non_blocking=True)
+        with runtime.precision.autocast(runtime.device):
+            logits = net(images)
+            loss = self.criterion(logits.float(), targets)
+        top1 = topk_correct(logits.detach(), targets, (1,))[0]
+        n = len(targets)
+        return Step(loss, n, {"train_loss": loss.item(), "train_top1": 100.0 * top1 / n})
+
+    def count_skipped(self, bad: int, good: int) -> None:
+        self.skipped[0] += bad
+        self.skipped[1] += bad + good
+        bad_total, seen = self.skipped
+        if bad_total > self.cfg.max_bad_fraction * max(seen, len(self.train_set)):
+            raise DataError(
+                f"{int(bad_total)} of {int(seen)} images read so far could not be decoded, more than "
+                f"max_bad_fraction={self.cfg.max_bad_fraction} of the {len(self.train_set)} training images; fix or "
+                "remove them (the warnings name them), or raise --max-bad-fraction")
+
+    def evaluate(self, net: nn.Module, runtime: Runtime) -> dict[str, float]:
+        val = evaluate(net, self.val_loader, runtime.ctx, runtime.precision, self.data.may_skip, runtime.quiet,
+                       runtime.channels_last)
+        return dict(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"])
+
+    def describe(self, params: int) -> str:
+        return f"{self.cfg.model}: {params / 1e6:.2f}M parameters, {len(self.train_set)} training images"
+
+    def format_row(self, row: dict[str, float]) -> str:
+        return (f"train loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f}, "
+                f"val top-1 {row['val_top1']:.2f}%, top-5 {row['val_top5']:.2f}% ({row['epoch_time_s']:.1f}s)"
+                + (f"; {int(self.skipped[0])} undecodable images skipped so far" if self.skipped[0] else ""))
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(classes=self.data.classes, skipped=self.skipped)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.skipped = list(state.get("skipped", [0.0, 0.0]))
+
+    def write_outputs(self, out_dir: Path, history: list[dict[str, float]]) -> None:
+        plot_curves({self.cfg.model: history}, out_dir / "curves.png", f"{self.cfg.model} on {self.cfg.data}")
+
+    def summary(self, last: dict[str, float]) -> dict[str, Any]:
+        return dict(model=self.cfg.model, data=self.cfg.data, img_size=self.img_size, val_top1=last.get("val_top1"),
+                    val_top5=last.get("val_top5"), val_loss=last.get("val_loss"), skipped_images=int(self.skipped[0]))
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train a classifier as configured; under torchrun every process calls this."""
+    return run_task(cfg, ClassificationTask)
+
+
+# -- evaluation -------------------------------------------------------------------------------------------
+def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[float]:
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
+    hits = top == targets.unsqueeze(1)
+    return [float(hits[:, : min(k, top.shape[1])].any(dim=1).sum()) for k in ks]
+
+
+def unpack(batch, may_skip: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+    if may_skip:
+        return batch
+    images, targets = batch
+    return images, targets, 0
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    ctx: DistContext,
+    precision: Optional[Precision] = None,
+    may_skip: bool = False,
+    quiet: bool = True,
+    channels_last: bool = False,
+) -> dict[str, float]:
+    """Loss, top-1 and top-5 (percent) over the loader, summed over all processes."""
+    runtime = Runtime(ctx, precision or Precision(None, None), channels_last)
+    model.eval()
+    sums = [0.0, 0.0, 0.0, 0.0, 0.0]  # loss, top1, top5, n, skipped
+    for batch in tqdm(loader, desc="eval", leave=False, disable=quiet or None):
+        images, targets, bad = unpack(batch, may_skip)
+        sums[4] += bad
+        if len(targets) == 0:
+            continue
+        images, targets = runtime.images(images), targets.to(ctx.device, non_blocking=True)
+        with runtime.precision.autocast(ctx.device):
+            logits = model(images)
+        sums[0] += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
+        top1, top5 = topk_correct(logits, targets)
+        sums[1] += top1
+        sums[2] += top5
+        sums[3] += len(targets)
+    loss, top1, top5, n, bad = ctx.all_reduce_sum(sums)
+    if n == 0:
+        raise DataError("evaluation saw no decodable images")
+    return dict(loss=loss / n, top1=100.0 * top1 / n, top5=100.0 * top5 / n, n=int(n), skipped=int(bad))
+
+
+def load_trained_model(checkpoint: str | Path, model_name: Optional[str] = None) -> tuple[nn.Module, dict[str, Any]]:
+    """The model of a run directory (its ``best.pt``), a training checkpoint or a weights file, with the
+    run's configuration (``{}`` for a bare weights file, which then needs ``model_name``)."""
+    state = read_checkpoint(checkpoint)
+    is_run = isinstance(state, dict) and isinstance(state.get("model"), dict) and "epoch" in state
+    if is_run and run_kind(state) != "classification":
+        raise CheckpointError(f"{checkpoint} is a {run_kind(state)} run, not a classifier: "
+                              f"{COMMANDS_OF[run_kind(state)]}")
+    cfg = dict(state.get("config", {})) if is_run else {}
+    name = model_name or cfg.get("model")
+    if not name:
+        raise ConfigError(f"{checkpoint} holds weights only: pass the model name (--model NAME)")
+    sd = model_state_dict(state)
+    if "fc.weight" not in sd:
+        raise CheckpointError(f"{checkpoint}: no classifier weights (fc.weight) found; is this a classification "
+                              "model? (a detector: use `lesa det eval`)")
+    img_size = model_img_size(name, cfg.get("img_size"))
+    model = create_model(name, num_classes=sd["fc.weight"].shape[0], img_size=img_size, **cfg.get("model_kwargs", {}))
+    check_state_dict(model, sd, source=checkpoint)
+    model.load_state_dict(sd)
+    cfg.update(model=name, img_size=img_size)
+    return model, cfg
+
+
+def evaluate_model(model: nn.Module, data: str, img_size: int, batch_size: int = 128, device: str = "auto",
+                   workers: int = 0, quiet: bool = False, model_name: Optional[str] = None) -> dict[str, Any]:
+    """Loss, top-1 and top-5 of a classifier on the validation split of ``data`` (one process or torchrun);
+    ``model_name`` gives the normalisation of ImageFolder data (default: ImageNet's)."""
+    ctx = setup_distributed(device)
+    try:
+        dataset = (classification_data(model_name, data, img_size, train=False) if model_name
+                   else build_classification_data(data, img_size, train=False))
+        model.to(ctx.device)
+        loader = DataLoader(dataset.val, batch_size=batch_size, num_workers=workers, collate_fn=dataset.collate,
+                            sampler=ShardSampler(len(dataset.val), ctx.rank, ctx.world_size))
+        return evaluate(model, loader, ctx, None, dataset.may_skip, quiet or not ctx.is_main)
+    finally:
+        cleanup_distributed()
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data: Optional[str] = None, batch_size: int = 128,
+                        device: str = "auto", workers: int = 0, quiet: bool = False,
+                        model_name: Optional[str] = None) -> dict[str, Any]:
+    """Evaluate a run directory (its best.pt), a training checkpoint or a weights file."""
+    model, cfg = load_trained_model(checkpoint, model_name)
+    data = data or cfg.get("data")
+    if not data:
+        raise ConfigError("no data to evaluate on: pass --data PATH or --data digits")
+    metrics = evaluate_model(model, data, cfg["img_size"], batch_size, device, workers, quiet, cfg["model"])
+    return dict(model=cfg["model"], data=data, checkpoint=str(checkpoint), **metrics)
