@@ -97,9 +97,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     options = {k: v for k, v in vars(args).items() if k not in ("command", "debug", "config", "preset")}
     layer = {k: v for k in ("pos_embed", "impl", "heads") if (v := options.pop(k)) is not None}
-    cfg = build_config(args.config, args.preset, **options)
-    if layer:
-        cfg.model_kwargs = {**cfg.model_kwargs, **layer}
+    cfg = build_config(args.config, args.preset, model_kwargs=layer or None, **options)
     summary = train(cfg)
     if not cfg.quiet and summary:
         print(f"{summary['model']}: val top-1 {summary['val_top1']:.2f}%, top-5 {summary['val_top5']:.2f}% "
@@ -183,7 +181,6 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
 
 def run_compare(args: argparse.Namespace) -> int:
     from .analysis.report import COMPARE_OPS, compare, format_tables
-
     from .errors import ConfigError
 
     embedded_presets = {"digits": "digits", "cluttered-digits": "cluttered_digits"}

@@ -41,5 +41,3 @@ class NonFiniteLossError(LesaError, RuntimeError):
 
 class DiskFullError(LesaError, OSError):
     """The disk filled up while writing; the last good checkpoint is kept."""
-
-    exit_code = 1

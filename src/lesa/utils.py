@@ -1,10 +1,14 @@
 """Small shared helpers."""
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Union
+
+from .errors import DiskFullError
 
 PathLike = Union[str, os.PathLike]
 
@@ -12,7 +16,8 @@ PathLike = Union[str, os.PathLike]
 def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place.
 
-    A crash or a kill during ``write`` leaves any previous ``path`` intact.
+    A crash or a kill during ``write`` leaves any previous ``path`` intact; a full disk raises
+    :class:`~lesa.errors.DiskFullError` saying so.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -24,10 +29,28 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
+        full = _is_disk_full(err, path.parent)  # before the temporary file frees its space
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if full:
+            kept = f"{path} keeps its previous contents" if path.exists() else f"{path} was not written"
+            raise DiskFullError(f"no space left on device while writing {path}: {kept} (a checkpoint there is "
+                                "the last good one); free space and rerun (with --resume for a run)") from None
         raise
+
+
+def _is_disk_full(err: BaseException, directory: Path) -> bool:
+    """ENOSPC, or a failed write on a file system with no space left (torch.save reports a full disk as
+    an unrelated RuntimeError)."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if not isinstance(err, Exception):
+        return False
+    try:
+        return shutil.disk_usage(directory).free < 1 << 20
+    except OSError:
+        return False
 
 
 def _umask() -> int:

@@ -42,7 +42,7 @@ def read_checkpoint(path: PathLike) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "weights_only" in str(err).lower() or "unsupported global" in str(err).lower():
+        if "global" in str(err).lower():  # a class or function to import and call: code
             what = _unsafe_global(str(err))
             raise CheckpointError(
                 f"{path} holds pickled Python objects{what} besides tensors, which lesa never loads (they can "
@@ -76,7 +76,7 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
 
 
 def _unsafe_global(message: str) -> str:
-    match = re.search(r"GLOBAL ([\w.]+)", message) or re.search(r"global ([\w.]+)", message)
+    match = re.search(r"[Gg][Ll][Oo][Bb][Aa][Ll]:? ([\w.]+)", message)
     return f" ({match.group(1)})" if match else ""
 
 

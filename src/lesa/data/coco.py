@@ -52,6 +52,30 @@ def encode_mask(mask: np.ndarray) -> dict[str, Any]:
     return rle
 
 
+def check_annotations(coco, annotation_file: Path, image_dir: Path) -> None:
+    """Refuse, before any training, annotations that would fail or mislead later: unknown category ids,
+    boxes that are not ``[x, y, w, h]``, empty or degenerate polygons, and missing image files."""
+    categories = set(coco.cats)
+    for ann in coco.dataset.get("annotations", []):
+        where = f"{annotation_file}: annotation {ann.get('id')} (image {ann.get('image_id')})"
+        if ann.get("category_id") not in categories:
+            raise DataError(f"{where} has category_id {ann.get('category_id')!r}, which is not among the "
+                            f"categories {sorted(categories)[:20]}; fix the id or add the category")
+        if ann.get("image_id") not in coco.imgs:
+            raise DataError(f"{where} refers to an image id that is not in 'images'; fix the image_id")
+        bbox = ann.get("bbox")
+        if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4):
+            raise DataError(f"{where} has bbox {bbox!r}; expected [x, y, width, height]")
+        segmentation = ann.get("segmentation")
+        if isinstance(segmentation, list) and (not segmentation or any(not p or len(p) % 2 for p in segmentation)):
+            raise DataError(f"{where} has an empty polygon (or one with an odd number of coordinates); fix or "
+                            "remove the annotation, or give it an RLE mask")
+    missing = [info["file_name"] for info in coco.imgs.values() if not (image_dir / info["file_name"]).is_file()]
+    if missing:
+        raise DataError(f"{annotation_file}: {len(missing)} image file(s) listed there are missing from {image_dir} "
+                        f"(e.g. {missing[0]}); copy them there or remove them from the annotations")
+
+
 class CocoDetection(Dataset):
     """Images and Mask R-CNN targets (``boxes`` xyxy, ``labels``, ``masks``, ``image_id``, ...).
 
@@ -67,9 +91,14 @@ class CocoDetection(Dataset):
             raise NotFoundError(f"annotation file {str(annotation_file)!r} does not exist")
         if not self.image_dir.is_dir():
             raise NotFoundError(f"image folder {str(self.image_dir)!r} does not exist")
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-            self.coco = COCO(str(annotation_file))
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+                self.coco = COCO(str(annotation_file))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:  # bad JSON, or not COCO's layout
+            raise DataError(f"{annotation_file} is not a COCO annotation file ({type(err).__name__}: {err}); "
+                            "expected JSON with 'images', 'annotations' and 'categories'") from None
         self.annotation_file = annotation_file
+        check_annotations(self.coco, annotation_file, self.image_dir)
         self.train, self.flip = train, flip
         self.category_ids = sorted(self.coco.getCatIds())
         if not self.category_ids:

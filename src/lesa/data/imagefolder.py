@@ -1,7 +1,8 @@
 """ImageNet-style folders (``ROOT/train/<class>/*.jpg``, ``ROOT/val/<class>/*.jpg``), checked up front.
 
 Images that cannot be decoded are skipped, counted and reported instead of stopping a long run; the
-trainer fails once they exceed a set fraction of what it has read (:func:`collate_skipping_bad`).
+trainer fails once they exceed a set fraction of the training set (:func:`collate_skipping_bad`). 16-bit
+greyscale images keep their contrast (scaled to 8 bits, not clipped).
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import default_collate
@@ -37,6 +39,9 @@ def check_image_folder(root: str | Path) -> list[str]:
         names = _class_dirs(split_dir)
         if not names:
             raise DataError(f"{str(split_dir)!r} has no class folders ({LAYOUT})")
+        if len(names) == 1:
+            raise DataError(f"{str(split_dir)!r} has one class folder ({names[0]!r}): a classifier needs at least "
+                            f"two ({LAYOUT})")
         empty = [n for n in names if not any(p.suffix.lower() in IMG_EXTENSIONS for p in (split_dir / n).iterdir())]
         if len(empty) == len(names):
             raise DataError(f"{str(split_dir)!r} has class folders but no images ({', '.join(IMG_EXTENSIONS)})")
@@ -54,7 +59,13 @@ def check_image_folder(root: str | Path) -> list[str]:
 def _load_rgb(path: str) -> Image.Image:
     with open(path, "rb") as f:
         image = Image.open(f)
-        return image.convert("RGB")
+        image.load()
+    if image.mode.startswith("I"):
+        # 16-bit greyscale (modes I;16*, or I as PIL often opens them): PIL's convert("RGB") clips values
+        # above 255 to white, so scale the full 16-bit range to 8 bits first.
+        values = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8), mode="L")
+    return image.convert("RGB")
 
 
 class TolerantImageFolder(ImageFolder):

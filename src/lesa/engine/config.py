@@ -17,8 +17,9 @@ from typing import Any, Optional, TypeVar, Union
 import yaml
 
 from ..errors import ConfigError, NotFoundError
+from ..models.registry import check_model_options
 
-PRESETS = ("digits", "imagenet")
+PRESETS = ("digits", "cluttered_digits", "imagenet")
 AMP_MODES = ("auto", "none", "bf16", "fp16")
 
 C = TypeVar("C", bound="RunConfig")
@@ -117,6 +118,10 @@ class TrainConfig(RunConfig):
             problems.append(f"max_bad_fraction must be in [0, 1) (got {self.max_bad_fraction})")
         if not self.data:
             problems.append("no data: pass --data PATH (ImageFolder root with train/ and val/) or --data digits")
+        try:
+            check_model_options(self.model, self.model_kwargs)
+        except ConfigError as err:
+            problems.append(str(err))
         return problems
 
     def default_run_name(self) -> str:
@@ -204,7 +209,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 def merge_config(cls: type[C], config_file: Optional[str] = None, preset: Optional[str] = None,
                  **overrides: Any) -> C:
-    """Defaults < a preset < a YAML file < explicit overrides (``None`` values are ignored)."""
+    """Defaults < a preset < a YAML file < explicit overrides (``None`` values are ignored; mappings merge)."""
     values: dict[str, Any] = {}
     file_values = load_yaml(config_file) if config_file else {}
     preset = preset or file_values.get("preset")
@@ -212,7 +217,12 @@ def merge_config(cls: type[C], config_file: Optional[str] = None, preset: Option
         values.update(preset_values(preset))
         values["preset"] = preset
     values.update(file_values)
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        # mappings (model_kwargs) merge key by key: --heads 4 keeps the file's pos_embed
+        values[key] = {**values[key], **value} if isinstance(value, dict) and isinstance(values.get(key), dict) \
+            else value
     return config_from_values(cls, values)
 
 

@@ -84,6 +84,38 @@ def check_heads(in_channels: int, out_channels: int, heads: int) -> None:
         )
 
 
+def check_reference_memory(q: Tensor, terms: int) -> None:
+    """Refuse, before allocating, a reference-path logit tensor ``(N, terms * G, HW, HW)`` larger than the
+    memory that is free on its device, naming the fused path that needs none of it."""
+    if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return
+    n, g, num, _ = q.shape
+    needed = terms * n * g * num * num * q.element_size()
+    free = free_memory(q.device)
+    if free is not None and needed > free:
+        raise ConfigError(
+            f"impl='reference' would materialise {n}x{terms * g}x{num}x{num} attention logits ({needed / 2**30:.1f} "
+            f"GiB) with {free / 2**30:.1f} GiB free on {q.device.type}: use impl='fused' (or 'auto'), the same "
+            "function without the (HW)^2 matrix, or a smaller input / batch")
+
+
+def free_memory(device: torch.device) -> Optional[int]:
+    """Bytes that can still be allocated on ``device`` (``None`` where unknown)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def check_input(x: Tensor, in_channels: int, layer: str) -> None:
     if x.dim() != 4:
         raise ConfigError(f"{layer} expects a 4-D (N, C, H, W) tensor, got shape {tuple(x.shape)}")
@@ -184,6 +216,7 @@ class BinaryAttention2d(nn.Module):
         return stacked.view(n, len(terms), g, num, num).sum(1)
 
     def attend_reference(self, q: Tensor, k: Tensor, v: Tensor, height: int, width: int):
+        check_reference_memory(q, 3 if self.pos_embed == "flat" else 2)
         attn = torch.softmax(self.reference_logits(q, k, height, width), dim=-1)
         values = attn @ v
         if self.pos_embed != "flat":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import inspect
 from typing import Any, Callable, Optional
 
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -69,6 +70,22 @@ def default_cfg(name: str, **model_kwargs: Any) -> dict[str, Any]:
     )
 
 
+def check_layer_options(op: str, arch: str, options: dict[str, Any]) -> None:
+    """Refuse layer options that the model's layers do not take (``heads`` on a conv model, a typo)."""
+    unused = sorted(set(options) - set(LAYER_KWARGS[op]))
+    if unused:
+        takes = ", ".join(LAYER_KWARGS[op]) or "none: it has no attention layers"
+        raise ConfigError(f"{model_name(op, arch)} does not use the layer option(s) {', '.join(unused)} (it takes "
+                          f"{takes}); drop them or choose another model")
+
+
+def check_model_options(name: str, options: dict[str, Any]) -> None:
+    """The checks :func:`create_model` makes on ``name`` and its keyword arguments, without building it."""
+    op, arch = parse_name(name)
+    named = set(inspect.signature(build_resnet).parameters) - {"op", "arch", "layer_kwargs"}
+    check_layer_options(op, arch, {k: v for k, v in options.items() if k not in named})
+
+
 def unknown_model(name: str) -> ConfigError:
     close = difflib.get_close_matches(name, list_models(), n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
@@ -98,11 +115,7 @@ def build_resnet(
     ``pos_embed``, ``impl``, ``unary``, ``checkpoint``) go to the attention layers; an option the model's
     layers do not take is an error.
     """
-    unused = sorted(set(layer_kwargs) - set(LAYER_KWARGS[op]))
-    if unused:
-        takes = ", ".join(LAYER_KWARGS[op]) or "none: it has no attention layers"
-        raise ConfigError(f"{model_name(op, arch)} does not use the layer option(s) {', '.join(unused)} (it takes "
-                          f"{takes}); drop them or choose another model")
+    check_layer_options(op, arch, layer_kwargs)
     inputs = ARCH_INPUT[arch]
     num_classes = inputs["num_classes"] if num_classes is None else num_classes
     if num_classes < 0:
