@@ -123,7 +123,7 @@ def test_maps():
 def test_analyze_and_compare_commands(tmp_path, capsys):
     out = tmp_path / "cmp"
     args = ["compare", "--quick", "--output", str(out), "--ops", "conv", "sa", "lesa", "--epochs", "1",
-            "--max-steps-per-epoch", "2", "--quiet"]
+            "--max-steps-per-epoch", "2", "--seeds", "1", "--quiet"]
     assert main(args) == 0
     rows = json.loads((out / "compare.json").read_text())["rows"]
     assert [r["operation"] for r in rows] == ["conv", "sa", "sa_minus_unary", "lesa"]
@@ -138,12 +138,12 @@ def test_analyze_and_compare_commands(tmp_path, capsys):
                  "analysis_lesa/attention_map.png", "analysis_sa/shares.png"):
         assert (out / name).is_file(), name
     # finished runs are reused, not retrained
-    stamp = (out / "lesa" / "last.pt").stat().st_mtime
+    stamp = (out / "lesa" / "seed0" / "last.pt").stat().st_mtime
     assert main(args) == 0
-    assert (out / "lesa" / "last.pt").stat().st_mtime == stamp
+    assert (out / "lesa" / "seed0" / "last.pt").stat().st_mtime == stamp
 
-    assert main(["eval", "--checkpoint", str(out / "sa"), "--ablate-unary", "--quiet"]) == 0
+    assert main(["eval", "--checkpoint", str(out / "sa" / "seed0"), "--ablate-unary", "--quiet"]) == 0
     assert "without the unary term" in capsys.readouterr().out
-    assert main(["analyze", str(out / "lesa"), "--output", str(tmp_path / "an"), "--max-batches", "1"]) == 0
+    assert main(["analyze", str(out / "lesa" / "seed0"), "--output", str(tmp_path / "an"), "--max-batches", "1"]) == 0
     printed = capsys.readouterr().out
     assert "unary" in printed and (tmp_path / "an" / "shares.json").is_file()

@@ -163,6 +163,13 @@ def test_a_directory_in_use_is_refused_and_a_stale_lock_taken_over(tmp_path, cap
     assert code == 0 and (out / "last.pt").is_file() and not (out / ".lock").exists()
 
 
+def test_resume_needs_a_run_of_the_same_kind(tmp_path, capsys, run_dir, scenes):
+    code, err = cli(capsys, "train", "--model", "resnet_tiny", *QUICK, "--output", tmp_path / "none", "--resume")
+    assert code == 2 and "there is no" in err and "drop --resume" in err
+    code, err = cli(capsys, "det", "train", "--data", scenes, "--output", run_dir, "--resume", "--quiet")
+    assert code == 2 and "holds a classification run, not a detection run" in err
+
+
 def test_run_output_without_last_pt_is_not_overwritten(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()

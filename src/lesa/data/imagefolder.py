@@ -39,9 +39,6 @@ def check_image_folder(root: str | Path) -> list[str]:
         names = _class_dirs(split_dir)
         if not names:
             raise DataError(f"{str(split_dir)!r} has no class folders ({LAYOUT})")
-        if len(names) == 1:
-            raise DataError(f"{str(split_dir)!r} has one class folder ({names[0]!r}): a classifier needs at least "
-                            f"two ({LAYOUT})")
         empty = [n for n in names if not any(p.suffix.lower() in IMG_EXTENSIONS for p in (split_dir / n).iterdir())]
         if len(empty) == len(names):
             raise DataError(f"{str(split_dir)!r} has class folders but no images ({', '.join(IMG_EXTENSIONS)})")
@@ -53,6 +50,9 @@ def check_image_folder(root: str | Path) -> list[str]:
             "class folders differ between train and val: "
             f"only in train: {only_train[:10] or 'none'}; only in val: {only_val[:10] or 'none'}"
         )
+    if len(classes["train"]) == 1:
+        raise DataError(f"{str(root / 'train')!r} has one class folder ({classes['train'][0]!r}): a classifier needs "
+                        f"at least two ({LAYOUT})")
     return classes["train"]
 
 

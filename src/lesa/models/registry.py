@@ -60,11 +60,12 @@ def default_cfg(name: str, **model_kwargs: Any) -> dict[str, Any]:
     op, arch = parse_name(name)
     inputs = ARCH_INPUT[arch]
     size = model_kwargs.get("img_size") or inputs["img_size"]
+    height, width = (size, size) if isinstance(size, int) else size
     pos_embed = model_kwargs.get("pos_embed", LAYER_DEFAULTS["pos_embed"])
     reduction = 32 if op == "conv" else 16  # attention models run stage 4 at stride 1
     return dict(
-        url="", num_classes=inputs["num_classes"], input_size=(3, size, size),
-        pool_size=(size // reduction, size // reduction), crop_pct=inputs["crop_pct"], interpolation="bilinear",
+        url="", num_classes=inputs["num_classes"], input_size=(model_kwargs.get("in_chans", 3), height, width),
+        pool_size=(height // reduction, width // reduction), crop_pct=inputs["crop_pct"], interpolation="bilinear",
         mean=inputs["mean"], std=inputs["std"], first_conv="conv1", classifier="fc",
         fixed_input_size=op != "conv" and pos_embed == "flat",
     )
@@ -130,7 +131,7 @@ def build_resnet(
         last_stride = 2 if op == "conv" else 1
     if op != "conv":
         layer_kwargs = {k: layer_kwargs.get(k, LAYER_DEFAULTS[k]) for k in LAYER_KWARGS[op]}
-    return ResNet(
+    model = ResNet(
         stage_ops=("conv", "conv", op, op),
         strides=(1, 2, 2, last_stride),
         num_classes=num_classes,
@@ -142,6 +143,9 @@ def build_resnet(
         layer_kwargs=layer_kwargs,
         **cfg,
     )
+    model.pretrained_cfg = {**default_cfg(model_name(op, arch), img_size=size, in_chans=in_chans, **layer_kwargs),
+                            "num_classes": num_classes}
+    return model
 
 
 def _make_builder(op: str, arch: str) -> Callable[..., ResNet]:

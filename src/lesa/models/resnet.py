@@ -166,16 +166,6 @@ class ResNet(nn.Module):
         self.num_features = self.inplanes
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc: nn.Module = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.pretrained_cfg = dict(
-            input_size=(in_chans, *self.img_size),
-            mean=(0.485, 0.456, 0.406),
-            std=(0.229, 0.224, 0.225),
-            crop_pct=0.875,
-            interpolation="bilinear",
-            num_classes=num_classes,
-            first_conv="conv1",
-            classifier="fc",
-        )
         self.init_weights(zero_init_residual)
 
     def _make_layer(
