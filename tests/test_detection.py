@@ -223,3 +223,31 @@ def test_det_train_with_two_cpu_processes(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads((out / "summary.json").read_text())["world_size"] == 2
     assert set(json.loads((out / "coco_eval.json").read_text())) == {"bbox", "segm"}
+
+
+def test_det_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
+    import signal
+    import time
+
+    from lesa.engine import read_metrics_csv
+
+    root = ensure_digit_scenes(tmp_path / "scenes", counts={"train": 4, "val": 1})
+    args = [sys.executable, "-m", "lesa", "det", "train", "--data", str(root), "--epochs", "3", "--batch-size", "2",
+            "--min-size", "96", "--max-size", "128", "--seed", "5", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run([*args, "--output", str(straight)], check=True, env=env)
+    proc = subprocess.Popen([*args, "--output", str(killed)], env=env)
+    deadline = time.time() + 300
+    while not (killed / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert torch.load(killed / "last.pt", weights_only=True)["epoch"] < 3, "finished before it could be killed"
+    subprocess.run([*args, "--output", str(killed), "--resume"], check=True, env=env)
+    a = torch.load(straight / "last.pt", weights_only=True)
+    b = torch.load(killed / "last.pt", weights_only=True)
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=1e-5, atol=1e-5, msg=key)
+    rows_a, rows_b = read_metrics_csv(straight / "metrics.csv"), read_metrics_csv(killed / "metrics.csv")
+    assert [r["loss"] for r in rows_b] == pytest.approx([r["loss"] for r in rows_a], rel=1e-5)
