@@ -74,7 +74,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file with any of the options below (the command line overrides it)")
     p.add_argument("--preset", choices=["digits", "imagenet"], help="start from a shipped recipe")
     p.add_argument("--model", help="model name (lesa models); default lesa_resnet_tiny")
-    p.add_argument("--data", help="'digits' (embedded) or an ImageFolder root with train/ and val/")
+    p.add_argument("--data", help="'digits', 'cluttered-digits' (embedded) or an ImageFolder root with train/ "
+                                  "and val/")
     p.add_argument("--img-size", type=int, help="input size (default: the model's, 224 or 32)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="images per process")
@@ -208,8 +209,13 @@ def run_compare(args: argparse.Namespace) -> int:
 # -- lesa det train / eval / predict -------------------------------------------------------------------
 def _det_args(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="det_command", metavar="{train,eval,predict}", required=True)
-    t = sub.add_parser("train", help="train Mask R-CNN (default: on the embedded digit scenes)")
+    t = sub.add_parser("train", help="train a detector (default: Mask R-CNN on the embedded digit scenes)")
     t.add_argument("--config", help="YAML file with any of the options below")
+    t.add_argument("--preset", choices=["htc", "htc_1280"], help="the paper's HTC recipe (Table 4)")
+    t.add_argument("--detector", choices=["maskrcnn", "cascade_maskrcnn", "htc"], help="default maskrcnn")
+    t.add_argument("--semantic", action=argparse.BooleanOptionalAction, default=None,
+                   help="HTC's semantic branch (default: on where maps exist: digit scenes, --semantic-root)")
+    t.add_argument("--semantic-root", help="COCO-stuff stuffthingmaps folder (with train2017/, val2017/)")
     t.add_argument("--backbone", help="lesa model name (default lesa_resnet_tiny; the paper: lesa_resnet50, ...)")
     t.add_argument("--data", help="'digit-scenes' (embedded) or a COCO root")
     t.add_argument("--schedule", choices=["1x", "20e"])
@@ -250,52 +256,29 @@ def _det_args(p: argparse.ArgumentParser) -> None:
 
 def run_det(args: argparse.Namespace) -> int:
     if args.det_command == "train":
-        from .detection.train import build_det_config, train_detector
+        from .detection.train import NAMES, build_det_config, train_detector
 
         options = {k: v for k, v in vars(args).items() if k not in ("command", "debug", "det_command", "config")}
-        summary = train_detector(build_det_config(args.config, **options))
-        if not args.quiet:
-            print(f"Mask R-CNN + {summary['backbone']}: box AP {summary['bbox_AP']:.1f}, mask AP "
+        cfg = build_det_config(args.config, **options)
+        summary = train_detector(cfg)
+        if not cfg.quiet:
+            print(f"{NAMES[cfg.detector]} + {summary['backbone']}: box AP {summary['bbox_AP']:.1f}, mask AP "
                   f"{summary['segm_AP']:.1f} after {summary['epochs']} epochs ({summary['wall_time_s']:.0f}s) "
                   f"-> {summary['output']}")
         return 0
-    from pathlib import Path
-
-    from .detection.train import load_detector
-    from .engine.distributed import resolve_device
-
-    device = resolve_device(args.device)
-    model, cfg, state = load_detector(args.checkpoint)
-    model.to(device)
     if args.det_command == "eval":
-        from .data.coco import CocoDetection
-        from .detection.train import coco_splits, evaluate_detector
-        from .engine.distributed import DistContext
-        from .engine.records import write_json
+        from .detection.train import evaluate_run
 
-        dataset = CocoDetection(*coco_splits(args.data or cfg.data)["val"])
-        result = evaluate_detector(model, dataset, DistContext(device=device), args.max_images, quiet=False)
-        run_dir = Path(args.checkpoint) if Path(args.checkpoint).is_dir() else Path(args.checkpoint).parent
-        out = Path(args.output) if args.output else run_dir
-        write_json(out / "coco_eval.json", result)
+        result, path = evaluate_run(args.checkpoint, args.data, args.device, args.max_images, args.output)
         for iou_type, stats in result.items():
             print(f"{iou_type:5s} " + "  ".join(f"{k} {'-' if v is None else f'{v:.1f}':>5}" for k, v in stats.items()))
-        print(f"wrote {out / 'coco_eval.json'}")
+        print(f"wrote {path}")
         return 0
-    import torch
+    from .detection.train import predict_images
 
-    from .detection.visualize import draw_prediction, load_image
-
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    for path in args.images:
-        image = load_image(path)
-        with torch.no_grad():
-            prediction = {k: v.cpu() for k, v in model([image.to(device)])[0].items()}
-        target = out / f"{Path(path).stem}.png"
-        draw_prediction(image, prediction, state["classes"], args.score_threshold).save(target)
-        kept = int((prediction["scores"] >= args.score_threshold).sum())
-        print(f"{path}: {kept} detections -> {target}")
+    for image, kept, target in predict_images(args.checkpoint, args.images, args.output, args.score_threshold,
+                                              args.device):
+        print(f"{image}: {kept} detections -> {target}")
     return 0
 
 

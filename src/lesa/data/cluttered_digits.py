@@ -8,7 +8,7 @@ which digit is the target.
 
 - canvas: 32x32 (the ``*_resnet_tiny`` models' input; other ``img_size`` values resize it bilinearly);
 - target: the 8x8 scan upsampled (bilinear) to a random side of 12-18 pixels, anywhere on the canvas;
-- distractors: 8 fragments, each a random square window of 3-5 source pixels (38-63% of a digit's side)
+- distractors: 4 fragments, each a random square window of 3-4 source pixels (38-50% of a digit's side)
   of another digit, drawn at the target's scale, anywhere on the canvas (they may overlap the target);
   windows with little ink are redrawn;
 - everything is combined by a pixel-wise maximum, in [0, 1], then normalised like the digits (mean/std 0.5)
@@ -20,7 +20,7 @@ which digit is the target.
 """
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from typing import NamedTuple
 
 import numpy as np
@@ -35,7 +35,7 @@ from .digits import CLASSES, MEAN, SPLIT_SEED, STD, VAL_FRACTION
 CANVAS = 32
 TARGET_SIDES = (12, 18)  # inclusive range of the target's side in pixels
 FRAGMENT_SOURCE_SIDES = (3, 4)  # inclusive range of a fragment's side in source (8x8) pixels
-DISTRACTORS = 8
+DISTRACTORS = 4
 MIN_FRAGMENT_INK = 0.2  # mean intensity a fragment window needs (else it is redrawn)
 COPIES = {"train": 2, "val": 3}
 GENERATION_SEED = 14
@@ -76,7 +76,7 @@ def _bilinear_matrix(out_size: int, in_size: int = 8) -> np.ndarray:
     return matrix
 
 
-@lru_cache(maxsize=None)
+@cache
 def generate_split(split: str) -> ClutteredSplit:
     """The canvases of one split, deterministic (cached per process)."""
     from sklearn.datasets import load_digits

@@ -83,7 +83,8 @@ class CocoDetection(Dataset):
     with probability ``flip``.
     """
 
-    def __init__(self, annotation_file: str | Path, image_dir: str | Path, train: bool = False, flip: float = 0.5):
+    def __init__(self, annotation_file: str | Path, image_dir: str | Path, train: bool = False, flip: float = 0.5,
+                 semantic: Optional[str | Path] = None):
         from pycocotools.coco import COCO
 
         annotation_file, self.image_dir = Path(annotation_file), Path(image_dir)
@@ -99,6 +100,10 @@ class CocoDetection(Dataset):
                             "expected JSON with 'images', 'annotations' and 'categories'") from None
         self.annotation_file = annotation_file
         check_annotations(self.coco, annotation_file, self.image_dir)
+        self.semantic = semantic if semantic in (None, INSTANCE_SEMANTIC) else Path(semantic)
+        if isinstance(self.semantic, Path) and not self.semantic.is_dir():
+            raise NotFoundError(f"semantic map folder {str(self.semantic)!r} does not exist (COCO-stuff's "
+                                "stuffthingmaps/<split>2017, one PNG per image)")
         self.train, self.flip = train, flip
         self.category_ids = sorted(self.coco.getCatIds())
         if not self.category_ids:
@@ -139,9 +144,29 @@ class CocoDetection(Dataset):
             area=torch.tensor(areas, dtype=torch.float32),
             iscrowd=torch.tensor(crowd, dtype=torch.int64),
         )
+        if self.semantic is not None:
+            target["semantic"] = self.semantic_map(info, anns, target)
         if self.train and random.random() < self.flip:
             image, target = hflip(image, target)
         return image, target
+
+
+    def semantic_map(self, info: dict[str, Any], anns: list[dict], target: dict[str, Tensor]) -> Tensor:
+        """The ``(H, W)`` int64 class map of an image for HTC's semantic branch: from COCO-stuff's PNG in
+        the semantic folder, or (``semantic='instances'``) 0 on background and each object's label on its
+        mask (the digit scenes: digit + 1 on the strokes)."""
+        if self.semantic == INSTANCE_SEMANTIC:
+            semantic = torch.zeros(target["masks"].shape[-2:], dtype=torch.int64)
+            for label, mask in zip(target["labels"], target["masks"]):
+                semantic[mask.bool()] = label
+            return semantic
+        path = self.semantic / f"{Path(info['file_name']).stem}.png"
+        if not path.is_file():
+            raise NotFoundError(f"semantic map {path} is missing (one PNG per image of {self.image_dir})")
+        return torch.from_numpy(np.array(Image.open(path), dtype=np.int64))
+
+
+INSTANCE_SEMANTIC = "instances"
 
 
 def hflip(image: Tensor, target: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -151,6 +176,8 @@ def hflip(image: Tensor, target: dict[str, Tensor]) -> tuple[Tensor, dict[str, T
     boxes[:, [0, 2]] = width - target["boxes"][:, [2, 0]]
     target["boxes"] = boxes
     target["masks"] = target["masks"].flip(-1)
+    if "semantic" in target:
+        target["semantic"] = target["semantic"].flip(-1)
     return image.flip(-1), target
 
 

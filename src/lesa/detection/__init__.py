@@ -1,5 +1,17 @@
-"""Detection and instance segmentation: Mask R-CNN + FPN with LESA backbones on torchvision."""
+"""Detection and instance segmentation with lesa backbones: Mask R-CNN, Cascade Mask R-CNN and HTC on
+torchvision."""
 from .backbone import LesaFPNBackbone, build_backbone
-from .maskrcnn import build_maskrcnn, load_backbone_weights
+from .cascade import CascadeRoIHeads, DetectionTransform, FusedSemanticHead
+from .detectors import DETECTORS, build_detector, build_maskrcnn, load_backbone_weights
 
-__all__ = ["LesaFPNBackbone", "build_backbone", "build_maskrcnn", "load_backbone_weights"]
+__all__ = [
+    "DETECTORS",
+    "CascadeRoIHeads",
+    "DetectionTransform",
+    "FusedSemanticHead",
+    "LesaFPNBackbone",
+    "build_backbone",
+    "build_detector",
+    "build_maskrcnn",
+    "load_backbone_weights",
+]

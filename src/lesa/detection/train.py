@@ -1,4 +1,5 @@
-"""Training and COCO evaluation of Mask R-CNN with LESA backbones (``lesa det train / eval / predict``).
+"""Training and COCO evaluation of Mask R-CNN, Cascade Mask R-CNN and HTC with lesa backbones
+(``lesa det train / eval / predict``), a task on the one training engine.
 
 Schedules as the paper (Sec. 4.2): ``1x`` = 12 epochs with the learning rate divided by 10 after epochs
 8 and 11, ``20e`` = 20 epochs with steps after 16 and 19; SGD (momentum 0.9, weight decay 1e-4), lr 0.02
@@ -10,6 +11,7 @@ percent) after every evaluation.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -19,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..data.coco import CocoDetection, coco_evaluate, collate_detection, to_coco_results
+from ..data.coco import INSTANCE_SEMANTIC, CocoDetection, coco_evaluate, collate_detection, to_coco_results
 from ..data.digit_scenes import ensure_digit_scenes
 from ..engine import (
     DistContext,
@@ -30,16 +32,29 @@ from ..engine import (
     Task,
     load_checkpoint,
     merge_config,
+    resolve_device,
     run_task,
     warmup_multistep,
     write_json,
 )
 from ..errors import NotFoundError
-from .maskrcnn import build_maskrcnn, describe_init
+from .detectors import DETECTORS, build_detector, describe_init
+from .visualize import draw_prediction, load_image
 
 SCHEDULES = {"1x": (12, (8, 11)), "20e": (20, (16, 19))}
-LOSSES = ["loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"]
-COLUMNS = ["epoch", "loss", *LOSSES, "bbox_AP", "bbox_AP50", "segm_AP", "segm_AP50", "lr", "epoch_time_s"]
+RPN_LOSSES = ["loss_objectness", "loss_rpn_box_reg"]
+HEAD_LOSSES = ["loss_classifier", "loss_box_reg", "loss_mask"]
+NAMES = {"maskrcnn": "Mask R-CNN", "cascade_maskrcnn": "Cascade Mask R-CNN", "htc": "HTC"}
+DET_PRESETS = ("htc", "htc_1280")
+COCO_STUFF_CLASSES = 183  # COCO-stuff's stuffthingmaps: 182 labels and 0, 255 unlabeled (mmdetection's HTC)
+
+
+def loss_names(detector: str, semantic: bool) -> list[str]:
+    """The loss terms a detector reports, in the order of ``metrics.csv``."""
+    if detector == "maskrcnn":
+        return HEAD_LOSSES + RPN_LOSSES
+    stages = [f"s{i}.{name}" for i in range(3) for name in HEAD_LOSSES]
+    return stages + RPN_LOSSES + (["loss_semantic"] if semantic else [])
 EMBEDDED = "digit-scenes"
 # Options left unset take these by data: CPU-sized for the embedded digit scenes; torchvision's and
 # mmdetection's usual COCO settings (800-1333 px, 2 images per GPU, 512 RoIs, 2000 proposals) otherwise.
@@ -55,8 +70,14 @@ DATA_DEFAULTS = {
 class DetConfig(RunConfig):
     """A detection run; the defaults train the CPU-sized LESA backbone on the embedded digit scenes."""
 
+    detector: str = "maskrcnn"
     backbone: str = "lesa_resnet_tiny"
     data: str = EMBEDDED
+    preset: Optional[str] = None
+    semantic: Optional[bool] = None  # HTC's semantic branch; default: where maps exist (digit scenes, semantic_root)
+    semantic_root: Optional[str] = None  # COCO-stuff stuffthingmaps root with train2017/ and val2017/
+    semantic_classes: Optional[int] = None  # default: 183 with semantic_root (COCO-stuff), classes + 1 (digit scenes)
+    train_scales: Optional[list[list[float]]] = None  # [[probability, low, high], ...]: longer side drawn per image
     schedule: str = "1x"
     lr: float = 0.02
     lr_base_batch: int = 16
@@ -84,6 +105,15 @@ class DetConfig(RunConfig):
 
     def problems(self) -> list[str]:
         problems = super().problems()
+        if self.detector not in DETECTORS:
+            problems.append(f"detector {self.detector!r}: choose one of {', '.join(DETECTORS)}")
+        if self.semantic and self.detector != "htc":
+            problems.append(f"--semantic is HTC's branch; {self.detector} has none (use --detector htc)")
+        if self.semantic and self.data != EMBEDDED and not self.semantic_root:
+            problems.append("--semantic on COCO needs the COCO-stuff maps: pass --semantic-root (stuffthingmaps)")
+        for scale in self.train_scales or []:
+            if len(scale) != 3 or not 0 < scale[0] <= 1 or not 0 < scale[1] <= scale[2]:
+                problems.append(f"train_scales entries are [probability, low, high] with 0 < low <= high (got {scale})")
         if self.schedule not in SCHEDULES:
             problems.append(f"schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
         for name in ("min_size", "max_size", "box_batch_size_per_image", "rpn_post_nms_top_n_train",
@@ -101,7 +131,20 @@ class DetConfig(RunConfig):
         return problems
 
     def default_run_name(self) -> str:
-        return f"det-{self.backbone}-{Path(self.data).name}"
+        kind = "" if self.detector == "maskrcnn" else f"{self.detector}-"
+        return f"det-{kind}{self.backbone}-{Path(self.data).name}"
+
+    @property
+    def with_semantic(self) -> bool:
+        """Whether HTC's semantic branch is on (by default where maps exist)."""
+        if self.semantic is not None:
+            return self.semantic
+        return self.detector == "htc" and (self.data == EMBEDDED or bool(self.semantic_root))
+
+    def semantic_source(self, split: str) -> Optional[str | Path]:
+        if not self.with_semantic:
+            return None
+        return INSTANCE_SEMANTIC if self.data == EMBEDDED else Path(self.semantic_root) / f"{split}2017"
 
     def total_epochs(self) -> int:
         return self.epochs or SCHEDULES[self.schedule][0]
@@ -115,7 +158,7 @@ class DetConfig(RunConfig):
 
 def build_det_config(config_file: Optional[str] = None, **overrides: Any) -> DetConfig:
     """Defaults < YAML file < explicit overrides (``None`` values are ignored)."""
-    return merge_config(DetConfig, config_file, None, **overrides)
+    return merge_config(DetConfig, config_file, overrides.pop("preset", None), presets=DET_PRESETS, **overrides)
 
 
 def coco_splits(data: str) -> dict[str, tuple[Path, Path]]:
@@ -143,15 +186,17 @@ class DetectionTask(Task):
 
     kind = "detection"
     best_metric = "bbox_AP"
-    columns = COLUMNS
-    resume_keys = ("backbone", "data", "batch_size", "dcn_stages", "deform_unary")
+    resume_keys = ("detector", "backbone", "data", "batch_size", "dcn_stages", "deform_unary", "semantic")
 
     def __init__(self, cfg: DetConfig, ctx: DistContext) -> None:
         self.cfg, self.ctx = cfg, ctx
         splits = coco_splits(cfg.data)
-        self.train_set = CocoDetection(*splits["train"], train=True)
+        self.train_set = CocoDetection(*splits["train"], train=True, semantic=cfg.semantic_source("train"))
         self.val_set = CocoDetection(*splits["val"], train=False)
-        self.model = build_detector(cfg, num_classes=len(self.train_set.classes) + 1)
+        self.model = detector_of(cfg, self.train_set.classes)
+        self.losses = loss_names(cfg.detector, cfg.with_semantic)
+        self.columns = ["epoch", "loss", *self.losses, "bbox_AP", "bbox_AP50", "segm_AP", "segm_AP50", "lr",
+                        "epoch_time_s"]
         self.evaluation: dict[str, dict] = {}
 
     def collate(self, batch: list) -> Any:
@@ -172,7 +217,7 @@ class DetectionTask(Task):
             losses = net(images, targets)
         loss = sum(losses.values())
         stats = {"loss": loss.item(), **{name: float(losses[name].detach()) if name in losses else 0.0
-                                         for name in LOSSES}}
+                                         for name in self.losses}}
         return Step(loss, 1.0, stats)
 
     def evaluate(self, net: nn.Module, runtime: Runtime) -> dict[str, float]:
@@ -181,11 +226,13 @@ class DetectionTask(Task):
         return {f"{t}_{k}": self.evaluation[t][k] for t in ("bbox", "segm") for k in ("AP", "AP50")}
 
     def describe(self, params: int) -> str:
-        return (f"Mask R-CNN + {self.cfg.backbone}-FPN: {params / 1e6:.2f}M parameters, "
+        semantic = " with the semantic branch" if self.cfg.with_semantic else ""
+        return (f"{NAMES[self.cfg.detector]}{semantic} + {self.cfg.backbone}-FPN: {params / 1e6:.2f}M parameters, "
                 f"{len(self.train_set)} training images; {describe_init(self.model.backbone_init)}")
 
     def format_row(self, row: dict[str, float]) -> str:
-        return (f"loss {row['loss']:.3f} (mask {row['loss_mask']:.3f}), box AP {row['bbox_AP']:.1f}, "
+        mask = sum(row[name] for name in self.losses if name.endswith("loss_mask"))
+        return (f"loss {row['loss']:.3f} (mask {mask:.3f}), box AP {row['bbox_AP']:.1f}, "
                 f"mask AP {row['segm_AP']:.1f} ({row['epoch_time_s']:.0f}s)")
 
     def state_dict(self) -> dict[str, Any]:
@@ -199,15 +246,17 @@ class DetectionTask(Task):
                     segm_AP=last.get("segm_AP"))
 
 
-def build_detector(cfg: DetConfig, num_classes: int) -> nn.Module:
-    pretrained = bool(cfg.pretrained_backbone)
-    return build_maskrcnn(
-        cfg.backbone, num_classes, pretrained_backbone=cfg.pretrained_backbone, dcn_stages=cfg.dcn_stages,
-        deform_unary=cfg.deform_unary,
-        trainable_layers=cfg.trainable_layers if cfg.trainable_layers is not None else (3 if pretrained else 5),
-        frozen_bn=cfg.frozen_bn if cfg.frozen_bn is not None else pretrained,
-        min_size=cfg.min_size, max_size=cfg.max_size, pos_init=cfg.pos_init, checkpoint=cfg.checkpoint_layers,
-        impl=cfg.impl, box_batch_size_per_image=cfg.box_batch_size_per_image,
+def detector_of(cfg: DetConfig, classes: list[str]) -> nn.Module:
+    """The detector a run's configuration describes, for ``classes`` (background added)."""
+    semantic_classes = None
+    if cfg.with_semantic:
+        semantic_classes = cfg.semantic_classes or (len(classes) + 1 if cfg.data == EMBEDDED else COCO_STUFF_CLASSES)
+    return build_detector(
+        cfg.detector, cfg.backbone, len(classes) + 1, pretrained_backbone=cfg.pretrained_backbone,
+        trainable_layers=cfg.trainable_layers, frozen_bn=cfg.frozen_bn, dcn_stages=cfg.dcn_stages,
+        deform_unary=cfg.deform_unary, pos_init=cfg.pos_init, checkpoint=cfg.checkpoint_layers, impl=cfg.impl,
+        min_size=cfg.min_size, max_size=cfg.max_size, train_scales=cfg.train_scales,
+        semantic_classes=semantic_classes, box_batch_size_per_image=cfg.box_batch_size_per_image,
         rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
     )
 
@@ -243,6 +292,57 @@ def load_detector(checkpoint: str | Path) -> tuple[nn.Module, DetConfig, dict[st
     state = load_checkpoint(checkpoint, kind="detection")
     saved = {k: v for k, v in state["config"].items() if k in DetConfig.__dataclass_fields__}
     cfg = DetConfig(**{**saved, "pretrained_backbone": None, "resume": False})
-    model = build_detector(cfg, num_classes=len(state["classes"]) + 1)
+    model = detector_of(cfg, state["classes"])
     model.load_state_dict(state["model"])
     return model.eval(), cfg, state
+
+
+def evaluate_run(checkpoint: str | Path, data: Optional[str] = None, device: str = "auto",
+                 max_images: Optional[int] = None, output: Optional[str | Path] = None) -> tuple[dict, Path]:
+    """COCO box / mask AP of a trained detector on its (or ``data``'s) validation split, written to
+    ``coco_eval.json`` in ``output`` (default: the run directory); returns the result and that path."""
+    dev = resolve_device(device)
+    model, cfg, _ = load_detector(checkpoint)
+    model.to(dev)
+    dataset = CocoDetection(*coco_splits(data or cfg.data)["val"])
+    result = evaluate_detector(model, dataset, DistContext(device=dev), max_images, quiet=False)
+    run_dir = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
+    path = Path(output or run_dir) / "coco_eval.json"
+    write_json(path, result)
+    return result, path
+
+
+def predict_images(checkpoint: str | Path, images: list[str], output: str | Path, score_threshold: float = 0.5,
+                   device: str = "auto") -> Iterator[tuple[str, int, Path]]:
+    """Draw a detector's boxes, labels, scores and masks on each image; yields (image, detections kept,
+    PNG written). Detections below ``score_threshold`` are dropped before their masks are pasted at full
+    resolution, so memory follows what is kept, not the image size."""
+    dev = resolve_device(device)
+    model, _, state = load_detector(checkpoint)
+    model.to(dev)
+    model.roi_heads.score_thresh = max(model.roi_heads.score_thresh, score_threshold)
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    for path, name in zip(images, output_names(images)):
+        image = load_image(path)
+        with torch.no_grad():
+            prediction = {k: v.cpu() for k, v in model([image.to(dev)])[0].items()}
+        target = out / name
+        draw_prediction(image, prediction, state["classes"], score_threshold).save(target)
+        yield path, int((prediction["scores"] >= score_threshold).sum()), target
+
+
+def output_names(images: list[str]) -> list[str]:
+    """``<stem>.png`` for each input, with the parent folders' names added where stems collide
+    (``a/x.jpg`` and ``b/x.png`` -> ``a_x.png``, ``b_x.png``; the same path twice -> ``x.png``, ``x_2.png``)."""
+    stems = [Path(p).stem for p in images]
+    names = []
+    for path, stem in zip(images, stems):
+        parent = Path(path).resolve().parent.name
+        names.append(f"{parent}_{stem}" if stems.count(stem) > 1 else stem)
+    seen: dict[str, int] = {}
+    unique = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        unique.append(f"{name}.png" if seen[name] == 1 else f"{name}_{seen[name]}.png")
+    return unique

@@ -182,9 +182,10 @@ def _describe(hint: Any) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(hint, str(hint))
 
 
-def preset_values(name: str) -> dict[str, Any]:
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+def preset_values(name: str, presets: tuple[str, ...] = PRESETS) -> dict[str, Any]:
+    """The options of a shipped recipe (``lesa/configs/NAME.yaml``)."""
+    if name not in presets:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(presets)}")
     text = resources.files("lesa").joinpath("configs", f"{name}.yaml").read_text()
     return yaml.safe_load(text) or {}
 
@@ -208,13 +209,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def merge_config(cls: type[C], config_file: Optional[str] = None, preset: Optional[str] = None,
-                 **overrides: Any) -> C:
+                 presets: tuple[str, ...] = PRESETS, **overrides: Any) -> C:
     """Defaults < a preset < a YAML file < explicit overrides (``None`` values are ignored; mappings merge)."""
     values: dict[str, Any] = {}
     file_values = load_yaml(config_file) if config_file else {}
     preset = preset or file_values.get("preset")
     if preset:
-        values.update(preset_values(preset))
+        values.update(preset_values(preset, presets))
         values["preset"] = preset
     values.update(file_values)
     for key, value in overrides.items():

@@ -1,66 +1,110 @@
-"""Mask R-CNN with a LESA-FPN backbone on torchvision (the paper's Tables 3-4 setting)."""
+"""The detectors over lesa backbones: Mask R-CNN (torchvision's), Cascade Mask R-CNN and HTC (ours, on
+torchvision's parts), the paper's Tables 3-4 settings. One builder, :func:`build_detector`."""
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.faster_rcnn import _default_anchorgen
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..engine import run_kind
 from ..errors import CheckpointError, ConfigError
 from ..layers.rel_pos import resize_rel_table
 from ..weights import model_state_dict, read_checkpoint
 from .backbone import LesaFPNBackbone, build_backbone
+from .cascade import DetectionTransform, build_cascade_heads
 
+DETECTORS = ("maskrcnn", "cascade_maskrcnn", "htc")
 POS_INIT = ("reinit", "interpolate")
 
 
-def build_maskrcnn(
-    backbone_name: str,
+def build_detector(
+    kind: str,
+    backbone: str,
     num_classes: int,
+    *,
     pretrained_backbone: Optional[str | Path] = None,
+    trainable_layers: Optional[int] = None,
+    frozen_bn: Optional[bool] = None,
     dcn_stages: Sequence[int] = (),
     deform_unary: bool = False,
-    trainable_layers: int = 3,
-    min_size: int = 800,
-    max_size: int = 1333,
     pos_init: str = "reinit",
-    frozen_bn: bool = True,
     checkpoint: bool = False,
     impl: str = "auto",
+    min_size: int = 800,
+    max_size: int = 1333,
+    train_scales: Optional[Sequence[Sequence[float]]] = None,
     table_size: Optional[int] = None,
-    **kwargs: Any,
-) -> MaskRCNN:
-    """A torchvision :class:`~torchvision.models.detection.MaskRCNN` over a lesa backbone.
+    semantic_classes: Optional[int] = None,
+    box_batch_size_per_image: int = 512,
+    rpn_post_nms_top_n_train: int = 2000,
+) -> GeneralizedRCNN:
+    """A detector (``kind`` in ``'maskrcnn'``, ``'cascade_maskrcnn'``, ``'htc'``) over a lesa backbone
+    with an FPN; torchvision's forward contract (``model(images, targets)`` -> losses in training, one
+    dict of boxes, labels, scores, masks per image in evaluation).
 
     Args:
-        backbone_name: any lesa model name (``lesa_resnet50``, ``resnet50``, ``sa_wide_resnet50_2``, ...).
+        kind: the detector.
+        backbone: any lesa model name (``lesa_resnet50``, ``resnet50``, ``sa_wide_resnet50_2``, ...).
         num_classes: object classes *including* the background (torchvision's convention).
         pretrained_backbone: a classification checkpoint of the same backbone (a lesa run directory or
             file, or an official one: it is converted). The classifier is dropped; everything whose name and
             shape fit is loaded; position tables are re-initialised (``pos_init='reinit'``, as the authors'
-            detection code) or interpolated to the lengths this backbone uses (``'interpolate'``, 'rel2d'
-            tables only). What was not loaded is reported in ``model.backbone_init``.
+            detection code) or interpolated (``'interpolate'``, 'rel2d' tables only). What was not loaded is
+            reported in ``model.backbone_init``.
+        trainable_layers: backbone stages trained (0-5); default 3 with pretrained weights (stem and stage 1
+            frozen, as usual for detection), 5 (all) from scratch.
+        frozen_bn: the backbone's BatchNorms frozen; default: with pretrained weights only.
         dcn_stages: stages whose 3x3 convolutions are deformable (the paper's "Dconv." uses 2-4; with a LESA
             backbone, stages 3-4 are LESA and only stage 2 has convolutions to deform).
         deform_unary: LESA's unary term deformable (one offset group), the paper's 20-epoch rows.
-        trainable_layers, frozen_bn: see :class:`~lesa.detection.backbone.LesaFPNBackbone`.
-        min_size, max_size: torchvision's aspect-preserving resize.
         checkpoint: gradient checkpointing of the LESA terms (the official configs enable it).
+        impl: the attention layers' implementation.
+        min_size, max_size: the aspect-preserving resize (shorter side, longer side at most).
+        train_scales: multi-scale training, ``[(probability, low, high), ...]``: the longer side drawn from a
+            range (see :class:`~lesa.detection.cascade.DetectionTransform`).
         table_size: input size the position tables are built for (default ``max_size``).
-        kwargs: passed to ``MaskRCNN`` (e.g. ``box_detections_per_img``, ``rpn_batch_size_per_image``).
+        semantic_classes: HTC's semantic branch with this many classes (COCO-stuff: 183); ``None``: without.
+        box_batch_size_per_image: RoIs sampled per image (per stage for the cascades).
+        rpn_post_nms_top_n_train: proposals kept in training.
     """
+    if kind not in DETECTORS:
+        raise ConfigError(f"detector {kind!r}: choose one of {', '.join(DETECTORS)}")
     if pos_init not in POS_INIT:
         raise ConfigError(f"pos_init={pos_init!r}: choose one of {POS_INIT}")
-    backbone = build_backbone(backbone_name, dcn_stages, deform_unary, trainable_layers, frozen_bn,
-                              table_size or max_size, checkpoint, impl)
-    report = None
-    if pretrained_backbone:
-        report = load_backbone_weights(backbone, pretrained_backbone, pos_init)
-    model = MaskRCNN(backbone, num_classes=num_classes, min_size=min_size, max_size=max_size, **kwargs)
+    if semantic_classes and kind != "htc":
+        raise ConfigError(f"the semantic branch is HTC's; {kind} has none (drop semantic_classes)")
+    pretrained = pretrained_backbone is not None
+    trainable = trainable_layers if trainable_layers is not None else (3 if pretrained else 5)
+    frozen = frozen_bn if frozen_bn is not None else pretrained
+    table = table_size or max([max_size, *(high for _, _, high in train_scales or [])])
+    fpn = build_backbone(backbone, dcn_stages, deform_unary, trainable, frozen, int(table), checkpoint, impl)
+    report = load_backbone_weights(fpn, pretrained_backbone, pos_init) if pretrained else None
+    transform = DetectionTransform(min_size, max_size, list(IMAGENET_MEAN), list(IMAGENET_STD), train_scales)
+    if kind == "maskrcnn":
+        model = MaskRCNN(fpn, num_classes=num_classes, box_batch_size_per_image=box_batch_size_per_image,
+                         rpn_post_nms_top_n_train=rpn_post_nms_top_n_train)
+        model.transform = transform
+    else:
+        rpn = RegionProposalNetwork(
+            _default_anchorgen(), RPNHead(fpn.out_channels, 3), 0.7, 0.3, 256, 0.5,
+            dict(training=2000, testing=1000), dict(training=rpn_post_nms_top_n_train, testing=1000), 0.7)
+        heads = build_cascade_heads(num_classes, htc=kind == "htc", semantic_classes=semantic_classes,
+                                    out_channels=fpn.out_channels, batch_size_per_image=box_batch_size_per_image)
+        model = GeneralizedRCNN(fpn, rpn, heads, transform)
+    model.detector_kind = kind
     model.backbone_init = report
     return model
+
+
+def build_maskrcnn(backbone: str, num_classes: int, **kwargs) -> MaskRCNN:
+    """Mask R-CNN over a lesa backbone: :func:`build_detector` with ``kind='maskrcnn'``."""
+    return build_detector("maskrcnn", backbone, num_classes, **kwargs)
 
 
 def load_backbone_weights(backbone: LesaFPNBackbone, source: str | Path, pos_init: str = "reinit"

@@ -1,0 +1,399 @@
+"""Cascade Mask R-CNN and Hybrid Task Cascade (HTC) on torchvision's detection parts.
+
+Cascade R-CNN (Cai & Vasconcelos, CVPR 2018) refines boxes in 3 stages whose heads are trained at rising
+IoU thresholds (0.5 / 0.6 / 0.7) on the boxes the previous stage regressed; each stage has a 2-FC (1024)
+box head with class-agnostic regression, its own regression target scale ((0.1, 0.1, 0.2, 0.2), then
+halved, then thirded) and loss weight (1, 0.5, 0.25), and a mask head. At test time the class logits of
+the three stages are averaged, the boxes come from the last stage, and the masks of the three heads are
+averaged after their sigmoids.
+
+HTC (Chen et al., "Hybrid Task Cascade for Instance Segmentation", CVPR 2019, arXiv 1901.07518) changes
+three things, each a flag here: *interleaved* execution (each stage's mask head trains on the boxes its
+own box head has just refined, re-assigned and re-sampled, not on the stage's input boxes), *mask
+information flow* (each mask head adds the previous head's features through a 1x1 convolution, so the
+stage-3 mask sees what stages 1-2 computed), and the optional *semantic branch*: a fully convolutional
+head over the FPN levels fused at stride 8, trained with per-pixel cross-entropy (weight 0.2, label 255
+ignored), whose features are added to every box and mask RoI feature.
+
+The detectors are torchvision ``GeneralizedRCNN`` models (``model(images, targets)`` -> losses in
+training, one dict of ``boxes``, ``labels``, ``scores``, ``masks`` per image in evaluation) built from its
+``RegionProposalNetwork``, ``MultiScaleRoIAlign``, ``BoxCoder``, ``Matcher``,
+``BalancedPositiveNegativeSampler`` and ``GeneralizedRCNNTransform``; only the cascade RoI heads are ours.
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, BoxCoder, Matcher
+from torchvision.models.detection.faster_rcnn import TwoMLPHead
+from torchvision.models.detection.roi_heads import maskrcnn_loss
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import MultiScaleRoIAlign, batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
+
+STAGE_IOUS = (0.5, 0.6, 0.7)
+STAGE_WEIGHTS = (1.0, 0.5, 0.25)
+# Regression target standard deviations per stage (mmdetection's); the box coder's weights are their inverses.
+STAGE_STDS = ((0.1, 0.1, 0.2, 0.2), (0.05, 0.05, 0.1, 0.1), (0.033, 0.033, 0.067, 0.067))
+IGNORE_LABEL = 255
+
+
+class CascadeBoxHead(nn.Module):
+    """Two shared 1024-d FCs, then class logits (``num_classes`` with background) and one class-agnostic box."""
+
+    def __init__(self, in_channels: int, resolution: int, num_classes: int, hidden: int = 1024) -> None:
+        super().__init__()
+        self.fcs = TwoMLPHead(in_channels * resolution**2, hidden)
+        self.cls_score = nn.Linear(hidden, num_classes)
+        self.bbox_pred = nn.Linear(hidden, 4)
+        nn.init.normal_(self.cls_score.weight, std=0.01)
+        nn.init.normal_(self.bbox_pred.weight, std=0.001)
+        nn.init.zeros_(self.cls_score.bias)
+        nn.init.zeros_(self.bbox_pred.bias)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x = self.fcs(x)
+        return self.cls_score(x), self.bbox_pred(x)
+
+
+class CascadeMaskHead(nn.Module):
+    """Four 3x3 convolutions, a 2x deconvolution and per-class logits (28x28 from 14x14 RoIs).
+
+    With ``info_flow`` the previous stage's features (after its convolutions) pass through a 1x1
+    convolution and are added to the RoI features first (HTC's mask information flow). ``forward``
+    returns the logits and these features for the next stage.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, channels: int = 256, num_convs: int = 4,
+                 info_flow: bool = False) -> None:
+        super().__init__()
+        self.conv_res = nn.Conv2d(channels, channels, 1) if info_flow else None
+        self.convs = nn.ModuleList(
+            nn.Conv2d(in_channels if i == 0 else channels, channels, 3, padding=1) for i in range(num_convs))
+        self.upsample = nn.ConvTranspose2d(channels, channels, 2, stride=2)
+        self.logits = nn.Conv2d(channels, num_classes, 1)
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: Tensor, previous: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        if self.conv_res is not None and previous is not None:
+            x = x + self.conv_res(previous)
+        for conv in self.convs:
+            x = F.relu(conv(x))
+        return self.logits(F.relu(self.upsample(x))), x
+
+
+class FusedSemanticHead(nn.Module):
+    """HTC's semantic branch: 1x1 lateral convolutions on every FPN level, all resized to the level of
+    stride 8 and summed, four 3x3 convolutions, then per-pixel class logits and a 1x1 embedding whose
+    features are added to the RoI features of the box and mask heads."""
+
+    def __init__(self, num_levels: int, in_channels: int, num_classes: int, channels: int = 256,
+                 num_convs: int = 4, fusion_level: int = 1, loss_weight: float = 0.2) -> None:
+        super().__init__()
+        self.fusion_level, self.loss_weight = fusion_level, loss_weight
+        self.lateral = nn.ModuleList(nn.Conv2d(in_channels, channels, 1) for _ in range(num_levels))
+        self.convs = nn.ModuleList(
+            nn.Conv2d(in_channels if i == 0 else channels, channels, 3, padding=1) for i in range(num_convs))
+        self.embedding = nn.Conv2d(channels, channels, 1)
+        self.logits = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, features: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        x = F.relu(self.lateral[self.fusion_level](features[self.fusion_level]))
+        size = x.shape[-2:]
+        for i, feature in enumerate(features):
+            if i != self.fusion_level:
+                lateral = F.relu(self.lateral[i](feature))
+                x = x + F.interpolate(lateral, size=size, mode="bilinear", align_corners=True)
+        for conv in self.convs:
+            x = F.relu(conv(x))
+        return self.logits(x), F.relu(self.embedding(x))
+
+    def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Cross-entropy against ``labels`` (N, H, W) at image resolution, taken at the logits' stride
+        (nearest), pixels labelled 255 ignored."""
+        small = F.interpolate(labels[:, None].float(), size=logits.shape[-2:], mode="nearest")[:, 0].long()
+        if not (small != IGNORE_LABEL).any():
+            return logits.sum() * 0.0
+        return self.loss_weight * F.cross_entropy(logits, small, ignore_index=IGNORE_LABEL)
+
+
+@dataclass
+class Sample:
+    """One stage's training RoIs of one image: boxes, class labels (0 = background), the ground truth
+    each is matched to, whether it is a ground-truth box, and its regression targets."""
+
+    rois: Tensor
+    labels: Tensor
+    matched: Tensor
+    is_gt: Tensor
+    targets: Tensor
+
+
+class CascadeRoIHeads(nn.Module):
+    """Cascade RoI heads: Cascade Mask R-CNN, or HTC with ``interleaved``, ``mask_info_flow`` and a
+    ``semantic_head`` (see the module docstring). Called as torchvision's ``RoIHeads``."""
+
+    def __init__(self, box_heads: Sequence[CascadeBoxHead], mask_heads: Sequence[CascadeMaskHead], *,
+                 box_roi_pool: MultiScaleRoIAlign, mask_roi_pool: MultiScaleRoIAlign,
+                 semantic_head: Optional[FusedSemanticHead] = None, interleaved: bool = False,
+                 mask_info_flow: bool = False, stage_ious: Sequence[float] = STAGE_IOUS,
+                 stage_weights: Sequence[float] = STAGE_WEIGHTS,
+                 stage_stds: Sequence[Sequence[float]] = STAGE_STDS, batch_size_per_image: int = 512,
+                 positive_fraction: float = 0.25, score_thresh: float = 0.05, nms_thresh: float = 0.5,
+                 detections_per_img: int = 100) -> None:
+        super().__init__()
+        if not len(box_heads) == len(mask_heads) == len(stage_ious) == len(stage_weights) == len(stage_stds):
+            raise ValueError("one box head, mask head, IoU threshold, loss weight and std per stage")
+        self.box_heads, self.mask_heads = nn.ModuleList(box_heads), nn.ModuleList(mask_heads)
+        self.box_roi_pool, self.mask_roi_pool = box_roi_pool, mask_roi_pool
+        self.semantic_head = semantic_head
+        self.semantic_roi_pool = MultiScaleRoIAlign(["semantic"], 14, 2) if semantic_head is not None else None
+        self.interleaved, self.mask_info_flow = interleaved, mask_info_flow
+        self.stage_weights = tuple(stage_weights)
+        self.matchers = [Matcher(iou, iou, allow_low_quality_matches=False) for iou in stage_ious]
+        self.box_coders = [BoxCoder(tuple(1.0 / s for s in stds)) for stds in stage_stds]
+        self.sampler = BalancedPositiveNegativeSampler(batch_size_per_image, positive_fraction)
+        self.score_thresh, self.nms_thresh, self.detections_per_img = score_thresh, nms_thresh, detections_per_img
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.box_heads)
+
+    # -- features -------------------------------------------------------------------------------------
+    def semantic_features(self, features: dict[str, Tensor]) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        if self.semantic_head is None:
+            return None, None
+        return self.semantic_head(list(features.values()))
+
+    def add_semantic(self, x: Tensor, semantic: Optional[Tensor], rois: list[Tensor],
+                     image_shapes: list[tuple[int, int]]) -> Tensor:
+        if semantic is None:
+            return x
+        pooled = self.semantic_roi_pool({"semantic": semantic}, rois, image_shapes)
+        if pooled.shape[-2:] != x.shape[-2:]:
+            pooled = F.adaptive_avg_pool2d(pooled, x.shape[-2:])
+        return x + pooled
+
+    def box_forward(self, stage: int, features: dict[str, Tensor], rois: list[Tensor],
+                    image_shapes: list[tuple[int, int]], semantic: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        x = self.add_semantic(self.box_roi_pool(features, rois, image_shapes), semantic, rois, image_shapes)
+        return self.box_heads[stage](x)
+
+    def mask_logits(self, stage: int, features: dict[str, Tensor], rois: list[Tensor],
+                    image_shapes: list[tuple[int, int]], semantic: Optional[Tensor]) -> list[Tensor]:
+        """The mask logits of stages ``0..stage`` on ``rois`` (with information flow, each stage's head
+        receives the previous one's features)."""
+        x = self.add_semantic(self.mask_roi_pool(features, rois, image_shapes), semantic, rois, image_shapes)
+        logits, previous = [], None
+        for head in self.mask_heads[: stage + 1]:
+            out, feat = head(x, previous if self.mask_info_flow else None)
+            logits.append(out)
+            previous = feat
+        return logits
+
+    # -- training -------------------------------------------------------------------------------------
+    def sample(self, stage: int, rois: list[Tensor], targets: list[dict[str, Tensor]]) -> list[Sample]:
+        """Add the ground truth to each image's RoIs, match at the stage's IoU and sample
+        ``batch_size_per_image`` with the positive fraction."""
+        samples, labels_all = [], []
+        for boxes, target in zip(rois, targets):
+            gt = target["boxes"].to(boxes.dtype)
+            boxes = torch.cat([boxes, gt])
+            is_gt = torch.cat([torch.zeros(len(boxes) - len(gt), dtype=torch.bool, device=boxes.device),
+                               torch.ones(len(gt), dtype=torch.bool, device=boxes.device)])
+            if len(gt) == 0:
+                matched = torch.zeros(len(boxes), dtype=torch.int64, device=boxes.device)
+                labels = torch.zeros(len(boxes), dtype=torch.int64, device=boxes.device)
+            else:
+                match = self.matchers[stage](box_iou(gt, boxes))
+                matched = match.clamp(min=0)
+                labels = target["labels"][matched].clone()
+                labels[match == Matcher.BELOW_LOW_THRESHOLD] = 0
+                labels[match == Matcher.BETWEEN_THRESHOLDS] = -1
+            samples.append((boxes, labels, matched, is_gt, gt))
+            labels_all.append(labels)
+        positive, negative = self.sampler(labels_all)
+        out = []
+        for (boxes, labels, matched, is_gt, gt), pos, neg in zip(samples, positive, negative):
+            keep = torch.where(pos | neg)[0]
+            gt_boxes = gt[matched[keep]] if len(gt) else torch.zeros_like(boxes[keep])
+            regression = self.box_coders[stage].encode_single(gt_boxes, boxes[keep])
+            out.append(Sample(boxes[keep], labels[keep], matched[keep], is_gt[keep], regression))
+        return out
+
+    def refine(self, stage: int, samples: list[Sample], box_deltas: Tensor,
+               image_shapes: list[tuple[int, int]]) -> list[Tensor]:
+        """The stage's sampled RoIs moved by its regression, clipped, ground-truth RoIs left out: the
+        next stage's proposals."""
+        rois = [s.rois for s in samples]
+        decoded = self.decode(stage, box_deltas, rois, image_shapes)
+        return [boxes[~s.is_gt] for boxes, s in zip(decoded, samples)]
+
+    def decode(self, stage: int, box_deltas: Tensor, rois: list[Tensor],
+               image_shapes: list[tuple[int, int]]) -> list[Tensor]:
+        boxes = self.box_coders[stage].decode_single(box_deltas, torch.cat(rois))
+        return [clip_boxes_to_image(b, shape) for b, shape in zip(boxes.split([len(r) for r in rois]), image_shapes)]
+
+    def forward_train(self, features: dict[str, Tensor], proposals: list[Tensor],
+                      image_shapes: list[tuple[int, int]], targets: list[dict[str, Tensor]],
+                      semantic: Optional[Tensor]) -> dict[str, Tensor]:
+        losses: dict[str, Tensor] = {}
+        rois = [p.detach() for p in proposals]
+        for stage, weight in enumerate(self.stage_weights):
+            samples = self.sample(stage, rois, targets)
+            logits, deltas = self.box_forward(stage, features, [s.rois for s in samples], image_shapes, semantic)
+            loss_cls, loss_box = cascade_box_loss(logits, deltas, samples)
+            with torch.no_grad():
+                rois = self.refine(stage, samples, deltas, image_shapes)
+            # interleaved: the mask head learns on the boxes this stage's box head has just refined
+            mask_samples = self.sample(stage, rois, targets) if self.interleaved else samples
+            losses[f"s{stage}.loss_classifier"] = weight * loss_cls
+            losses[f"s{stage}.loss_box_reg"] = weight * loss_box
+            losses[f"s{stage}.loss_mask"] = weight * self.mask_loss(stage, features, mask_samples, image_shapes,
+                                                                    targets, semantic)
+        return losses
+
+    def mask_loss(self, stage: int, features: dict[str, Tensor], samples: list[Sample],
+                  image_shapes: list[tuple[int, int]], targets: list[dict[str, Tensor]],
+                  semantic: Optional[Tensor]) -> Tensor:
+        positive = [s.labels > 0 for s in samples]
+        rois = [s.rois[p] for s, p in zip(samples, positive)]
+        if sum(len(r) for r in rois) == 0:  # keep every parameter in the graph (DDP)
+            return sum(p.sum() for p in self.mask_heads[stage].parameters()) * 0.0
+        logits = self.mask_logits(stage, features, rois, image_shapes, semantic)[-1]
+        return maskrcnn_loss(logits, rois, [t["masks"] for t in targets], [t["labels"] for t in targets],
+                             [s.matched[p] for s, p in zip(samples, positive)])
+
+    # -- inference ------------------------------------------------------------------------------------
+    def forward_test(self, features: dict[str, Tensor], proposals: list[Tensor],
+                     image_shapes: list[tuple[int, int]], semantic: Optional[Tensor]) -> list[dict[str, Tensor]]:
+        rois, stage_logits = proposals, []
+        for stage in range(self.num_stages):
+            logits, deltas = self.box_forward(stage, features, rois, image_shapes, semantic)
+            stage_logits.append(logits)
+            if stage < self.num_stages - 1:
+                rois = self.decode(stage, deltas, rois, image_shapes)
+        boxes = self.decode(self.num_stages - 1, deltas, rois, image_shapes)
+        scores = F.softmax(torch.stack(stage_logits).mean(0), -1)  # the stages' logits averaged
+        results = self.postprocess(boxes, scores.split([len(r) for r in rois]), image_shapes)
+        detected = [r["boxes"] for r in results]
+        if sum(len(b) for b in detected):
+            probs = torch.stack([m.sigmoid() for m in self.mask_logits(self.num_stages - 1, features, detected,
+                                                                        image_shapes, semantic)]).mean(0)
+            labels = torch.cat([r["labels"] for r in results])
+            probs = probs[torch.arange(len(labels), device=labels.device), labels][:, None]
+            for result, masks in zip(results, probs.split([len(b) for b in detected])):
+                result["masks"] = masks
+        else:
+            for result in results:
+                result["masks"] = torch.zeros((0, 1, 28, 28), device=result["boxes"].device)
+        return results
+
+    def postprocess(self, boxes: list[Tensor], scores: Sequence[Tensor],
+                    image_shapes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+        """Per class: scores above ``score_thresh``, boxes of at least 1 px, NMS at ``nms_thresh``; the best
+        ``detections_per_img`` per image. Boxes are class-agnostic, so each class shares its RoI's box."""
+        results = []
+        for image_boxes, image_scores in zip(boxes, scores):
+            num_classes = image_scores.shape[1]
+            labels = torch.arange(1, num_classes, device=image_scores.device).expand(len(image_boxes), -1)
+            flat_boxes = image_boxes[:, None].expand(-1, num_classes - 1, 4).reshape(-1, 4)
+            flat_scores, flat_labels = image_scores[:, 1:].reshape(-1), labels.reshape(-1)
+            keep = torch.where(flat_scores > self.score_thresh)[0]
+            keep = keep[remove_small_boxes(flat_boxes[keep], 1e-2)]
+            keep = keep[batched_nms(flat_boxes[keep], flat_scores[keep], flat_labels[keep], self.nms_thresh)]
+            keep = keep[: self.detections_per_img]
+            results.append(dict(boxes=flat_boxes[keep], scores=flat_scores[keep], labels=flat_labels[keep]))
+        return results
+
+    def forward(self, features: dict[str, Tensor], proposals: list[Tensor], image_shapes: list[tuple[int, int]],
+                targets: Optional[list[dict[str, Tensor]]] = None):
+        semantic_logits, semantic = self.semantic_features(features)
+        if not self.training:
+            return self.forward_test(features, proposals, image_shapes, semantic), {}
+        losses = self.forward_train(features, proposals, image_shapes, targets, semantic)
+        if self.semantic_head is not None:
+            padded = [s * 4 for s in features[next(iter(features))].shape[-2:]]  # the first level has stride 4
+            losses["loss_semantic"] = self.semantic_head.loss(semantic_logits, semantic_targets(targets, padded))
+        return [], losses
+
+
+def cascade_box_loss(logits: Tensor, deltas: Tensor, samples: list[Sample]) -> tuple[Tensor, Tensor]:
+    """Cross-entropy over the sampled RoIs; smooth-L1 (beta 1) on the positives' class-agnostic deltas,
+    divided by the number of sampled RoIs (mmdetection's cascade heads)."""
+    labels = torch.cat([s.labels for s in samples])
+    targets = torch.cat([s.targets for s in samples])
+    positive = labels > 0
+    loss_cls = F.cross_entropy(logits, labels)
+    loss_box = F.smooth_l1_loss(deltas[positive], targets[positive], beta=1.0, reduction="sum") / max(1, len(labels))
+    return loss_cls, loss_box
+
+
+def semantic_targets(targets: list[dict[str, Tensor]], size: Sequence[int]) -> Tensor:
+    """The images' class maps padded (with the ignored label) to the batch's padded size."""
+    out = torch.full((len(targets), *size), IGNORE_LABEL, dtype=torch.int64, device=targets[0]["boxes"].device)
+    for i, target in enumerate(targets):
+        if "semantic" not in target:
+            raise ValueError("the semantic branch needs targets with 'semantic' (an (H, W) int64 class map)")
+        semantic = target["semantic"]
+        out[i, : semantic.shape[0], : semantic.shape[1]] = semantic
+    return out
+
+
+class DetectionTransform(GeneralizedRCNNTransform):
+    """torchvision's resize / normalise / batch transform, which also resizes the targets' ``semantic``
+    maps (nearest), and can draw each training image's scale: ``train_scales`` is a list of
+    ``(probability, low, high)``; a scale ``s`` drawn uniformly from a chosen range resizes the image so
+    that its longer side is ``s`` (aspect kept)."""
+
+    def __init__(self, min_size: int, max_size: int, image_mean: list[float], image_std: list[float],
+                 train_scales: Optional[Sequence[Sequence[float]]] = None, **kwargs) -> None:
+        super().__init__(min_size, max_size, image_mean, image_std, **kwargs)
+        self.train_scales = [tuple(s) for s in train_scales or []]
+
+    def draw_scale(self) -> int:
+        weights = [p for p, _, _ in self.train_scales]
+        _, low, high = random.choices(self.train_scales, weights=weights)[0]
+        return int(round(random.uniform(low, high)))
+
+    def resize(self, image: Tensor, target: Optional[dict[str, Tensor]] = None):
+        if self.training and self.train_scales:
+            scale = self.draw_scale()
+            sizes = self.min_size, self.max_size
+            self.min_size, self.max_size = (scale,), scale  # the longer side becomes `scale`
+            try:
+                image, target = super().resize(image, target)
+            finally:
+                self.min_size, self.max_size = sizes
+        else:
+            image, target = super().resize(image, target)
+        if target is not None and "semantic" in target:
+            semantic = target["semantic"][None, None].float()
+            target["semantic"] = F.interpolate(semantic, size=image.shape[-2:], mode="nearest")[0, 0].long()
+        return image, target
+
+
+def build_cascade_heads(num_classes: int, *, htc: bool, semantic_classes: Optional[int] = None,
+                        out_channels: int = 256, num_levels: int = 5, **kwargs) -> CascadeRoIHeads:
+    """Cascade Mask R-CNN's RoI heads, or HTC's (``htc=True``; ``semantic_classes`` adds the branch)."""
+    box_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
+    mask_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], 14, 2)
+    stages = len(kwargs.get("stage_ious", STAGE_IOUS))
+    box_heads = [CascadeBoxHead(out_channels, 7, num_classes) for _ in range(stages)]
+    mask_heads = [CascadeMaskHead(out_channels, num_classes, info_flow=htc and i > 0) for i in range(stages)]
+    semantic = FusedSemanticHead(num_levels, out_channels, semantic_classes) if semantic_classes else None
+    return CascadeRoIHeads(box_heads, mask_heads, box_roi_pool=box_pool, mask_roi_pool=mask_pool,
+                           semantic_head=semantic, interleaved=htc, mask_info_flow=htc, **kwargs)
+
+
+__all__ = ["CascadeBoxHead", "CascadeMaskHead", "CascadeRoIHeads", "DetectionTransform", "FusedSemanticHead",
+           "build_cascade_heads"]
+
