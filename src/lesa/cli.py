@@ -215,7 +215,8 @@ def _det_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--detector", choices=["maskrcnn", "cascade_maskrcnn", "htc"], help="default maskrcnn")
     t.add_argument("--semantic", action=argparse.BooleanOptionalAction, default=None,
                    help="HTC's semantic branch (default: on where maps exist: digit scenes, --semantic-root)")
-    t.add_argument("--semantic-root", help="COCO-stuff stuffthingmaps folder (with train2017/, val2017/)")
+    t.add_argument("--semantic-root", help="COCO-stuff stuffthingmaps folder (with train2017/, val2017/), or "
+                   "'instances': class maps drawn from the instance masks")
     t.add_argument("--backbone", help="lesa model name (default lesa_resnet_tiny; the paper: lesa_resnet50, ...)")
     t.add_argument("--data", help="'digit-scenes' (embedded) or a COCO root")
     t.add_argument("--schedule", choices=["1x", "20e"])
@@ -282,6 +283,36 @@ def run_det(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- lesa export ---------------------------------------------------------------------------------------
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a classifier: run directory (uses best.pt), training checkpoint or weights file")
+    p.add_argument("output", help="out.onnx (ONNX, through torch.export; needs pip install 'lesa[export]') or "
+                                  "out.pt2 (a torch.export program)")
+    p.add_argument("--model", help="model name, for a weights-only file")
+    p.add_argument("--batch-size", type=int, help="fix the graph's batch size (default: any batch size)")
+    p.add_argument("--opset", type=int, help="ONNX opset version (default: the exporter's)")
+    p.add_argument("--no-check", action="store_true",
+                   help="do not run the exported graph (onnxruntime / torch.export) against eager PyTorch")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from .engine import load_trained_model
+    from .export import export_model
+
+    model, cfg = load_trained_model(args.checkpoint, args.model)
+    result = export_model(model, args.output, batch_size=args.batch_size, opset=args.opset, check=not args.no_check)
+    shape = result["input_shape"]
+    dims = ["N" if result["dynamic_batch"] else str(shape[0])] + [str(d) for d in shape[1:]]
+    inputs = f"input ({', '.join(dims)})" + (" for any N" if result["dynamic_batch"] else "")
+    if result["max_rel_error"] is not None:
+        checked = f"matches eager PyTorch under {result['checked_with']} (max error {result['max_rel_error']:.1e} " \
+                  "of the output's scale)"
+    else:
+        checked = result["checked_with"] or "not checked (--no-check)"
+    print(f"{cfg['model']} -> {result['path']} ({result['format']}, {inputs}): {checked}")
+    return 0
+
+
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 COMMANDS: dict[str, Command] = {
     "train": ("train a classifier (default: lesa_resnet_tiny on the embedded digits)", _train_args, run_train),
@@ -292,6 +323,8 @@ COMMANDS: dict[str, Command] = {
     "det": ("detection and instance segmentation: train / eval / predict", _det_args, run_det),
     "convert": ("convert an official LESA checkpoint to lesa's layout", _convert_args, run_convert),
     "models": ("list the available models", _models_args, run_models),
+    "export": ("export a classifier to ONNX or a torch.export program, checked against eager PyTorch", _export_args,
+               run_export),
 }
 
 

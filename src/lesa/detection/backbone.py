@@ -58,7 +58,7 @@ class LesaFPNBackbone(nn.Module):
         return self
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
-        features = self.body.forward_intermediates(x)
+        features = self.body.forward_intermediates(x, intermediates_only=True)
         return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(features)))
 
 

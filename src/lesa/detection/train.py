@@ -75,7 +75,7 @@ class DetConfig(RunConfig):
     data: str = EMBEDDED
     preset: Optional[str] = None
     semantic: Optional[bool] = None  # HTC's semantic branch; default: where maps exist (digit scenes, semantic_root)
-    semantic_root: Optional[str] = None  # COCO-stuff stuffthingmaps root with train2017/ and val2017/
+    semantic_root: Optional[str] = None  # COCO-stuff stuffthingmaps (train2017/, val2017/), or 'instances'
     semantic_classes: Optional[int] = None  # default: 183 with semantic_root (COCO-stuff), classes + 1 (digit scenes)
     train_scales: Optional[list[list[float]]] = None  # [[probability, low, high], ...]: longer side drawn per image
     schedule: str = "1x"
@@ -144,7 +144,9 @@ class DetConfig(RunConfig):
     def semantic_source(self, split: str) -> Optional[str | Path]:
         if not self.with_semantic:
             return None
-        return INSTANCE_SEMANTIC if self.data == EMBEDDED else Path(self.semantic_root) / f"{split}2017"
+        if self.data == EMBEDDED or self.semantic_root == INSTANCE_SEMANTIC:
+            return INSTANCE_SEMANTIC
+        return Path(self.semantic_root) / f"{split}2017"
 
     def total_epochs(self) -> int:
         return self.epochs or SCHEDULES[self.schedule][0]
@@ -250,7 +252,8 @@ def detector_of(cfg: DetConfig, classes: list[str]) -> nn.Module:
     """The detector a run's configuration describes, for ``classes`` (background added)."""
     semantic_classes = None
     if cfg.with_semantic:
-        semantic_classes = cfg.semantic_classes or (len(classes) + 1 if cfg.data == EMBEDDED else COCO_STUFF_CLASSES)
+        from_instances = cfg.semantic_source("train") == INSTANCE_SEMANTIC
+        semantic_classes = cfg.semantic_classes or (len(classes) + 1 if from_instances else COCO_STUFF_CLASSES)
     return build_detector(
         cfg.detector, cfg.backbone, len(classes) + 1, pretrained_backbone=cfg.pretrained_backbone,
         trainable_layers=cfg.trainable_layers, frozen_bn=cfg.frozen_bn, dcn_stages=cfg.dcn_stages,

@@ -1,0 +1,257 @@
+"""Cascade Mask R-CNN and HTC: losses and gradients of every stage, refined boxes between stages, interleaved
+execution, mask information flow, test-time averaging, the semantic branch, and the commands."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lesa.cli import main
+from lesa.data.digit_scenes import ensure_digit_scenes
+from lesa.detection import DetectionTransform, FusedSemanticHead, build_detector, build_maskrcnn
+from lesa.detection.train import build_det_config, output_names
+from lesa.engine import read_metrics_csv
+
+pytest.importorskip("pycocotools")
+
+SIZES = [(96, 128), (128, 96)]  # non-square, different within the batch
+
+
+def targets(sizes=SIZES, semantic=False):
+    out = []
+    for h, w in sizes:
+        boxes = torch.tensor([[10.0, 12.0, 50.0, 60.0], [40.0, 30.0, 90.0, 80.0]])
+        masks = torch.zeros(2, h, w, dtype=torch.uint8)
+        for mask, (x1, y1, x2, y2) in zip(masks, boxes.int().tolist()):
+            mask[y1:y2, x1:x2] = 1
+        target = dict(boxes=boxes, labels=torch.tensor([1, 2]), masks=masks)
+        if semantic:
+            target["semantic"] = masks[0].long() + 2 * masks[1].long() * (1 - masks[0].long())
+        out.append(target)
+    return out
+
+
+def images(sizes=SIZES, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(3, h, w, generator=g) for h, w in sizes]
+
+
+def detector(kind, semantic=None, backbone="lesa_resnet_tiny", **kw):
+    torch.manual_seed(0)
+    return build_detector(kind, backbone, 3, min_size=96, max_size=128, semantic_classes=semantic,
+                          box_batch_size_per_image=64, **kw)
+
+
+@pytest.mark.parametrize("kind,semantic", [("cascade_maskrcnn", None), ("htc", None), ("htc", 3)])
+def test_every_loss_is_finite_and_gradients_reach_every_stage(kind, semantic):
+    model = detector(kind, semantic)
+    losses = model(images(), targets(semantic=bool(semantic)))
+    stages = [f"s{i}.{n}" for i in range(3) for n in ("loss_classifier", "loss_box_reg", "loss_mask")]
+    assert set(losses) == {*stages, "loss_objectness", "loss_rpn_box_reg", *(["loss_semantic"] if semantic else [])}
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    heads = model.roi_heads
+    for i in range(3):
+        assert heads.box_heads[i].cls_score.weight.grad.abs().sum() > 0, i
+        assert heads.mask_heads[i].logits.weight.grad.abs().sum() > 0, i
+    if kind == "htc":
+        assert all(heads.mask_heads[i].conv_res.weight.grad.abs().sum() > 0 for i in (1, 2))
+    if semantic:
+        assert heads.semantic_head.logits.weight.grad.abs().sum() > 0
+        assert heads.semantic_head.lateral[4].weight.grad.abs().sum() > 0  # every FPN level reaches the head
+    assert model.backbone.body.conv1.weight.grad is not None and model.rpn.head.conv[0][0].weight.grad is not None
+
+
+@pytest.mark.parametrize("kind", ["cascade_maskrcnn", "htc"])
+def test_later_stages_train_on_the_boxes_the_previous_stage_refined(kind):
+    model = detector(kind)
+    heads = model.roi_heads
+    shift = 2.0  # stage 1 moves every box right by 2.0 / 10 of its width (the coder's weight is 1 / 0.1)
+    with torch.no_grad():
+        heads.box_heads[0].bbox_pred.weight.zero_()
+        heads.box_heads[0].bbox_pred.bias.copy_(torch.tensor([shift, 0.0, 0.0, 0.0]))
+    pooled = []
+    heads.box_roi_pool.register_forward_pre_hook(lambda m, args: pooled.append([b.clone() for b in args[1]]))
+    model(images(), targets())
+    assert len(pooled) == 3  # one call per stage
+    for image, (first, second) in enumerate(zip(pooled[0], pooled[1])):
+        shape = model.transform(images(), targets())[0].image_sizes[image]
+        expected = first.clone()
+        width = first[:, 2] - first[:, 0]
+        expected[:, [0, 2]] += shift / 10 * width[:, None]
+        expected[:, [0, 2]] = expected[:, [0, 2]].clamp(0, shape[1])
+        gt = model.transform(images(), targets())[1][image]["boxes"]
+        for box in second:
+            from_stage_1 = (expected - box).abs().max(1).values.min() < 1e-3
+            is_gt = (gt - box).abs().max(1).values.min() < 1e-3
+            assert from_stage_1 or is_gt, box  # never an unrefined stage-1 proposal
+        assert not all((first - box).abs().max(1).values.min() < 1e-3 for box in second)
+
+
+def test_htc_mask_heads_train_on_refined_boxes_interleaved():
+    calls = {}
+    for kind in ("cascade_maskrcnn", "htc"):
+        model = detector(kind)
+        with torch.no_grad():
+            model.roi_heads.box_heads[0].bbox_pred.weight.zero_()
+            model.roi_heads.box_heads[0].bbox_pred.bias.copy_(torch.tensor([2.0, 0.0, 0.0, 0.0]))
+        box_rois, mask_rois = [], []
+        model.roi_heads.box_roi_pool.register_forward_pre_hook(lambda m, a, r=box_rois: r.append(torch.cat(a[1])))
+        model.roi_heads.mask_roi_pool.register_forward_pre_hook(lambda m, a, r=mask_rois: r.append(torch.cat(a[1])))
+        model(images(), targets())
+        calls[kind] = box_rois, mask_rois
+    # Cascade: stage 1's mask RoIs are among stage 1's box RoIs; HTC: among the boxes stage 1 refined
+    box_rois, mask_rois = calls["cascade_maskrcnn"]
+    assert all((box_rois[0] - m).abs().max(1).values.min() < 1e-4 for m in mask_rois[0])
+    box_rois, mask_rois = calls["htc"]
+    assert not all((box_rois[0] - m).abs().max(1).values.min() < 1e-4 for m in mask_rois[0])
+
+
+def test_mask_information_flow():
+    model = detector("htc").eval()
+    cascade = detector("cascade_maskrcnn").eval()
+    x = images()
+    for net in (model, cascade):
+        transformed = net.transform(x)[0]
+        features = net.backbone(transformed.tensors)
+        rois = [torch.tensor([[8.0, 8.0, 60.0, 60.0]]), torch.tensor([[20.0, 10.0, 70.0, 90.0]])]
+        before = net.roi_heads.mask_logits(2, features, rois, transformed.image_sizes, None)[-1]
+        with torch.no_grad():
+            net.roi_heads.mask_heads[0].convs[0].weight.mul_(1.5)
+        after = net.roi_heads.mask_logits(2, features, rois, transformed.image_sizes, None)[-1]
+        changed = not torch.allclose(before, after)
+        assert changed == (net is model)  # stage 3's mask depends on stage 1's head only with the flow
+
+
+def test_test_time_averaging_of_scores_and_masks(monkeypatch):
+    model = detector("htc").eval()
+    heads = model.roi_heads
+    stage_logits = [torch.tensor([0.0, 2.0, -1.0]), torch.tensor([1.0, -1.0, 3.0]), torch.tensor([0.0, 0.5, 0.5])]
+    mask_values = [-2.0, 0.5, 3.0]
+    for head, logits in zip(heads.box_heads, stage_logits):
+        monkeypatch.setattr(head, "forward", lambda x, c=logits: (c.expand(len(x), -1), x.new_zeros(len(x), 4)))
+    for head, value in zip(heads.mask_heads, mask_values):
+        monkeypatch.setattr(head, "forward", lambda x, prev=None, v=value: (x.new_full((len(x), 3, 28, 28), v),
+                                                                             x.new_zeros(len(x), 256, 14, 14)))
+    transformed = model.transform(images())[0]
+    features = model.backbone(transformed.tensors)
+    proposals = [torch.tensor([[5.0, 5.0, 40.0, 40.0], [60.0, 50.0, 90.0, 90.0]])] * 2
+    with torch.no_grad():
+        results, _ = heads(features, proposals, transformed.image_sizes)
+    probs = F.softmax(torch.stack(stage_logits).mean(0), -1)  # the logits averaged, then the softmax
+    mask_prob = torch.tensor(mask_values).sigmoid().mean()  # the sigmoids averaged
+    for result in results:
+        assert len(result["scores"]) == 4  # 2 RoIs x 2 classes above the threshold
+        for score, label in zip(result["scores"], result["labels"]):
+            assert score == pytest.approx(float(probs[label]), abs=1e-6)
+        torch.testing.assert_close(result["masks"], torch.full_like(result["masks"], float(mask_prob)))
+
+
+def test_the_semantic_loss_ignores_255():
+    head = FusedSemanticHead(5, 8, num_classes=4, channels=8)
+    logits = torch.randn(1, 4, 8, 8)
+    labels = torch.randint(0, 4, (1, 64, 64))
+    labels[:, :32] = 255
+    loss = head.loss(logits, labels)
+    changed = logits.clone()
+    changed[..., :4, :] = 100 * torch.randn(1, 4, 4, 8)  # only where the labels are ignored
+    assert head.loss(changed, labels) == pytest.approx(float(loss))
+    small = labels[:, ::8, ::8]
+    expected = 0.2 * F.cross_entropy(logits, small, ignore_index=255)
+    assert float(loss) == pytest.approx(float(expected))
+
+
+def test_a_two_image_overfit_drives_every_loss_down():
+    model = detector("htc", 3)
+    x, t = images(), targets(semantic=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9)
+    history = []
+    for _ in range(30):
+        losses = model(x, t)
+        history.append({k: float(v.detach()) for k, v in losses.items()})
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        torch.nn.utils.clip_grad_norm_(params, 10.0)  # no warm-up in so short a run
+        optimizer.step()
+    first, last = history[0], history[-1]
+    assert sum(last.values()) < 0.3 * sum(first.values())
+    for key in first:
+        if key in ("s1.loss_box_reg", "s2.loss_box_reg"):
+            # At initialisation only the ground-truth RoIs pass IoU 0.6 / 0.7 (zero targets: a loss near 0);
+            # as the earlier stages learn, more RoIs pass and these sums grow. They stay bounded.
+            assert last[key] < 0.5, (key, last[key])
+        else:
+            assert last[key] < first[key], (key, first[key], last[key])
+
+
+@pytest.mark.parametrize("backbone", ["resnet_tiny", "sa_resnet_tiny", "aa_resnet_tiny", "static_lesa_resnet_tiny"])
+def test_every_backbone_in_every_detector(backbone):
+    for kind in ("maskrcnn", "cascade_maskrcnn", "htc"):
+        model = detector(kind, backbone=backbone)
+        losses = model(images([(64, 96)]), targets([(64, 96)]))
+        assert all(torch.isfinite(v) for v in losses.values()), (kind, backbone)
+
+
+def test_builders_decide_freezing_from_the_weights(tmp_path):
+    scratch = build_maskrcnn("lesa_resnet_tiny", 3)
+    body = scratch.backbone.body
+    assert body.conv1.weight.requires_grad and all(p.requires_grad for p in body.layer1.parameters())
+    scratch.train()
+    assert all(m.training for m in body.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    torch.save({"model": body.state_dict()}, tmp_path / "w.pt")
+    trained = build_maskrcnn("lesa_resnet_tiny", 3, pretrained_backbone=tmp_path / "w.pt")
+    assert not trained.backbone.body.conv1.weight.requires_grad
+    with pytest.raises(TypeError):
+        build_detector("htc", "lesa_resnet_tiny", 3, None)  # keyword-only after num_classes
+
+
+def test_multi_scale_resize_keeps_the_aspect_and_resizes_semantic_maps():
+    transform = DetectionTransform(100, 100, [0.5] * 3, [0.5] * 3, train_scales=[[0.5, 60, 80], [0.5, 120, 140]])
+    transform.train()
+    image, target = torch.rand(3, 50, 100), targets([(50, 100)], semantic=True)[0]
+    longs = set()
+    for _ in range(20):
+        batch, out = transform([image], [dict(target)])
+        h, w = batch.image_sizes[0]
+        assert 60 <= w <= 80 or 120 <= w <= 140
+        assert abs(h / w - 0.5) < 0.03 and out[0]["semantic"].shape == (h, w)
+        longs.add(w)
+    assert min(longs) <= 80 < 120 <= max(longs)  # both ranges drawn
+    transform.eval()
+    assert transform([image])[0].image_sizes[0] == (50, 100)  # evaluation: the fixed size
+
+
+def test_presets_and_options():
+    cfg = build_det_config(None, preset="htc")
+    assert (cfg.detector, cfg.schedule, cfg.backbone, cfg.total_epochs()) == ("htc", "20e", "lesa_wide_resnet50_2", 20)
+    assert cfg.train_scales == [[0.5, 512, 1024], [0.5, 1024, 2048]] and cfg.deform_unary
+    with pytest.raises(ValueError, match="needs the COCO-stuff maps"):
+        build_det_config(None, detector="htc", semantic=True, data="/data/coco")
+    assert not build_det_config(None, detector="htc", data="/data/coco").with_semantic  # htc_without_semantic
+    assert build_det_config(None, detector="htc").with_semantic  # digit scenes make their maps
+
+
+def test_output_names_do_not_collide():
+    assert output_names(["a/x.jpg", "b/x.png", "c/y.png"]) == ["a_x.png", "b_x.png", "y.png"]
+    assert len(set(output_names(["x.png", "x.png"]))) == 2
+
+
+def test_htc_commands_end_to_end(tmp_path, capsys):
+    root = ensure_digit_scenes(tmp_path / "scenes", counts={"train": 4, "val": 2})
+    out = tmp_path / "htc"
+    assert main(["det", "train", "--detector", "htc", "--data", str(root), "--epochs", "1", "--batch-size", "2",
+                 "--min-size", "128", "--max-size", "160", "--semantic-root", "instances", "--output", str(out),
+                 "--quiet"]) == 0
+    rows = read_metrics_csv(out / "metrics.csv")
+    assert "loss_semantic" in rows[0] and "s2.loss_mask" in rows[0]
+    assert json.loads((out / "summary.json").read_text())["kind"] == "detection"
+    assert main(["det", "eval", "--checkpoint", str(out)]) == 0  # the detector kind comes from the run
+    assert "segm" in capsys.readouterr().out
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for d in ("a", "b"):
+        (tmp_path / d / "s.png").write_bytes((root / "val" / "00001.png").read_bytes())
+    assert main(["det", "predict", str(tmp_path / "a" / "s.png"), str(tmp_path / "b" / "s.png"), "--checkpoint",
+                 str(out), "--output", str(tmp_path / "pred")]) == 0
+    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == ["a_s.png", "b_s.png"]
