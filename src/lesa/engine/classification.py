@@ -8,6 +8,7 @@ training set (or of what was read, when more), from the first images on.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -212,11 +213,14 @@ def evaluate_model(model: nn.Module, data: str, img_size: int, batch_size: int =
 
 def evaluate_checkpoint(checkpoint: str | Path, data: Optional[str] = None, batch_size: int = 128,
                         device: str = "auto", workers: int = 0, quiet: bool = False,
-                        model_name: Optional[str] = None) -> dict[str, Any]:
-    """Evaluate a run directory (its best.pt), a training checkpoint or a weights file."""
+                        model_name: Optional[str] = None,
+                        within: Optional[Callable[[nn.Module], contextlib.AbstractContextManager]] = None) -> dict[str, Any]:
+    """Evaluate a run directory (its best.pt), a training checkpoint or a weights file; ``within(model)``
+    is a context to evaluate in (an analysis changing the model for the evaluation, say)."""
     model, cfg = load_trained_model(checkpoint, model_name)
     data = data or cfg.get("data")
     if not data:
         raise ConfigError("no data to evaluate on: pass --data PATH or --data digits")
-    metrics = evaluate_model(model, data, cfg["img_size"], batch_size, device, workers, quiet, cfg["model"])
+    with within(model) if within else contextlib.nullcontext():
+        metrics = evaluate_model(model, data, cfg["img_size"], batch_size, device, workers, quiet, cfg["model"])
     return dict(model=cfg["model"], data=data, checkpoint=str(checkpoint), **metrics)
