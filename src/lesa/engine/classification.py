@@ -214,7 +214,8 @@ def evaluate_model(model: nn.Module, data: str, img_size: int, batch_size: int =
 def evaluate_checkpoint(checkpoint: str | Path, data: Optional[str] = None, batch_size: int = 128,
                         device: str = "auto", workers: int = 0, quiet: bool = False,
                         model_name: Optional[str] = None,
-                        within: Optional[Callable[[nn.Module], contextlib.AbstractContextManager]] = None) -> dict[str, Any]:
+                        within: Optional[Callable[[nn.Module], contextlib.AbstractContextManager]] = None,
+                        ) -> dict[str, Any]:
     """Evaluate a run directory (its best.pt), a training checkpoint or a weights file; ``within(model)``
     is a context to evaluate in (an analysis changing the model for the evaluation, say)."""
     model, cfg = load_trained_model(checkpoint, model_name)
