@@ -18,7 +18,7 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from ..data import build_classification_data
-from ..engine import build_config, evaluate_model, load_trained_model, train
+from ..engine import build_config, evaluate_checkpoint, load_trained_model, train
 from ..engine.records import plot_curves, read_metrics_csv, write_json
 from ..errors import ConfigError
 from ..layers import ablate_unary
@@ -75,13 +75,7 @@ def evaluate_without_unary(checkpoint: str | Path, data: Optional[str] = None, b
                            device: str = "auto", workers: int = 0, quiet: bool = False,
                            model_name: Optional[str] = None) -> dict[str, Any]:
     """Table 1's ablation: a trained classifier evaluated with each query's own attention term removed."""
-    model, cfg = load_trained_model(checkpoint, model_name)
-    data = data or cfg.get("data")
-    if not data:
-        raise ConfigError("no data to evaluate on: pass --data PATH or --data digits")
-    with ablate_unary(model):
-        metrics = evaluate_model(model, data, cfg["img_size"], batch_size, device, workers, quiet)
-    return dict(model=cfg["model"], data=data, checkpoint=str(checkpoint), **metrics)
+    return evaluate_checkpoint(checkpoint, data, batch_size, device, workers, quiet, model_name, within=ablate_unary)
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:

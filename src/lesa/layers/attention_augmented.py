@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from .binary import IMPLS, Impl, check_choice, check_input, resolve_auto, softmax_diagonal
+from .binary import IMPLS, Impl, check_choice, check_input, graph_mode, resolve_auto, softmax_diagonal
 from .rel2d_attention import augment_rel2d, rel2d_attention
 from .rel_pos import RelPosEmbed2d, Size2d
 
@@ -75,13 +75,20 @@ class AttentionAugmentedConv2d(nn.Module):
     def attention(self, x: Tensor) -> Tensor:
         n, _, h, w = x.shape
         q, k, v, rows, cols = self.project(x)
-        impl = resolve_auto("rel2d", h * w) if self.impl == "auto" else self.impl
-        if impl == "reference":
-            logits = q @ k.transpose(-1, -2) + (rows.unsqueeze(-1) + cols.unsqueeze(-2)).flatten(-2)
-            out = torch.softmax(logits, dim=-1) @ v
+        if torch.jit.is_scripting():  # TorchScript and torch.fx graphs: the reference path
+            out = self.attend_reference(q, k, v, rows, cols)
+        elif graph_mode(x) == "symbolic" or self.resolve_impl(h, w) == "reference":
+            out = self.attend_reference(q, k, v, rows, cols)
         else:
             out = rel2d_attention(q, k, v, rows, cols)
         return self.attn_out(out.transpose(-1, -2).reshape(n, self.dv, h, w))
+
+    def resolve_impl(self, height: int, width: int) -> str:
+        return resolve_auto("rel2d", height * width) if self.impl == "auto" else self.impl
+
+    def attend_reference(self, q: Tensor, k: Tensor, v: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+        logits = q @ k.transpose(-1, -2) + (rows.unsqueeze(-1) + cols.unsqueeze(-2)).flatten(-2)
+        return torch.softmax(logits, dim=-1) @ v
 
     @torch.no_grad()
     def attention_diagonal(self, x: Tensor) -> Tensor:
@@ -93,7 +100,7 @@ class AttentionAugmentedConv2d(nn.Module):
         return softmax_diagonal(lambda a, b: q_aug[:, :, a:b] @ k_aug.transpose(-1, -2), q.shape[-2], block)
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(x, self.in_channels, type(self).__name__)
+        check_input(x, self.in_channels, "AttentionAugmentedConv2d")
         return torch.cat([self.conv(x), self.attention(self.pool(x))], dim=1)
 
     def extra_repr(self) -> str:

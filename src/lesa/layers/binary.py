@@ -27,6 +27,12 @@ Two implementations compute the same function, parameters, gradients and BN stat
     the backward pass.
 
 ``impl='auto'`` uses the fused path where it is faster (see ``docs/performance.md``).
+
+Graph capture (see :func:`graph_mode`): TorchScript, torch.fx and ``torch.jit.trace`` graphs run the
+reference path (the same function, in code they take: no size-dependent choice of path, no custom autograd
+function), with the input checks as ``torch._assert``; ``torch.compile`` and ``torch.export`` run the
+chosen path, the fused one in forms they capture whole (``'flat'``: checkpointed query blocks instead of
+:class:`FlatBlockedAttention`; ``'rel2d'`` under export: one public attention call, no private kernel).
 """
 from __future__ import annotations
 
@@ -35,7 +41,9 @@ from collections.abc import Iterator
 from typing import Callable, Literal, Optional
 
 import torch
+import torch.fx
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError
 from .bn_moments import (
@@ -45,8 +53,8 @@ from .bn_moments import (
     sliding_window_moments,
     stats_dtype,
 )
-from .rel2d_attention import augment_rel2d, rel2d_attention
-from .rel_pos import FlatRelPosEmbed, RelPosEmbed2d, Size2d, toeplitz_expand
+from .rel2d_attention import augment_rel2d, exporting, rel2d_attention
+from .rel_pos import FlatRelPosEmbed, RelPosEmbed2d, Size2d
 
 PosEmbed = Literal["flat", "rel2d"]
 Impl = Literal["reference", "fused", "auto"]
@@ -116,7 +124,40 @@ def free_memory(device: torch.device) -> Optional[int]:
     return None
 
 
+def graph_mode(x: Tensor) -> str:
+    """How a layer is being run, where graph capture cannot take what eager PyTorch can:
+
+    * ``'symbolic'``: torch.fx symbolic tracing (``x`` is a proxy: no shapes for Python control flow) or
+      ``torch.jit.trace`` (which freezes it and cannot record custom autograd functions): the reference path;
+    * ``'compile'``: ``torch.compile`` / ``torch.export``: the chosen path, fused ones in capturable forms;
+    * ``'eager'``.
+
+    TorchScript does not call this: scripted layers take their ``torch.jit.is_scripting()`` branch.
+    """
+    if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing():
+        return "symbolic"
+    if torch.compiler.is_compiling():
+        return "compile"
+    return "eager"
+
+
+def assert_input(x: Tensor, in_channels: int, layer: str) -> None:
+    """:func:`check_input` inside TorchScript / torch.fx graphs, as ``torch._assert``."""
+    torch._assert(x.dim() == 4, f"{layer} expects a 4-D (N, C, H, W) input: pass images as one batch tensor")
+    torch._assert(x.shape[1] == in_channels,
+                  f"{layer} was built with in_channels={in_channels}: pass an (N, {in_channels}, H, W) input, or "
+                  "build the layer for the input's channels")
+
+
 def check_input(x: Tensor, in_channels: int, layer: str) -> None:
+    """Refuse an input that is not ``(N, in_channels, H, W)``: a :class:`ConfigError` naming the fix in eager
+    mode (and under torch.compile / torch.export), ``torch._assert`` in TorchScript and torch.fx graphs."""
+    if torch.jit.is_scripting():
+        assert_input(x, in_channels, layer)
+        return
+    if graph_mode(x) == "symbolic":
+        assert_input(x, in_channels, layer)
+        return
     if x.dim() != 4:
         raise ConfigError(f"{layer} expects a 4-D (N, C, H, W) tensor, got shape {tuple(x.shape)}")
     if x.shape[1] != in_channels:
@@ -186,11 +227,16 @@ class BinaryAttention2d(nn.Module):
         return normed.view(n, self.out_channels, 2, height, width).sum(2)
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(x, self.in_channels, type(self).__name__)
+        check_input(x, self.in_channels, "BinaryAttention2d")
+        if torch.jit.is_scripting():
+            return self.forward_reference(x)
+        if graph_mode(x) == "symbolic":
+            return self.forward_reference(x)
         height, width = x.shape[-2:]
         self.rel_pos.check_size(height, width)
         q, k, v = self.project_qkv(x)
         if self.resolve_impl(height, width) == "reference":
+            check_reference_memory(q, 3 if self.pos_embed == "flat" else 2)
             values, value_embed = self.attend_reference(q, k, v, height, width)
         else:
             values, value_embed = self.attend_fused(q, k, v, height, width)
@@ -200,30 +246,26 @@ class BinaryAttention2d(nn.Module):
             values, value_embed = self.remove_self_term(q, k, v, values, value_embed, height, width)
         return self.finish(values, value_embed, height, width)
 
+    def forward_reference(self, x: Tensor) -> Tensor:
+        """The reference path alone, as TorchScript and torch.fx take it (the input is already checked)."""
+        height, width = x.shape[-2], x.shape[-1]
+        self.rel_pos.assert_size(height, width)
+        q, k, v = self.project_qkv(x)
+        values, value_embed = self.attend_reference(q, k, v, height, width)
+        return self.finish(values, value_embed, height, width)
+
     # -- reference: materialised logits ---------------------------------------------------------------
     def reference_logits(self, q: Tensor, k: Tensor, height: int, width: int) -> Tensor:
         """The summed, BN-normalised ``(N, G, HW, HW)`` logits, exactly as the official code forms them."""
-        n, g, num, _ = q.shape
-        terms = [q @ k.transpose(-1, -2)]
-        if self.pos_embed == "flat":
-            tq, tk, _ = self.rel_pos.tables()
-            terms.append(torch.einsum("ngid,dij->ngij", q, toeplitz_expand(tq, num).to(q.dtype)))
-            terms.append(torch.einsum("ngjd,dji->ngij", k, toeplitz_expand(tk, num).to(k.dtype)))
-        else:
-            rows, cols = self.rel_pos.rel_logits(q, height, width)
-            terms.append((rows.unsqueeze(-1) + cols.unsqueeze(-2)).reshape(n, g, num, num))
+        n, g, num = q.shape[0], q.shape[1], q.shape[2]
+        terms = [q @ k.transpose(-1, -2)] + self.rel_pos.reference_logits(q, k, height, width)
         stacked = self.bn_logits(torch.cat(terms, dim=1))
         return stacked.view(n, len(terms), g, num, num).sum(1)
 
-    def attend_reference(self, q: Tensor, k: Tensor, v: Tensor, height: int, width: int):
-        check_reference_memory(q, 3 if self.pos_embed == "flat" else 2)
+    def attend_reference(self, q: Tensor, k: Tensor, v: Tensor, height: int,
+                         width: int) -> tuple[Tensor, Optional[Tensor]]:
         attn = torch.softmax(self.reference_logits(q, k, height, width), dim=-1)
-        values = attn @ v
-        if self.pos_embed != "flat":
-            return values, None
-        _, _, tv = self.rel_pos.tables()
-        value_embed = torch.einsum("ngij,dij->ngid", attn, toeplitz_expand(tv, q.shape[-2]).to(attn.dtype))
-        return values, value_embed
+        return attn @ v, self.rel_pos.reference_values(attn)
 
     # -- fused: no (HW)^2 tensor ----------------------------------------------------------------------
     def logit_affine(self, q: Tensor, k: Tensor, rel=None) -> tuple[Tensor, Tensor]:
@@ -265,14 +307,19 @@ class BinaryAttention2d(nn.Module):
 
     def query_block(self, q: Tensor) -> int:
         n, g, num, _ = q.shape
+        if exporting():  # an exported graph takes any batch size: its blocks are sized for one image
+            n = 1
         return max(1, min(num, self.block_elems // max(1, n * g * num)))
 
     def attend_fused(self, q: Tensor, k: Tensor, v: Tensor, height: int, width: int):
         ops = self.fused_operands(q, k, height, width)
         if self.pos_embed != "flat":
             return rel2d_attention(ops["q"], k, v, ops["rows"], ops["cols"]), None
-        return FlatBlockedAttention.apply(ops["q_k"], ops["q_r"], k, ops["k_r"], v, ops["tq"], ops["tk"],
-                                          ops["tv"], ops["shift"], self.query_block(q))
+        args = (ops["q_k"], ops["q_r"], k, ops["k_r"], v, ops["tq"], ops["tk"], ops["tv"], ops["shift"],
+                self.query_block(q))
+        if torch.compiler.is_compiling():
+            return flat_blocked_attention(*args)
+        return FlatBlockedAttention.apply(*args)
 
     # -- looking inside: attention rows without the (HW)^2 matrix ---------------------------------------
     def logit_rows(self, q: Tensor, k: Tensor, height: int, width: int) -> Callable[[int, int], Tensor]:
@@ -372,6 +419,29 @@ def flat_attention_block(
     values = attn @ v
     spread = attn.new_zeros(*attn.shape[:-1], win_v.shape[-1]).scatter(-1, skew, attn)
     return values, spread @ win_v.t()
+
+
+def flat_blocked_attention(
+    q_k: Tensor, q_r: Tensor, k: Tensor, k_r: Tensor, v: Tensor, tq: Tensor, tk: Tensor, tv: Tensor, shift: Tensor,
+    block: int,
+) -> tuple[Tensor, Tensor]:
+    """:class:`FlatBlockedAttention`'s function for torch.compile / torch.export, which capture no
+    ``autograd.grad`` inside a backward: the same query blocks, each under non-reentrant checkpointing where
+    a gradient is needed (recomputed in backward, so memory stays ``O(block * HW)``), joined by ``cat``."""
+    num = k.shape[-2]
+    recompute = torch.is_grad_enabled() and any(t.requires_grad for t in (q_k, q_r, k, k_r, v, tq, tk, tv, shift))
+    values, value_embeds = [], []
+    for start in range(0, num, block):
+        rows = slice(start, start + block)
+        wq, wk = flat_windows(start, min(block, num - start), num)
+        args = (q_k[:, :, rows], q_r[:, :, rows], k, k_r, v, tq[:, wq], tk[:, wk], tv[:, wq], shift)
+        if recompute:
+            out, embed = checkpoint(flat_attention_block, *args, use_reentrant=False)
+        else:
+            out, embed = flat_attention_block(*args)
+        values.append(out)
+        value_embeds.append(embed)
+    return torch.cat(values, dim=2), torch.cat(value_embeds, dim=2)
 
 
 def softmax_diagonal(rows: Callable[[int, int], Tensor], num: int, block: int) -> Tensor:

@@ -3,13 +3,15 @@
 The official ``with_cp`` recomputes the unary and binary terms in the backward pass; a plain
 ``torch.utils.checkpoint`` then updates every BatchNorm's running statistics a second time. Here the
 recomputation restores them afterwards, so a checkpointed layer ends a step with the same running
-statistics as an uncheckpointed one.
+statistics as an uncheckpointed one. Under ``torch.compile`` the buffer updates are functionalised and
+applied once, whatever is recomputed, so the plain checkpoint serves (and is captured whole).
 """
 from __future__ import annotations
 
 import contextlib
 from typing import Callable
 
+import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -32,6 +34,8 @@ def _restore_bn_buffers(module: nn.Module):
 
 def checkpointed(module: nn.Module, fn: Callable[..., Tensor], *args: Tensor) -> Tensor:
     """``fn(*args)`` under non-reentrant checkpointing; ``module``'s BN buffers survive the recompute."""
+    if torch.compiler.is_compiling():
+        return checkpoint(fn, *args, use_reentrant=False)
     return checkpoint(
         fn,
         *args,

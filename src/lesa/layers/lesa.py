@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from torch import Tensor, nn
 
-from .binary import BinaryAttention2d, Impl, PosEmbed, check_choice, check_input
+from .binary import BinaryAttention2d, Impl, PosEmbed, check_choice, check_input, graph_mode
 from .checkpointing import checkpointed
 from .fusion import DynamicFusionGate
 from .rel_pos import Size2d
@@ -68,9 +69,10 @@ class LESA2d(nn.Module):
 
     def terms(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The unary and binary terms ``(m, b)`` at the input resolution."""
-        check_input(x, self.in_channels, type(self).__name__)
-        if self.checkpoint and self.training and x.requires_grad:
-            return checkpointed(self.unary, self.unary, x), checkpointed(self.binary, self.binary, x)
+        check_input(x, self.in_channels, "LESA2d")
+        if not torch.jit.is_scripting():
+            if self.checkpoint and self.training and graph_mode(x) != "symbolic" and x.requires_grad:
+                return checkpointed(self.unary, self.unary, x), checkpointed(self.binary, self.binary, x)
         return self.unary(x), self.binary(x)
 
     def forward(self, x: Tensor) -> Tensor:

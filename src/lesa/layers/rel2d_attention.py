@@ -13,7 +13,8 @@ On the CPU the one-hot columns dominate the cost (the kernels are compute-bound 
 indicators are needed (width ``d + W + rows``), and the groups' partial results merge through their
 log-sum-exps, as in flash attention's own blocking. The backward pass calls the kernel's backward per
 group with the merged output and log-sum-exp, which yields exactly each group's share of the
-gradients. It uses PyTorch's CPU flash kernel directly; where that is missing, :func:`sdpa` serves.
+gradients. It uses PyTorch's CPU flash kernel directly; where that is missing, and under ``torch.export``,
+:func:`sdpa` serves. ``torch.compile`` captures both whole.
 """
 from __future__ import annotations
 
@@ -65,9 +66,17 @@ def rel2d_attention(q: Tensor, k: Tensor, v: Tensor, rows: Tensor, cols: Tensor)
     """``softmax_j(q_i.k_j + rows_i[y_j] + cols_i[x_j]) v_j`` for ``(N, G, HW, .)`` operands, without
     the ``(HW)^2`` matrix; keys in raster order (``j = y * W + x``)."""
     height = rows.shape[-1]
-    if q.device.type == "cpu" and height > ROWS_PER_GROUP and hasattr(torch.ops.aten, _CPU_FLASH):
+    if (q.device.type == "cpu" and height > ROWS_PER_GROUP and hasattr(torch.ops.aten, _CPU_FLASH)
+            and not exporting()):
         return KeyRowSplitAttention.apply(q, k, v, rows, cols)
     return sdpa(*augment_rel2d(q, k, rows, cols), v)
+
+
+def exporting() -> bool:
+    """Under ``torch.export`` (and the ONNX exporter): graphs must not hold private kernels, so
+    :func:`rel2d_attention` takes the one public ``scaled_dot_product_attention`` call (the same function)."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting is not None and is_exporting())
 
 
 def _group_operands(q_cols: Tensor, rows: Tensor, k_cols: Tensor, v: Tensor, start: int, stop: int,

@@ -13,9 +13,10 @@ forms of ``r``, both reproduced here with their checkpoint layouts:
 from __future__ import annotations
 
 import math
-from typing import Union
+from typing import Optional, Union
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -57,6 +58,11 @@ def resize_rel_table(table: Tensor, length: int) -> Tensor:
     return resized.squeeze(0).t()
 
 
+# Under torch.fx symbolic tracing the map size is a proxy: the crop-or-interpolate choice runs as one call in
+# the graph, with the actual size, instead of being traced.
+torch.fx.wrap("resize_rel_table")
+
+
 class FlatRelPosEmbed(nn.Module):
     """Relative embedding over raster-flattened offsets (official ``pe_type='classification'``).
 
@@ -89,9 +95,29 @@ class FlatRelPosEmbed(nn.Module):
                 "pos_embed='rel2d', which works at any size."
             )
 
+    def assert_size(self, height: int, width: int) -> None:
+        """:meth:`check_size` for TorchScript and torch.fx graphs (``torch._assert``; the message names the fix)."""
+        torch._assert((height == self.feature_size[0]) & (width == self.feature_size[1]),
+                      "pos_embed='flat' got a feature map of another size than the one it was built for: build "
+                      "the model for this input size (img_size=...), or use pos_embed='rel2d' (any size)")
+
     def tables(self) -> tuple[Tensor, Tensor, Tensor]:
         """The query, key and value tables, each ``(dim, 2K-1)``."""
-        return tuple(torch.split(self.relative, [self.qk_dim, self.qk_dim, self.v_dim], dim=0))
+        parts = torch.split(self.relative, [self.qk_dim, self.qk_dim, self.v_dim], dim=0)
+        return parts[0], parts[1], parts[2]
+
+    def reference_logits(self, q: Tensor, k: Tensor, height: int, width: int) -> list[Tensor]:
+        """The position terms of the materialised ``(N, G, P, P)`` logits: ``q_i . r_q[i - j]`` and
+        ``k_j . r_k[j - i]``."""
+        num = q.shape[-2]
+        tq, tk, _ = self.tables()
+        return [torch.einsum("ngid,dij->ngij", q, toeplitz_expand(tq, num).to(q.dtype)),
+                torch.einsum("ngjd,dji->ngij", k, toeplitz_expand(tk, num).to(k.dtype))]
+
+    def reference_values(self, attn: Tensor) -> Optional[Tensor]:
+        """``sum_j p_ij r_v[i - j]`` from the materialised attention ``(N, G, P, P)``."""
+        _, _, tv = self.tables()
+        return torch.einsum("ngij,dij->ngid", attn, toeplitz_expand(tv, attn.shape[-2]).to(attn.dtype))
 
     def extra_repr(self) -> str:
         return f"qk_dim={self.qk_dim}, v_dim={self.v_dim}, feature_size={self.feature_size}"
@@ -121,6 +147,9 @@ class RelPosEmbed2d(nn.Module):
     def check_size(self, height: int, width: int) -> None:  # any size works
         return None
 
+    def assert_size(self, height: int, width: int) -> None:
+        return None
+
     def tables_for(self, height: int, width: int) -> tuple[Tensor, Tensor]:
         """``(H, H, dim)`` and ``(W, W, dim)`` tables indexed ``[query, key]`` for an ``height x width`` map."""
         rh = resize_rel_table(self.height, height)
@@ -135,14 +164,18 @@ class RelPosEmbed2d(nn.Module):
         is their sum at ``(y_j, x_j)``.
         """
         rh, rw = self.tables_for(height, width)
-        lead = q.shape[:-2]
-        q2 = q.reshape(*lead, height, width, self.dim)
+        q2 = q.unflatten(-2, [height, width])
         logits_h = torch.einsum("...yxd,ykd->...yxk", q2, rh.to(q.dtype))
         logits_w = torch.einsum("...yxd,xkd->...yxk", q2, rw.to(q.dtype))
-        return (
-            logits_h.reshape(*lead, height * width, height),
-            logits_w.reshape(*lead, height * width, width),
-        )
+        return logits_h.flatten(-3, -2), logits_w.flatten(-3, -2)
+
+    def reference_logits(self, q: Tensor, k: Tensor, height: int, width: int) -> list[Tensor]:
+        """The position term of the materialised ``(N, G, HW, HW)`` logits: ``rows_i[y_j] + cols_i[x_j]``."""
+        rows, cols = self.rel_logits(q, height, width)
+        return [(rows.unsqueeze(-1) + cols.unsqueeze(-2)).flatten(-2)]
+
+    def reference_values(self, attn: Tensor) -> Optional[Tensor]:
+        return None
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, feature_size={self.feature_size}"

@@ -5,9 +5,10 @@ projections, BatchNorms and position embeddings as LESA's binary term, and no un
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
-from .binary import BinaryAttention2d, Impl, PosEmbed, check_input
+from .binary import BinaryAttention2d, Impl, PosEmbed, check_input, graph_mode
 from .checkpointing import checkpointed
 from .rel_pos import Size2d
 
@@ -34,7 +35,8 @@ class SelfAttention2d(nn.Module):
         self.binary.reset_parameters()
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(x, self.in_channels, type(self).__name__)
-        if self.checkpoint and self.training and x.requires_grad:
-            return self.pool(checkpointed(self.binary, self.binary, x))
+        check_input(x, self.in_channels, "SelfAttention2d")
+        if not torch.jit.is_scripting():
+            if self.checkpoint and self.training and graph_mode(x) != "symbolic" and x.requires_grad:
+                return self.pool(checkpointed(self.binary, self.binary, x))
         return self.pool(self.binary(x))

@@ -62,10 +62,15 @@ def default_cfg(name: str, **model_kwargs: Any) -> dict[str, Any]:
     size = model_kwargs.get("img_size") or inputs["img_size"]
     height, width = (size, size) if isinstance(size, int) else size
     pos_embed = model_kwargs.get("pos_embed", LAYER_DEFAULTS["pos_embed"])
-    reduction = 32 if op == "conv" else 16  # attention models run stage 4 at stride 1
+    # the stem reduces by 4 (7x7/2 + max-pool) or 1 ('small'), stages 2-3 by 2 each, stage 4 by last_stride:
+    # 2 for conv models, 1 for attention models (the paper's layout)
+    stem = model_kwargs.get("stem") or ARCHS[arch].get("stem", "imagenet")
+    last_stride = model_kwargs.get("last_stride") or (2 if op == "conv" else 1)
+    reduction = (4 if stem == "imagenet" else 1) * 4 * last_stride
     return dict(
         url="", num_classes=inputs["num_classes"], input_size=(model_kwargs.get("in_chans", 3), height, width),
-        pool_size=(height // reduction, width // reduction), crop_pct=inputs["crop_pct"], interpolation="bilinear",
+        pool_size=(-(-height // reduction), -(-width // reduction)), crop_pct=inputs["crop_pct"],
+        interpolation="bilinear",
         mean=inputs["mean"], std=inputs["std"], first_conv="conv1", classifier="fc",
         fixed_input_size=op != "conv" and pos_embed == "flat",
     )
@@ -105,6 +110,7 @@ def build_resnet(
     stem: Optional[str] = None,
     drop_rate: float = 0.0,
     zero_init_residual: bool = False,
+    global_pool: str = "avg",
     **layer_kwargs: Any,
 ) -> ResNet:
     """Build ``arch`` with ``op`` in the 3x3 slots of stages 3-4.
@@ -112,7 +118,8 @@ def build_resnet(
     Attention models run stage 4 at stride 1 (``last_stride=1``) as the paper does; detection backbones
     pass ``last_stride=2``. ``img_size`` sets the map size the position tables are built for; ``stem``
     overrides the architecture's (``'imagenet'``: 7x7/2 + max-pool, ``'small'``: 3x3/1). ``num_classes``
-    defaults to the architecture's (:func:`default_cfg`); 0 builds no head. ``layer_kwargs`` (``heads``,
+    defaults to the architecture's (:func:`default_cfg`); 0 builds no head. ``global_pool``: ``'avg'``,
+    ``'max'`` or ``''`` (none: the model outputs feature maps when ``num_classes=0``). ``layer_kwargs`` (``heads``,
     ``pos_embed``, ``impl``, ``unary``, ``checkpoint``) go to the attention layers; an option the model's
     layers do not take is an error.
     """
@@ -141,9 +148,11 @@ def build_resnet(
         drop_rate=drop_rate,
         zero_init_residual=zero_init_residual,
         layer_kwargs=layer_kwargs,
+        global_pool=global_pool,
         **cfg,
     )
-    model.pretrained_cfg = {**default_cfg(model_name(op, arch), img_size=size, in_chans=in_chans, **layer_kwargs),
+    model.pretrained_cfg = {**default_cfg(model_name(op, arch), img_size=size, in_chans=in_chans, stem=stem,
+                                          last_stride=last_stride, **layer_kwargs),
                             "num_classes": num_classes}
     return model
 

@@ -9,21 +9,57 @@ Replaced slots keep the block's ``bn2`` except LESA's, whose official block has 
 
 Operations: ``'conv'``, ``'sa'`` (:class:`SelfAttention2d`), ``'aa'`` (:class:`AttentionAugmentedConv2d`),
 ``'static_lesa'`` and ``'lesa'`` (:class:`LESA2d`).
-"""
-from __future__ import annotations
 
+The root module's ``forward`` keeps evaluated annotations (no ``from __future__ import annotations``): torch.fx
+writes them into the code of its graphs, which TorchScript then compiles.
+"""
 from collections.abc import Sequence
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..layers import AttentionAugmentedConv2d, DeformConv2dPack, LESA2d, SelfAttention2d
-from ..layers.binary import check_choice
+from ..layers.binary import check_choice, graph_mode
+from ..layers.checkpointing import checkpointed
 
 OPS = ("conv", "sa", "aa", "static_lesa", "lesa")
 ATTENTION_LAYERS = (LESA2d, SelfAttention2d, AttentionAugmentedConv2d)
+GLOBAL_POOLS = ("avg", "max", "")
+OUTPUT_FORMATS = ("NCHW", "NHWC")
+
+
+def global_pool_layer(global_pool: str) -> nn.Module:
+    """The head's pooling: ``'avg'``, ``'max'`` or ``''`` (none: the head gets the ``(N, C, H, W)`` map)."""
+    if global_pool not in GLOBAL_POOLS:
+        raise ConfigError(f"global_pool={global_pool!r} is not supported; choose one of 'avg', 'max' or '' (no "
+                          "pooling)")
+    if global_pool == "":
+        return nn.Identity()
+    return nn.AdaptiveAvgPool2d(1) if global_pool == "avg" else nn.AdaptiveMaxPool2d(1)
+
+
+def feature_indices(num_features: int, indices: Union[None, int, Sequence[int]]) -> tuple[list[int], int]:
+    """timm's feature selection: ``None`` -> all, ``n`` -> the last ``n``, a sequence -> those indices (negative
+    ones count from the end). Returns the absolute indices and the largest."""
+    if indices is None:
+        indices = num_features
+    if isinstance(indices, int):
+        if not 0 < indices <= num_features:
+            raise ConfigError(f"indices={indices} (the last n feature levels) must be in 1..{num_features}; pass "
+                              f"a list of levels (0..{num_features - 1}) to choose them")
+        return list(range(num_features - indices, num_features)), num_features - 1
+    take = []
+    for i in indices:
+        index = num_features + i if i < 0 else i
+        if not 0 <= index < num_features:
+            raise ConfigError(f"feature index {i} is out of range: the model has {num_features} feature levels "
+                              f"(0..{num_features - 1}, or -{num_features}..-1 from the end)")
+        take.append(index)
+    if not take:
+        raise ConfigError("indices is empty: pass None (all feature levels), n (the last n) or a list of levels")
+    return take, max(take)
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, deform: bool = False) -> nn.Module:
@@ -115,6 +151,7 @@ class ResNet(nn.Module):
         dcn_stages: stages (1-based) whose 3x3 convolutions are deformable.
         layer_kwargs: passed to every attention layer (``heads``, ``pos_embed``, ``impl``, ``unary``,
             ``checkpoint``, ...).
+        global_pool: the head's pooling, ``'avg'``, ``'max'`` or ``''`` (none).
     """
 
     def __init__(
@@ -128,12 +165,13 @@ class ResNet(nn.Module):
         stem: str = "imagenet",
         stem_width: int = 64,
         num_classes: int = 1000,
-        img_size: int | tuple[int, int] = 224,
+        img_size: Union[int, tuple[int, int]] = 224,
         in_chans: int = 3,
         dcn_stages: Sequence[int] = (),
         drop_rate: float = 0.0,
         zero_init_residual: bool = False,
         layer_kwargs: Optional[dict[str, Any]] = None,
+        global_pool: str = "avg",
     ) -> None:
         super().__init__()
         check_choice("stem", stem, ("imagenet", "small"))
@@ -155,7 +193,7 @@ class ResNet(nn.Module):
 
         self.inplanes = stem_width
         size = tuple(-(-s // reduction) for s in self.img_size)
-        self.feature_info: list[dict[str, Any]] = []
+        self.feature_info = []  # timm's: one dict (num_chs, reduction, module) per stage
         for i, (blocks, planes, stride) in enumerate(zip(layers, widths, strides)):
             stage, size = self._make_layer(
                 planes, blocks, stride, stage_ops[i], first_block_conv[i], size, deform=(i + 1) in dcn_stages
@@ -163,9 +201,11 @@ class ResNet(nn.Module):
             self.add_module(f"layer{i + 1}", stage)
             reduction *= stride
             self.feature_info.append(dict(num_chs=self.inplanes, reduction=reduction, module=f"layer{i + 1}"))
-        self.num_features = self.inplanes
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.num_features = self.head_hidden_size = self.inplanes
+        self.global_pool = global_pool
+        self.avgpool = global_pool_layer(global_pool)
         self.fc: nn.Module = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.grad_checkpointing = False
         self.init_weights(zero_init_residual)
 
     def _make_layer(
@@ -206,30 +246,93 @@ class ResNet(nn.Module):
                 if isinstance(m, Bottleneck):
                     nn.init.constant_(m.bn3.weight, 0)
 
-    # -- timm-style interface -------------------------------------------------------------------------
+    # -- timm's interface (as timm's ResNet; feature levels: the outputs of the four stages) ------------
     def stem(self, x: Tensor) -> Tensor:
         return self.maxpool(self.relu(self.bn1(self.conv1(x))))
 
     def stages(self) -> list[nn.Sequential]:
         return [self.layer1, self.layer2, self.layer3, self.layer4]
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        x = self.stem(x)
-        for stage in self.stages():
-            x = stage(x)
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass of training (BatchNorm statistics are not counted twice;
+        eager mode and torch.compile, not torch.fx / TorchScript graphs)."""
+        self.grad_checkpointing = enable
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, str]:
+        """Parameter groups for timm's layer-wise learning-rate decay: the stem, then stages or blocks."""
+        return dict(stem=r"^conv1|bn1|maxpool", blocks=r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)")
+
+    def _checkpointing(self, x: Tensor) -> bool:
+        return self.grad_checkpointing and self.training and torch.is_grad_enabled() and graph_mode(x) != "symbolic"
+
+    def run_stage(self, stage: nn.Sequential, x: Tensor) -> Tensor:
+        """One stage, block by block under gradient checkpointing (eager mode)."""
+        if not self._checkpointing(x):
+            return stage(x)
+        for block in stage:
+            x = checkpointed(block, block, x)
         return x
 
-    def forward_intermediates(self, x: Tensor) -> list[Tensor]:
-        """Outputs of the four stages (for FPNs)."""
+    def forward_features(self, x: Tensor) -> Tensor:
         x = self.stem(x)
-        outs = []
-        for stage in self.stages():
-            x = stage(x)
-            outs.append(x)
-        return outs
+        if not torch.jit.is_scripting():
+            if self._checkpointing(x):
+                for stage in self.stages():
+                    x = self.run_stage(stage, x)
+                return x
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+        return self.layer4(x)
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: Union[None, int, Sequence[int]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[list[Tensor], tuple[Tensor, list[Tensor]]]:
+        """timm's ``forward_intermediates``: the final features and the outputs of the chosen stages.
+
+        ``indices``: ``None`` (all four stages), ``n`` (the last ``n``) or a list (negative from the end);
+        ``norm``: no effect (a ResNet has no final norm); ``stop_early``: run no stage after the last chosen
+        one (the "final features" are then that stage's output); ``output_fmt``: ``'NCHW'`` or ``'NHWC'``
+        for the intermediates; ``intermediates_only``: return only the list.
+        """
+        if output_fmt not in OUTPUT_FORMATS:
+            raise ConfigError(f"output_fmt={output_fmt!r} is not supported; choose 'NCHW' or 'NHWC'")
+        take, max_index = feature_indices(len(self.feature_info), indices)
+        stages = self.stages()
+        if stop_early:
+            stages = stages[: max_index + 1]
+        x = self.stem(x)
+        intermediates = []
+        for i, stage in enumerate(stages):
+            x = self.run_stage(stage, x)
+            if i in take:
+                intermediates.append(x.permute(0, 2, 3, 1) if output_fmt == "NHWC" else x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+        self, indices: Union[int, Sequence[int]] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the stages after the last of ``indices`` (and the head with ``prune_head``); returns the
+        absolute indices, as timm's ``features_only`` wrapper expects."""
+        take, max_index = feature_indices(len(self.feature_info), indices)
+        for i in range(max_index + 1, len(self.feature_info)):
+            setattr(self, f"layer{i + 1}", nn.Sequential())  # empty: passes its input through
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = torch.flatten(self.avgpool(x), 1)
+        x = self.avgpool(x)
+        if self.global_pool != "":
+            x = torch.flatten(x, 1)
         if self.drop_rate > 0:
             x = nn.functional.dropout(x, p=self.drop_rate, training=self.training)
         return x if pre_logits else self.fc(x)
@@ -240,9 +343,12 @@ class ResNet(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.fc
 
-    def reset_classifier(self, num_classes: int, global_pool: str = "avg") -> None:
-        if global_pool != "avg":
-            raise ConfigError(f"only global_pool='avg' is supported, got {global_pool!r}")
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A new (untrained) classifier for ``num_classes`` (0: none, the model outputs pooled features);
+        ``global_pool``: ``'avg'``, ``'max'`` or ``''`` (no pooling), ``None`` keeps the current one."""
+        if global_pool is not None:
+            self.avgpool = global_pool_layer(global_pool)
+            self.global_pool = global_pool
         self.num_classes = num_classes
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
