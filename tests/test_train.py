@@ -14,9 +14,9 @@ from PIL import Image
 
 from lesa.cli import main
 from lesa.engine import build_config
+from lesa.engine import warmup_cosine as lr_factor
 from lesa.engine.config import preset_values
 from lesa.engine.records import read_metrics_csv
-from lesa.engine import warmup_cosine as lr_factor
 
 QUICK = ["--model", "lesa_resnet_tiny", "--batch-size", "16", "--max-steps-per-epoch", "3", "--quiet"]
 
