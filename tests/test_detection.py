@@ -73,7 +73,7 @@ def detection_targets(sizes, num_classes=3):
 def test_lesa_r50_fpn_mask_rcnn_trains_on_mixed_non_square_images_and_predicts():
     torch.manual_seed(0)
     model = build_maskrcnn("lesa_resnet50", num_classes=3, min_size=128, max_size=192,
-                           rpn_batch_size_per_image=64, box_batch_size_per_image=64)
+                           box_batch_size_per_image=64)
     images, targets = detection_targets([(160, 224), (200, 120)])
     model.train()
     losses = model(images, targets)
