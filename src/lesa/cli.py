@@ -72,7 +72,9 @@ def _run_args(p: argparse.ArgumentParser, default_output: str) -> None:
 
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file with any of the options below (the command line overrides it)")
-    p.add_argument("--preset", choices=["digits", "imagenet"], help="start from a shipped recipe")
+    from .engine.config import PRESETS
+
+    p.add_argument("--preset", choices=list(PRESETS), help="start from a shipped recipe")
     p.add_argument("--model", help="model name (lesa models); default lesa_resnet_tiny")
     p.add_argument("--data", help="'digits', 'cluttered-digits' (embedded) or an ImageFolder root with train/ "
                                   "and val/")
