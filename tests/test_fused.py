@@ -7,6 +7,7 @@ from naive_lesa import lesa as naive_lesa
 
 import lesa
 from lesa import LESA2d, SelfAttention2d
+from lesa.layers import binary
 from lesa.layers.binary import resolve_auto
 from lesa.layers.rel2d_attention import (
     ROWS_PER_GROUP,
@@ -78,6 +79,27 @@ def test_fused_equals_reference(cls, pos_embed, size, block_elems, dtype):
     for _ in range(2):  # two training steps: running stats accumulate identically
         assert_same_step(ref.train(), fused.train(), x, dtype)
     assert_same_step(ref.eval(), fused.eval(), x, dtype)
+
+
+@pytest.mark.parametrize("block_elems", [None, 1])
+def test_dense_flat_kernel_equals_reference(block_elems, monkeypatch):
+    """'auto' on a small 'flat' map runs FlatDenseAttention (all logits at once, hand-written backward),
+    in one row block or in blocks of one query/key (the table windows and skewed views at every offset)."""
+    if block_elems:
+        monkeypatch.setattr(binary, "DENSE_BLOCK_ELEMS", block_elems)
+    dtype = torch.float64
+    ref, dense = pair(LESA2d, dtype, "flat", (5, 7))
+    dense.binary.impl = "auto"
+    assert resolve_auto("flat", 35) == "dense"
+    calls = []
+    monkeypatch.setattr(binary.FlatDenseAttention, "forward",
+                        lambda ctx, *a, f=binary.FlatDenseAttention.forward: calls.append(1) or f(ctx, *a))
+    x = torch.randn(3, 32, 5, 7, dtype=dtype) * 1.5 + 0.3
+    for _ in range(2):
+        assert_same_step(ref.train(), dense.train(), x, dtype)
+    assert_same_step(ref.eval(), dense.eval(), x, dtype)
+    assert len(calls) == 3
+    assert len(binary.dense_blocks(35, 12)) == (35 if block_elems else 1)
 
 
 @pytest.mark.parametrize("height,width", [(ROWS_PER_GROUP + 3, 4), (2 * ROWS_PER_GROUP, 3), (3, 5)])
@@ -181,7 +203,8 @@ def test_lesa_resnet50_rel2d_any_size(size):
 def test_auto_picks_by_size():
     assert resolve_auto("rel2d", 64 * 64) == "fused"
     assert resolve_auto("flat", 64 * 64) == "fused"
-    assert resolve_auto("flat", 14 * 14) == "reference"
+    assert resolve_auto("flat", 14 * 14) == "dense"
+    assert resolve_auto("rel2d", 14 * 14) == "reference"
     assert create_model("lesa_resnet_tiny").layer4[0].conv2.binary.impl == "auto"
 
 

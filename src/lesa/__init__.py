@@ -5,7 +5,7 @@ official-checkpoint import (:func:`convert_official_state_dict`).
 """
 from .convert import convert_official_state_dict
 from .layers import AttentionAugmentedConv2d, BinaryAttention2d, LESA2d, SelfAttention2d
-from .models import create_model, list_models, resize_pos_embed
+from .models import create_model, fuse_for_inference, list_models, resize_pos_embed
 from .weights import load_weights
 
 __version__ = "0.1.0"
@@ -17,6 +17,7 @@ __all__ = [
     "__version__",
     "convert_official_state_dict",
     "create_model",
+    "fuse_for_inference",
     "list_models",
     "load_weights",
     "resize_pos_embed",

@@ -43,15 +43,18 @@ from typing import Callable, Literal, Optional
 import torch
 import torch.fx
 from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError
 from .bn_moments import (
     bn_logit_affine,
     dot_product_moments,
+    running_affine,
     separable_moments,
     sliding_window_moments,
     stats_dtype,
+    uses_batch_stats,
 )
 from .rel2d_attention import augment_rel2d, exporting, rel2d_attention
 from .rel_pos import FlatRelPosEmbed, RelPosEmbed2d, Size2d
@@ -61,13 +64,20 @@ Impl = Literal["reference", "fused", "auto"]
 
 POS_EMBEDS = ("flat", "rel2d")
 IMPLS = ("reference", "fused", "auto")
-# 'auto' uses the fused path from this many positions on, where it is faster than the reference
-# (benchmarks/bench_layer.py, docs/performance.md); below, the (HW)^2 matrices are small anyway.
+# 'auto' uses the linear-memory fused path from this many positions on, where it is faster than the
+# reference (benchmarks/bench_layer.py, docs/performance.md). Below, the (HW)^2 matrices are small: 'rel2d'
+# takes the reference path, 'flat' the fused path in one block ('dense': FlatDenseAttention).
 FUSED_MIN_POSITIONS = {"rel2d": 256, "flat": 400}
 
 
+# FlatDenseAttention's row blocks hold about this many elements per temporary (see dense_blocks).
+DENSE_BLOCK_ELEMS = 1 << 19
+
+
 def resolve_auto(pos_embed: str, positions: int) -> str:
-    return "fused" if positions >= FUSED_MIN_POSITIONS[pos_embed] else "reference"
+    if positions >= FUSED_MIN_POSITIONS[pos_embed]:
+        return "fused"
+    return "dense" if pos_embed == "flat" else "reference"
 
 
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -189,6 +199,7 @@ class BinaryAttention2d(nn.Module):
         self.pos_embed, self.impl = pos_embed, impl
         self.block_elems = 1 << 21  # logits per query block (N * heads * block * HW) where blocks are used
         self.ablate_unary = False  # Table 1: drop each query's own term (eval only; see lesa.analysis)
+        self.folded = False  # BatchNorms folded for inference (fold_batch_norms)
 
         self.qkv = nn.Conv2d(in_channels, 2 * out_channels, kernel_size=1, bias=False)
         self.bn_qkv = nn.BatchNorm2d(2 * out_channels)
@@ -219,12 +230,52 @@ class BinaryAttention2d(nn.Module):
     def finish(self, values: Tensor, value_embed: Optional[Tensor], height: int, width: int) -> Tensor:
         """``(N, G, HW, dv)`` attention outputs -> ``bn_out`` -> ``(N, C, H, W)``."""
         n = values.shape[0]
+        if not torch.jit.is_scripting():
+            if self.folded:
+                return self.finish_folded(values, value_embed, height, width)
         out = values.transpose(-1, -2)  # (N, G, dv, HW): channel = head * dv + c, as the official code
         if value_embed is None:
             return self.bn_out(out.reshape(n, self.out_channels, height, width))
         stacked = torch.stack([out, value_embed.transpose(-1, -2)], dim=3)  # channel (head*dv+c)*2 + part
         normed = self.bn_out(stacked.reshape(n, 2 * self.out_channels, height, width))
         return normed.view(n, self.out_channels, 2, height, width).sum(2)
+
+    def finish_folded(self, values: Tensor, value_embed: Optional[Tensor], height: int, width: int) -> Tensor:
+        """:meth:`finish` after :meth:`fold_batch_norms`: ``bn_out`` lives in ``v`` (and, for 'flat', in
+        ``value_embed_scale``)."""
+        shape = (values.shape[0], self.out_channels, height, width)
+        out = values.transpose(-1, -2).reshape(shape)
+        if value_embed is None:
+            return out
+        return torch.addcmul(out, self.value_embed_scale.view(1, -1, 1, 1), value_embed.transpose(-1, -2).reshape(shape))
+
+    @torch.no_grad()
+    def fold_batch_norms(self) -> None:
+        """Fold ``bn_qkv`` and ``bn_out`` (eval statistics) into the ``qkv`` convolution, for inference.
+
+        ``bn_out`` normalises each output channel ``c`` of head ``g``: ``a_c sum_j p_ij v_jc + b_c``. The
+        attention rows sum to one, so this is ``sum_j p_ij (a_c v_jc + b_c)``: scaling and shifting ``v``.
+        With 'flat' the value-embedding part keeps its per-channel scale (the table is shared by the heads),
+        its shift joins ``v``'s. The logit BN needs nothing: eval mode already reduces it to per-head scales.
+        """
+        if self.folded:
+            return
+        if self.training:
+            raise RuntimeError("fold_batch_norms() uses the running statistics: call .eval() first")
+        qkv = fuse_conv_bn_eval(self.qkv, self.bn_qkv)
+        bn = self.bn_out
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        shift = bn.bias - bn.running_mean * scale
+        if self.pos_embed == "flat":  # channels interleaved (value, value embedding) per output channel
+            self.register_buffer("value_embed_scale", scale[1::2].clone())
+            scale, shift = scale[0::2], shift[0::2] + shift[1::2]
+        rows = 2 * self.qk_dim + self.v_dim
+        weight = qkv.weight.view(self.heads, rows, -1)
+        bias = qkv.bias.view(self.heads, rows)
+        weight[:, 2 * self.qk_dim:] *= scale.view(self.heads, self.v_dim, 1)
+        bias[:, 2 * self.qk_dim:] = bias[:, 2 * self.qk_dim:] * scale.view(self.heads, -1) + shift.view(self.heads, -1)
+        self.qkv, self.bn_qkv, self.bn_out = qkv, nn.Identity(), nn.Identity()
+        self.folded = True
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self.in_channels, "BinaryAttention2d")
@@ -235,14 +286,18 @@ class BinaryAttention2d(nn.Module):
         height, width = x.shape[-2:]
         self.rel_pos.check_size(height, width)
         q, k, v = self.project_qkv(x)
-        if self.resolve_impl(height, width) == "reference":
+        impl = self.resolve_impl(height, width)
+        if impl == "reference":
             check_reference_memory(q, 3 if self.pos_embed == "flat" else 2)
             values, value_embed = self.attend_reference(q, k, v, height, width)
         else:
-            values, value_embed = self.attend_fused(q, k, v, height, width)
+            values, value_embed = self.attend_fused(q, k, v, height, width, dense=impl == "dense")
         if self.ablate_unary:
             if self.training:
                 raise RuntimeError("the unary ablation is an evaluation-time analysis; call model.eval()")
+            if self.folded:
+                raise ConfigError("the unary ablation needs the unfused model (its v carries bn_out's shift): "
+                                  "run it on a model not passed through fuse_for_inference")
             values, value_embed = self.remove_self_term(q, k, v, values, value_embed, height, width)
         return self.finish(values, value_embed, height, width)
 
@@ -277,19 +332,22 @@ class BinaryAttention2d(nn.Module):
         bias too, takes part in the graph, as DistributedDataParallel expects).
         """
         dtype = stats_dtype(q)
-        q64, k64 = q.to(dtype), k.to(dtype)
-        moments = [dot_product_moments(q64, k64)]
-        if self.pos_embed == "flat":
-            tq, tk, _ = self.rel_pos.tables()
-            moments.append(sliding_window_moments(q64, tq.to(dtype)))
-            moments.append(sliding_window_moments(k64, tk.to(dtype)))
-        else:
-            rows, cols = rel
-            moments.append(separable_moments(rows.to(dtype), cols.to(dtype)))
-        count = q.shape[-2] ** 2
-        scale, shift = bn_logit_affine(self.bn_logits, moments, count)
-        shift = shift.view(len(moments), self.heads).sum(0).view(1, -1, 1, 1)
-        return scale.view(len(moments), self.heads).to(q.dtype), shift.to(q.dtype)
+        terms = 3 if self.pos_embed == "flat" else 2
+        if uses_batch_stats(self.bn_logits):
+            qs, ks = q.to(dtype), k.to(dtype)
+            moments = [dot_product_moments(qs, ks)]
+            if self.pos_embed == "flat":
+                tq, tk, _ = self.rel_pos.tables()
+                moments.append(sliding_window_moments(qs, tq.to(dtype)))
+                moments.append(sliding_window_moments(ks, tk.to(dtype)))
+            else:
+                rows, cols = rel
+                moments.append(separable_moments(rows.to(dtype), cols.to(dtype)))
+            scale, shift = bn_logit_affine(self.bn_logits, moments, q.shape[-2] ** 2)
+        else:  # eval: the running statistics fix the scales; no moments needed
+            scale, shift = running_affine(self.bn_logits, dtype)
+        shift = shift.view(terms, self.heads).sum(0).view(1, -1, 1, 1)
+        return scale.view(terms, self.heads).to(q.dtype), shift.to(q.dtype)
 
     def fused_operands(self, q: Tensor, k: Tensor, height: int, width: int) -> dict[str, Tensor]:
         """What the fused path attends with: the BN-scaled, position-augmented queries and keys
@@ -311,14 +369,17 @@ class BinaryAttention2d(nn.Module):
             n = 1
         return max(1, min(num, self.block_elems // max(1, n * g * num)))
 
-    def attend_fused(self, q: Tensor, k: Tensor, v: Tensor, height: int, width: int):
+    def attend_fused(self, q: Tensor, k: Tensor, v: Tensor, height: int, width: int, dense: bool = False):
+        """The fused path; ``dense``: the flat term in one block of all queries whatever its size."""
         ops = self.fused_operands(q, k, height, width)
         if self.pos_embed != "flat":
             return rel2d_attention(ops["q"], k, v, ops["rows"], ops["cols"]), None
         args = (ops["q_k"], ops["q_r"], k, ops["k_r"], v, ops["tq"], ops["tk"], ops["tv"], ops["shift"],
-                self.query_block(q))
+                q.shape[-2] if dense else self.query_block(q))
         if torch.compiler.is_compiling():
             return flat_blocked_attention(*args)
+        if args[-1] >= q.shape[-2]:  # one block: all logits at once, probabilities kept for the backward
+            return FlatDenseAttention.apply(*args[:-1])
         return FlatBlockedAttention.apply(*args)
 
     # -- looking inside: attention rows without the (HW)^2 matrix ---------------------------------------
@@ -504,6 +565,102 @@ class FlatBlockedAttention(torch.autograd.Function):
             grads[6][:, wk] += parts[6]
             grads[7][:, wq] += parts[7]
         return (*grads, None)
+
+
+def skew(x: Tensor) -> Tensor:
+    """``(..., B, P+B-1)`` -> ``(..., B, P)`` view with ``[t, j] = x[t, B-1-t+j]`` (no copy; ``x``'s last
+    dimension contiguous).
+
+    For queries ``i = s + t`` of a block starting at ``s`` and ``x = q_block @ table.flip(-1)[:, w]`` with
+    the window ``w = flat_window(s, B, P)``, entry ``[t, j]`` is ``q_i . table[:, i - j + P - 1]``: the
+    relative logits of a ``(d, 2P-1)`` offset table, without expanding it to ``(d, P, P)`` (row ``t`` of the
+    view starts one element before the end of row ``t - 1``'s span: one column earlier in the next row).
+    """
+    block = x.shape[-2]
+    num = x.shape[-1] - block + 1
+    return x.as_strided((*x.shape[:-1], num), (*x.stride()[:-2], x.stride(-2) - 1, 1),
+                        x.storage_offset() + block - 1)
+
+
+def unskew(a: Tensor) -> Tensor:
+    """The adjoint of :func:`skew`: ``(..., B, P)`` -> zeros ``(..., B, P+B-1)`` with ``a`` in the skewed view,
+    so that ``unskew(a) @ table.flip(-1)[:, w].t()`` is ``sum_j a_tj table[:, i - j + P - 1]``."""
+    out = a.new_zeros(*a.shape[:-1], a.shape[-1] + a.shape[-2] - 1)
+    skew(out).copy_(a)
+    return out
+
+
+def flat_window(start: int, block: int, num: int) -> slice:
+    """Columns of a flipped ``(d, 2P-1)`` table used by queries (or keys) ``start : start+block``."""
+    return slice(num - start - block, 2 * num - 1 - start)
+
+
+def dense_blocks(num: int, batch: int) -> list[tuple[slice, slice]]:
+    """Row blocks ``(rows, table window)`` for :class:`FlatDenseAttention`: each block's temporaries
+    ``(batch, B, P+B-1)`` stay around half a million elements (in cache, and small enough for the memory
+    allocator to reuse instead of mapping fresh pages on every call)."""
+    size = max(1, min(num, DENSE_BLOCK_ELEMS // max(1, batch * 2 * num)))
+    return [(slice(s, s + size), flat_window(s, min(size, num - s), num)) for s in range(0, num, size)]
+
+
+def outer_sum(a: Tensor, b: Tensor) -> Tensor:
+    """``sum over (N, G, rows) of a^T b`` for ``(N, G, R, x)`` and ``(N, G, R, y)``: ``(x, y)``."""
+    return a.reshape(-1, a.shape[-1]).t() @ b.reshape(-1, b.shape[-1])
+
+
+class FlatDenseAttention(torch.autograd.Function):
+    """The flat binary term with all ``(N, G, P, P)`` logits at once and the softmax probabilities saved
+    for a hand-written backward: every gradient is a matrix product, the relative terms come through
+    windows of the offset tables and skewed views (:func:`skew`), processed in row blocks. Nothing of the
+    reference path's stacked ``(N, 3G, P, P)`` logits, their BatchNorm or Toeplitz-expanded tables.
+    Used where the whole matrix is small (see :meth:`BinaryAttention2d.attend_fused`). Arguments as
+    :class:`FlatBlockedAttention`; the key-side relative term ``k_j . r_k[j - i]`` is built by blocks of
+    keys (columns), the query-side ones by blocks of queries (rows).
+    """
+
+    @staticmethod
+    def forward(ctx, q_k, q_r, k, k_r, v, tq, tk, tv, shift):
+        tq_f, tk_f, tv_f = tq.flip(-1), tk.flip(-1), tv.flip(-1)
+        blocks = dense_blocks(k.shape[-2], q_k.shape[0] * q_k.shape[1])
+        logits = torch.matmul(q_k, k.transpose(-1, -2)).add_(shift)
+        for rows, win in blocks:
+            logits[..., rows, :] += skew(torch.matmul(q_r[..., rows, :], tq_f[:, win]))
+            logits[..., rows] += skew(torch.matmul(k_r[..., rows, :], tk_f[:, win])).transpose(-1, -2)
+        attn = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(v.dtype)
+        del logits
+        values = torch.matmul(attn, v)
+        value_embed = v.new_empty(*v.shape[:-1], tv.shape[0])
+        for rows, win in blocks:
+            value_embed[..., rows, :] = torch.matmul(unskew(attn[..., rows, :]), tv_f[:, win].t())
+        ctx.save_for_backward(q_k, q_r, k, k_r, v, tq_f, tk_f, tv_f, shift, attn)
+        return values, value_embed
+
+    @staticmethod
+    def backward(ctx, grad_values, grad_value_embed):
+        q_k, q_r, k, k_r, v, tq_f, tk_f, tv_f, shift, attn = ctx.saved_tensors
+        blocks = dense_blocks(k.shape[-2], q_k.shape[0] * q_k.shape[1])
+        grad_attn = torch.matmul(grad_values, v.transpose(-1, -2))
+        grad_tv = torch.zeros_like(tv_f)
+        for rows, win in blocks:
+            grad_attn[..., rows, :] += skew(torch.matmul(grad_value_embed[..., rows, :], tv_f[:, win]))
+            grad_tv[:, win] += outer_sum(unskew(attn[..., rows, :]), grad_value_embed[..., rows, :]).t()
+        grad_v = torch.matmul(attn.transpose(-1, -2), grad_values)
+        # softmax backward, in place; its rows sum to zero, so the per-row shift gets no gradient
+        row_dot = torch.matmul(grad_attn.unsqueeze(-2), attn.unsqueeze(-1)).squeeze(-1)
+        grad_logits = grad_attn.sub_(row_dot).mul_(attn)
+        grad_q_k = torch.matmul(grad_logits, k)
+        grad_k = torch.matmul(grad_logits.transpose(-1, -2), q_k)
+        grad_q_r, grad_k_r = torch.empty_like(q_r), torch.empty_like(k_r)
+        grad_tq, grad_tk = torch.zeros_like(tq_f), torch.zeros_like(tk_f)
+        for rows, win in blocks:
+            spread = unskew(grad_logits[..., rows, :])
+            grad_q_r[..., rows, :] = torch.matmul(spread, tq_f[:, win].t())
+            grad_tq[:, win] += outer_sum(q_r[..., rows, :], spread)
+            spread = unskew(grad_logits[..., rows].transpose(-1, -2))
+            grad_k_r[..., rows, :] = torch.matmul(spread, tk_f[:, win].t())
+            grad_tk[:, win] += outer_sum(k_r[..., rows, :], spread)
+        return (grad_q_k, grad_q_r, grad_k, grad_k_r, grad_v, grad_tq.flip(-1), grad_tk.flip(-1),
+                grad_tv.flip(-1), torch.zeros_like(shift))
 
 
 @contextlib.contextmanager

@@ -6,7 +6,7 @@ fused path needs is the per-head *scale* ``gamma / sqrt(var + eps)``; in trainin
 variance over ``(N, HW, HW)``. The helpers here compute the mean and variance of the logits from low-order
 moments of ``q``, ``k`` and the relative logits in ``O(HW d^2)`` instead of ``O((HW)^2)``, using centred
 sums (per sample, then combined with the law of total variance) so that no large moments are subtracted.
-They are computed in float64 where the device has it; the result is differentiable.
+They are computed in at least float32 (float64 for float64 inputs); the result is differentiable.
 """
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from torch import Tensor, nn
 
 
 def stats_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.device.type in ("cpu", "cuda") else torch.float32
+    """float32 for float32 / half inputs (the centred sums need no more), float64 for float64 ones."""
+    return torch.promote_types(t.dtype, torch.float32)
 
 
 def combine_moments(mean: Tensor, m2: Tensor, count: int) -> tuple[Tensor, Tensor]:
@@ -75,7 +76,9 @@ def sliding_window_moments(x: Tensor, table: Tensor) -> tuple[Tensor, Tensor]:
     win1 = sum1[num:] - sum1[:num]
     win2 = sum2[num:] - sum2[:num]
     row_sum = (x * win1).sum(-1)
-    row_sq = torch.einsum("ngid,ide,ngie->ngi", x, win2, x)
+    # x_i^T win2_i x_i as one batched product over positions (contiguous operands: a fast backward too)
+    by_row = x.permute(2, 0, 1, 3).reshape(num, -1, x.shape[-1])
+    row_sq = (torch.bmm(by_row, win2) * by_row).sum(-1).t().reshape(x.shape[:-1])
     row_mean = row_sum / num
     return _merge_rows(row_mean, row_sq - num * row_mean.square(), num)
 
@@ -86,8 +89,14 @@ def _merge_rows(row_mean: Tensor, row_m2: Tensor, per_row: int) -> tuple[Tensor,
     return mean, row_m2.sum(-1) + per_row * (row_mean - mean.unsqueeze(-1)).square().sum(-1)
 
 
+def uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
+    """Whether ``bn`` normalises with the batch's statistics (training, or no running statistics)."""
+    return bn.training or (bn.running_mean is None and bn.running_var is None)
+
+
 def bn_logit_affine(bn: nn.BatchNorm2d, moments: list[tuple[Tensor, Tensor]], count: int) -> tuple[Tensor, Tensor]:
-    """The per-channel ``(scale, shift)`` that ``bn(stacked)`` applies: ``y = scale * x + shift``.
+    """The per-channel ``(scale, shift)`` that ``bn(stacked)`` applies with batch statistics:
+    ``y = scale * x + shift``.
 
     ``moments``: for each stacked term, per-sample ``(mean, M2)`` of shape ``(N, G)``, each over ``count``
     values; the BN's channels are the terms' heads in order. In training the running statistics are
@@ -97,25 +106,26 @@ def bn_logit_affine(bn: nn.BatchNorm2d, moments: list[tuple[Tensor, Tensor]], co
     means = torch.cat([m for m, _ in moments], dim=1)
     m2s = torch.cat([v for _, v in moments], dim=1)
     mean, var = combine_moments(means, m2s, count)
-    factor = 0.0
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
-    if not use_batch:
-        mean = bn.running_mean.to(var.dtype)
-    if use_batch:
-        if bn.training and bn.running_mean is not None:
-            n = means.shape[0] * count
-            with torch.no_grad():
-                bn.running_mean.mul_(1 - factor).add_(mean.detach().to(bn.running_mean.dtype), alpha=factor)
-                unbiased = var.detach() * (n / max(n - 1, 1))
-                bn.running_var.mul_(1 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
-        scale = torch.rsqrt(var + bn.eps)
-    else:
-        scale = torch.rsqrt(bn.running_var.to(var.dtype) + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight.to(scale.dtype)
+    if bn.training and bn.running_mean is not None:
+        factor = 0.0
+        if bn.track_running_stats and bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+            factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        n = means.shape[0] * count
+        with torch.no_grad():
+            bn.running_mean.mul_(1 - factor).add_(mean.detach().to(bn.running_mean.dtype), alpha=factor)
+            unbiased = var.detach() * (n / max(n - 1, 1))
+            bn.running_var.mul_(1 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
+    return _affine(bn, mean, torch.rsqrt(var + bn.eps))
+
+
+def running_affine(bn: nn.BatchNorm2d, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(scale, shift)`` of ``bn`` in eval mode, from its running statistics (no moments needed)."""
+    return _affine(bn, bn.running_mean.to(dtype), torch.rsqrt(bn.running_var.to(dtype) + bn.eps))
+
+
+def _affine(bn: nn.BatchNorm2d, mean: Tensor, inv_std: Tensor) -> tuple[Tensor, Tensor]:
+    scale = inv_std if bn.weight is None else inv_std * bn.weight.to(inv_std.dtype)
     shift = -mean * scale
     if bn.bias is not None:
         shift = shift + bn.bias.to(shift.dtype)

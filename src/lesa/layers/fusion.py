@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 
 class DynamicFusionGate(nn.Module):
@@ -23,6 +24,13 @@ class DynamicFusionGate(nn.Module):
     def reset_parameters(self) -> None:
         for conv in (self.fc1, self.fc2):
             nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+
+    @torch.no_grad()
+    def fold_batch_norms(self) -> None:
+        """Fold ``bn1`` / ``bn2`` (eval statistics) into ``fc1`` / ``fc2``, for inference."""
+        if isinstance(self.bn1, nn.BatchNorm2d):
+            self.fc1, self.bn1 = fuse_conv_bn_eval(self.fc1, self.bn1), nn.Identity()
+            self.fc2, self.bn2 = fuse_conv_bn_eval(self.fc2, self.bn2), nn.Identity()
 
     def forward(self, unary: Tensor, binary: Tensor) -> Tensor:
         """Returns ``omega`` in ``(0, 1)``, shaped like ``binary``."""

@@ -6,7 +6,9 @@ convolution is deformable with one offset group (Sec. 4.2).
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .deform import DeformConv2dPack
 
@@ -30,6 +32,19 @@ class UnaryConv2d(nn.Module):
             nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
         if self.deform:
             self.conv.reset_offset()
+
+    @torch.no_grad()
+    def fold_batch_norm(self) -> None:
+        """Fold ``bn`` (eval statistics) into the last convolution, for inference."""
+        if isinstance(self.bn, nn.Identity):
+            return
+        if self.proj is not None:
+            self.proj = fuse_conv_bn_eval(self.proj, self.bn)
+        elif isinstance(self.conv, nn.Conv2d):
+            self.conv = fuse_conv_bn_eval(self.conv, self.bn)
+        else:  # a deformable convolution without the 1x1 projection: keep the BN
+            return
+        self.bn = nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.conv(x)

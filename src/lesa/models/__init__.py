@@ -1,4 +1,5 @@
 """ResNet / WRN model family with LESA and the paper's baselines."""
+from .fuse import fuse_for_inference
 from .pos_embed import resize_pos_embed
 from .registry import ARCHS, build_resnet, create_model, default_cfg, is_model, list_models, parse_name
 from .resnet import OPS, Bottleneck, ResNet, attention_layers
@@ -15,6 +16,7 @@ __all__ = [
     "build_resnet",
     "create_model",
     "default_cfg",
+    "fuse_for_inference",
     "is_model",
     "list_models",
     "parse_name",
