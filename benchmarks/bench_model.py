@@ -231,7 +231,8 @@ def markdown(table: dict, args: argparse.Namespace, env: str) -> str:
         lines = [f"backbones at {args.size}x{args.size}, batch 1, forward + backward; {env}", "",
                  "| backbone | seconds | peak MiB |", "|---|---|---|"]
         for name, row in table.items():
-            lines.append(f"| {name} | {cell(row, 'train_seconds', '{:.2f}')} | {cell(row, 'train_peak_mib', '{:.0f}')} |")
+            lines.append(f"| {name} | {cell(row, 'train_seconds', '{:.2f}')} | "
+                         f"{cell(row, 'train_peak_mib', '{:.0f}')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -247,7 +247,8 @@ class BinaryAttention2d(nn.Module):
         out = values.transpose(-1, -2).reshape(shape)
         if value_embed is None:
             return out
-        return torch.addcmul(out, self.value_embed_scale.view(1, -1, 1, 1), value_embed.transpose(-1, -2).reshape(shape))
+        embed = value_embed.transpose(-1, -2).reshape(shape)
+        return torch.addcmul(out, self.value_embed_scale.view(1, -1, 1, 1), embed)
 
     @torch.no_grad()
     def fold_batch_norms(self) -> None:
