@@ -67,9 +67,13 @@ def build(name: str, args: argparse.Namespace):
         if detection:
             cfg.update(strides=(1, 2, 2, 2), stage_spatial_res=[args.size // s for s in (4, 8, 16, 32)])
         cfg.lesa["with_cp_UB_terms_only"] = "cp" in flags
-        net = resnet.resnet50(cfg=cfg, num_classes=1000)
         if "wide" in args.model:
             raise SystemExit("official: only --model lesa_resnet50 is wired here")
+        net = resnet.resnet50(cfg=cfg, num_classes=1000)
+        if detection:  # stage 4's first LESA sees stage 3's map (the classification code sizes it for its output)
+            block = net.layer4[0]
+            block.conv2 = resnet.lesa3x3(lesa=cfg.lesa, in_planes=512, out_planes=512, kernel_size=args.size // 16,
+                                         stride=2)
         return net, (official_features(net) if detection else net)
     if base == "torchvision":
         import torchvision
@@ -170,14 +174,17 @@ def run_all(args: argparse.Namespace) -> dict:
     """``{config: {mode: [result per round]}}``, configurations interleaved within each round."""
     results: dict = {name: {mode: [] for mode in modes(args.task)} for name in args.configs}
     passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                   if k not in ("configs", "out", "worker") and v is not None]
+                   if k not in ("configs", "out", "worker", "tag") and v is not None]
     for round_ in range(args.rounds):
         for mode in modes(args.task):
             if mode == "gmacs" and round_:
                 continue
             for name in args.configs:
-                proc = subprocess.run([sys.executable, __file__, *passthrough, "--worker", f"{name}:{mode}"],
-                                      capture_output=True, text=True)
+                try:
+                    proc = subprocess.run([sys.executable, __file__, *passthrough, "--worker", f"{name}:{mode}"],
+                                          capture_output=True, text=True, timeout=args.timeout)
+                except subprocess.TimeoutExpired:
+                    proc = subprocess.CompletedProcess([], 1, "", f"timed out after {args.timeout} s")
                 if proc.returncode == 0:
                     result = json.loads(proc.stdout.strip().splitlines()[-1])
                 else:
@@ -258,6 +265,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--max-gb", type=float, default=20.0)
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds per measurement process")
+    ap.add_argument("--tag", default="", help="suffix of the output files' names")
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -274,7 +283,7 @@ def main() -> None:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        stem = f"model_{args.task}_{args.device}"
+        stem = f"model_{args.task}_{args.device}" + (f"_{args.tag}" if args.tag else "")
         (out / f"{stem}.json").write_text(json.dumps(dict(config=vars(args), results=table), indent=1))
         (out / f"{stem}.md").write_text(text)
 

@@ -77,9 +77,9 @@ class LESA2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         unary, binary = self.terms(x)
-        if self.fusion_gate is not None:
-            binary = self.fusion_gate(unary, binary) * binary
-        return self.pool(unary + binary)
+        if self.fusion_gate is None:
+            return self.pool(unary + binary)
+        return self.pool(torch.addcmul(unary, self.fusion_gate(unary, binary), binary))
 
     def extra_repr(self) -> str:
         return f"stride={self.stride}, checkpoint={self.checkpoint}"

@@ -133,7 +133,8 @@ class Bottleneck(nn.Module):
         out = self.bn3(self.conv3(out))
         if self.downsample is not None:
             identity = self.downsample(x)
-        return self.relu(out + identity)
+        out += identity  # in place: bn3's output is not needed by its backward
+        return self.relu(out)
 
 
 class ResNet(nn.Module):
