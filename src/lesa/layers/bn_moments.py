@@ -36,17 +36,38 @@ def dot_product_moments(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
     ``q_i.k_j - q_bar.k_bar = q'_i.k'_j + q'_i.k_bar + q_bar.k'_j`` and the three parts are orthogonal
     over ``(i, j)``, so ``M2 = <Q'^T Q', K'^T K'> + P k_bar^T Q'^T Q' k_bar + P q_bar^T K'^T K' q_bar``.
     """
-    num = q.shape[-2]
-    q_bar, k_bar = q.mean(-2), k.mean(-2)
-    qc, kc = q - q_bar.unsqueeze(-2), k - k_bar.unsqueeze(-2)
-    gram_q = qc.transpose(-1, -2) @ qc
-    gram_k = kc.transpose(-1, -2) @ kc
-    m2 = (
-        (gram_q * gram_k).sum((-1, -2))
-        + num * torch.einsum("ngc,ngcd,ngd->ng", k_bar, gram_q, k_bar)
-        + num * torch.einsum("ngc,ngcd,ngd->ng", q_bar, gram_k, q_bar)
-    )
-    return (q_bar * k_bar).sum(-1), m2
+    return DotProductMoments.apply(q, k)
+
+
+class DotProductMoments(torch.autograd.Function):
+    """:func:`dot_product_moments` with its gradient in closed form (a few small products instead of
+    autograd's graph of small ops). With ``A_q = K'^T K' + P k_bar k_bar^T`` (symmetric), the centred
+    ``q'`` sums to zero over positions, so ``dM2/dq_i = 2 A_q q'_i + 2 K'^T K' q_bar`` and
+    ``dmean/dq_i = k_bar / P``; likewise for ``k``."""
+
+    @staticmethod
+    def forward(ctx, q, k):
+        num = q.shape[-2]
+        q_bar, k_bar = q.mean(-2, keepdim=True), k.mean(-2, keepdim=True)
+        qc, kc = q - q_bar, k - k_bar
+        gram_q, gram_k = qc.transpose(-1, -2) @ qc, kc.transpose(-1, -2) @ kc
+        gk_q = (q_bar @ gram_k).squeeze(-2)  # (N, G, d): K'^T K' q_bar
+        gq_k = (k_bar @ gram_q).squeeze(-2)
+        q_bar, k_bar = q_bar.squeeze(-2), k_bar.squeeze(-2)
+        m2 = (gram_q * gram_k).sum((-1, -2)) + num * ((gq_k * k_bar).sum(-1) + (gk_q * q_bar).sum(-1))
+        ctx.save_for_backward(qc, kc, gram_q, gram_k, q_bar, k_bar, gq_k, gk_q)
+        return (q_bar * k_bar).sum(-1), m2
+
+    @staticmethod
+    def backward(ctx, grad_mean, grad_m2):
+        qc, kc, gram_q, gram_k, q_bar, k_bar, gq_k, gk_q = ctx.saved_tensors
+        num = qc.shape[-2]
+        gm, gv = grad_mean[..., None], grad_m2[..., None]
+        a_q = gram_k + num * k_bar.unsqueeze(-1) * k_bar.unsqueeze(-2)
+        a_k = gram_q + num * q_bar.unsqueeze(-1) * q_bar.unsqueeze(-2)
+        grad_q = (qc @ a_q) * (2 * gv.unsqueeze(-1)) + (gm * k_bar / num + 2 * gv * gk_q).unsqueeze(-2)
+        grad_k = (kc @ a_k) * (2 * gv.unsqueeze(-1)) + (gm * q_bar / num + 2 * gv * gq_k).unsqueeze(-2)
+        return grad_q, grad_k
 
 
 def separable_moments(rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
@@ -67,20 +88,59 @@ def sliding_window_moments(x: Tensor, table: Tensor) -> tuple[Tensor, Tensor]:
     ``x``: ``(N, G, P, d)``; ``table``: ``(d, 2P-1)``. Row ``i`` sees the window ``table[:, i:i+P]``, whose
     sum and sum of outer products come from prefix sums in ``O(P d^2)``.
     """
+    row_sum, row_sq = SlidingWindowRows.apply(x, table)
     num = x.shape[-2]
-    cols = table.t()
-    zero = cols.new_zeros(1, cols.shape[1])
-    sum1 = torch.cat([zero, cols.cumsum(0)])
-    outer = cols.unsqueeze(-1) * cols.unsqueeze(-2)
-    sum2 = torch.cat([zero.new_zeros(1, *outer.shape[1:]), outer.cumsum(0)])
-    win1 = sum1[num:] - sum1[:num]
-    win2 = sum2[num:] - sum2[:num]
-    row_sum = (x * win1).sum(-1)
-    # x_i^T win2_i x_i as one batched product over positions (contiguous operands: a fast backward too)
-    by_row = x.permute(2, 0, 1, 3).reshape(num, -1, x.shape[-1])
-    row_sq = (torch.bmm(by_row, win2) * by_row).sum(-1).t().reshape(x.shape[:-1])
     row_mean = row_sum / num
     return _merge_rows(row_mean, row_sq - num * row_mean.square(), num)
+
+
+def _window_sums(cols: Tensor, num: int) -> Tensor:
+    """``(2P-1, ...)`` -> ``(P, ...)``: the sums over ``cols[i : i + P]``, from prefix sums."""
+    prefix = torch.cat([cols.new_zeros(1, *cols.shape[1:]), cols.cumsum(0)])
+    return prefix[num:] - prefix[:num]
+
+
+def _window_adjoint(grad: Tensor, num: int) -> Tensor:
+    """Adjoint of :func:`_window_sums`: ``(P, ...)`` -> ``(2P-1, ...)``, entry ``m`` summing the windows
+    ``i`` that contain ``m`` (``max(0, m-P+1) <= i <= min(m, P-1)``)."""
+    prefix = torch.cat([grad.new_zeros(1, *grad.shape[1:]), grad.cumsum(0)])
+    m = torch.arange(2 * num - 1, device=grad.device)
+    return prefix[m.clamp(max=num - 1) + 1] - prefix[(m - num + 1).clamp(min=0)]
+
+
+class SlidingWindowRows(torch.autograd.Function):
+    """Per row ``i``: ``sum_t x_i . c_{i+t}`` and ``sum_t (x_i . c_{i+t})^2 = x_i^T W_i x_i`` with
+    ``W_i = sum_t c_{i+t} c_{i+t}^T`` (``c_m = table[:, m]``), and their gradients in closed form:
+    ``d/dx_i = g1_i w_i + 2 g2_i W_i x_i``; the table's through the adjoint window sums."""
+
+    @staticmethod
+    def forward(ctx, x, table):
+        num, dim = x.shape[-2], x.shape[-1]
+        cols = table.t()
+        win1 = _window_sums(cols, num)
+        win2 = _window_sums(cols.unsqueeze(-1) * cols.unsqueeze(-2), num)
+        by_row = x.permute(2, 0, 1, 3).reshape(num, -1, dim)  # (P, N*G, d): one product per position
+        x_win2 = torch.bmm(by_row, win2)
+        row_sq = (x_win2 * by_row).sum(-1).t().reshape(x.shape[:-1])
+        ctx.save_for_backward(by_row, table, win1, x_win2)
+        ctx.batch_shape = x.shape[:-2]
+        return (x * win1).sum(-1), row_sq
+
+    @staticmethod
+    def backward(ctx, grad_sum, grad_sq):
+        by_row, table, win1, x_win2 = ctx.saved_tensors
+        num, dim = by_row.shape[0], by_row.shape[-1]
+        g1 = grad_sum.reshape(-1, num).t().unsqueeze(-1)  # (P, N*G, 1)
+        g2 = grad_sq.reshape(-1, num).t().unsqueeze(-1)
+        grad_rows = g1 * win1.unsqueeze(1) + 2 * g2 * x_win2
+        grad_x = grad_rows.reshape(num, *ctx.batch_shape, dim).permute(*range(1, len(ctx.batch_shape) + 1), 0,
+                                                                        len(ctx.batch_shape) + 1)
+        grad_win1 = (g1 * by_row).sum(1)  # (P, d)
+        grad_win2 = torch.bmm(by_row.transpose(1, 2), g2 * by_row)  # (P, d, d), symmetric
+        cols = table.t()
+        grad_cols = _window_adjoint(grad_win1, num)
+        grad_cols = grad_cols + 2 * torch.bmm(_window_adjoint(grad_win2, num), cols.unsqueeze(-1)).squeeze(-1)
+        return grad_x, grad_cols.t()
 
 
 def _merge_rows(row_mean: Tensor, row_m2: Tensor, per_row: int) -> tuple[Tensor, Tensor]:
