@@ -225,3 +225,18 @@ def test_cuda_fused_matches_float64_reference(pos_embed, dtype):
     rel = lambda a, b: ((a.double().cpu() - b).norm() / b.norm()).item()  # noqa: E731
     assert rel(yb, ya) < tol
     assert rel(xb.grad, xa.grad) < 3 * tol
+
+
+@pytest.mark.parametrize("band", [True, False])
+def test_moment_functions_have_exact_gradients(band, monkeypatch):
+    """The logit-BN moments' closed-form backward (DotProductMoments, SlidingWindowRows: window sums as a
+    band product for small maps, prefix sums for large ones) against finite differences, float64."""
+    from lesa.layers import bn_moments
+
+    monkeypatch.setattr(bn_moments, "BAND_MAX_POSITIONS", 256 if band else 0)
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, 7, 4, dtype=torch.float64, generator=gen).requires_grad_()
+    k = (torch.randn(2, 3, 7, 4, dtype=torch.float64, generator=gen) + 0.5).requires_grad_()
+    table = torch.randn(4, 13, dtype=torch.float64, generator=gen).requires_grad_()
+    assert torch.autograd.gradcheck(bn_moments.DotProductMoments.apply, (q, k))
+    assert torch.autograd.gradcheck(bn_moments.SlidingWindowRows.apply, (q, table))

@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 from torch import Tensor
 
 from ..utils import atomic_write
@@ -81,41 +80,4 @@ def plot_attention_map(image: Tensor, layer: str, weights: Tensor, query: tuple[
         ax.set_title(title, fontsize=8)
         ax.axis("off")
     fig.suptitle(f"{layer}: attention of query (y={query[0]}, x={query[1]})", fontsize=9)
-    _save(fig, path)
-
-
-def plot_curve_bands(runs: dict[str, list[list[dict[str, float]]]], path: Path, title: str = "") -> None:
-    """The paper's Fig. 5 over several seeds: per epoch, the mean (line) and mean ± sample standard
-    deviation (band) of the training and validation loss and of the validation top-1. ``runs`` maps a
-    label to the per-seed histories (``metrics.csv`` rows); epochs beyond the shortest history are left
-    out. A single history is drawn as a line without a band."""
-    plt = _pyplot()
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for i, (label, histories) in enumerate(runs.items()):
-        histories = [h for h in histories if h]
-        if not histories:
-            continue
-        n = min(len(h) for h in histories)
-        epochs = np.array([row["epoch"] for row in histories[0][:n]])
-        color = f"C{i}"
-        suffix = f" (n={len(histories)})" if len(histories) > 1 else ""
-        for ax, key, style, name in ((ax_loss, "train_loss", "-", f"{label} train"),
-                                     (ax_loss, "val_loss", "--", f"{label} val"),
-                                     (ax_acc, "val_top1", "-", label)):
-            values = np.array([[row[key] for row in h[:n]] for h in histories], dtype=np.float64)
-            mean = values.mean(0)
-            ax.plot(epochs, mean, style, color=color, label=name + suffix, marker="o" if ax is ax_acc else None,
-                    ms=3)
-            if len(histories) > 1:
-                std = values.std(0, ddof=1)
-                lower = mean - std if ax is ax_acc else np.maximum(mean - std, mean * 1e-3)
-                ax.fill_between(epochs, lower, mean + std, color=color, alpha=0.15, lw=0)
-    ax_loss.set(xlabel="epoch", ylabel="loss (log scale)", title="loss", yscale="log")
-    ax_acc.set(xlabel="epoch", ylabel="val top-1 (%)", title="validation accuracy")
-    for ax in (ax_loss, ax_acc):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
     _save(fig, path)

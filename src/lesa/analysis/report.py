@@ -24,7 +24,7 @@ from ..errors import ConfigError
 from ..layers import ablate_unary
 from ..models.registry import model_name
 from ..utils import atomic_write
-from .figures import plot_attention_map, plot_curve_bands, plot_gate_maps, plot_shares
+from .figures import plot_attention_map, plot_gate_maps, plot_shares
 from .maps import attention_layers_with_maps, attention_map, gate_maps
 from .shares import unary_binary_shares
 
@@ -66,7 +66,7 @@ def analyze_run(run: str | Path, data: Optional[str] = None, output: Optional[st
         figures.append(out / "attention_map.png")
     metrics = run / "metrics.csv" if run.is_dir() else None
     if metrics is not None and metrics.is_file():
-        plot_curves({cfg["model"]: read_metrics_csv(metrics)}, out / "curves.png", f"{cfg['model']} on {data}")
+        plot_curves({cfg["model"]: [read_metrics_csv(metrics)]}, out / "curves.png", f"{cfg['model']} on {data}")
         figures.append(out / "curves.png")
     return dict(model=cfg["model"], shares=shares, figures=[str(f) for f in figures], output=str(out))
 
@@ -157,7 +157,7 @@ def compare(arch: str = "resnet_tiny", data: str = "digits", output: str | Path 
     table = format_tables(rows, title)
     atomic_write(out / "compare.md", lambda tmp: Path(tmp).write_text(table))
     what = f"mean ± std over {len(seeds)} seeds" if len(seeds) > 1 else f"seed {seeds[0]}"
-    plot_curve_bands(curves, out / "compare_curves.png", f"{title}: training and validation (Fig. 5), {what}")
+    plot_curves(curves, out / "compare_curves.png", f"{title}: training and validation (Fig. 5), {what}")
     plot_shares(shares_by_op, out / "compare_shares.png")
     return rows
 

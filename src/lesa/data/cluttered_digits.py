@@ -25,12 +25,10 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from .digits import CLASSES, MEAN, SPLIT_SEED, STD, VAL_FRACTION
+from .digits import MEAN, SPLIT_SEED, STD, VAL_FRACTION, GreyImages
 
 CANVAS = 32
 TARGET_SIDES = (12, 18)  # inclusive range of the target's side in pixels
@@ -132,28 +130,14 @@ def generate_split(split: str) -> ClutteredSplit:
     )
 
 
-class ClutteredDigitsDataset(Dataset):
-    """Cluttered digit canvases (see the module docstring) at ``img_size``, 3 channels, normalised."""
-
-    classes = CLASSES
+class ClutteredDigitsDataset(GreyImages):
+    """Cluttered digit canvases (see the module docstring) at ``img_size``, 3 channels, normalised;
+    ``augment`` shifts them by a few pixels."""
 
     def __init__(self, split: str = "train", img_size: int = CANVAS, augment: bool = False) -> None:
         data = generate_split(split)
-        self.targets = data.targets
+        shift = max(1, round(SHIFT_PIXELS * img_size / CANVAS))
+        crop = v2.RandomCrop(img_size, padding=shift, fill=-MEAN / STD)
+        super().__init__(data.images, data.targets, img_size, crop if augment else None)
         self.target_source, self.distractor_sources, self.target_boxes = (
             data.target_source, data.distractor_sources, data.target_boxes)
-        images = data.images.unsqueeze(1)
-        if img_size != CANVAS:
-            images = F.interpolate(images, size=(img_size, img_size), mode="bilinear", align_corners=False)
-        self.images = ((images.clamp(0, 1) - MEAN) / STD).expand(-1, 3, -1, -1).contiguous()
-        shift = max(1, round(SHIFT_PIXELS * img_size / CANVAS))
-        self.augment = v2.RandomCrop(img_size, padding=shift, fill=-MEAN / STD) if augment else None
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        image = self.images[index]
-        if self.augment is not None:
-            image = self.augment(image)
-        return image, int(self.targets[index])

@@ -7,6 +7,8 @@ channels. Training images get a small random affine jitter.
 """
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -38,20 +40,20 @@ def load_digits_split(split: str) -> tuple[Tensor, Tensor]:
     return images[idx], labels[idx]
 
 
-class DigitsDataset(Dataset):
-    """Digits upsampled to ``img_size`` (bilinear), 3 channels, normalised; ``augment`` adds jitter."""
+class GreyImages(Dataset):
+    """Grey-level images in [0, 1], ``(N, H, W)``, served at ``img_size`` (bilinear), as 3 normalised
+    channels, each through ``augment`` when given: the embedded classification sets."""
 
     classes = CLASSES
 
-    def __init__(self, split: str = "train", img_size: int = 32, augment: bool = False) -> None:
-        images, self.targets = load_digits_split(split)
-        up = F.interpolate(images.unsqueeze(1), size=(img_size, img_size), mode="bilinear", align_corners=False)
-        self.images = ((up.clamp(0, 1) - MEAN) / STD).expand(-1, 3, -1, -1).contiguous()
-        self.augment = (
-            v2.RandomAffine(degrees=10, translate=(0.08, 0.08), scale=(0.9, 1.1), fill=-MEAN / STD)
-            if augment
-            else None
-        )
+    def __init__(self, images: Tensor, targets: Tensor, img_size: int,
+                 augment: Optional[Callable[[Tensor], Tensor]] = None) -> None:
+        images = images.unsqueeze(1)
+        if tuple(images.shape[-2:]) != (img_size, img_size):
+            images = F.interpolate(images, size=(img_size, img_size), mode="bilinear", align_corners=False)
+        self.images = ((images.clamp(0, 1) - MEAN) / STD).expand(-1, 3, -1, -1).contiguous()
+        self.targets = targets
+        self.augment = augment
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -61,3 +63,12 @@ class DigitsDataset(Dataset):
         if self.augment is not None:
             image = self.augment(image)
         return image, int(self.targets[index])
+
+
+class DigitsDataset(GreyImages):
+    """Digits upsampled to ``img_size``; ``augment`` adds a small random affine jitter."""
+
+    def __init__(self, split: str = "train", img_size: int = 32, augment: bool = False) -> None:
+        images, targets = load_digits_split(split)
+        jitter = v2.RandomAffine(degrees=10, translate=(0.08, 0.08), scale=(0.9, 1.1), fill=-MEAN / STD)
+        super().__init__(images, targets, img_size, jitter if augment else None)

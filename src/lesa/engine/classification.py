@@ -112,7 +112,7 @@ class ClassificationTask(Task):
         self.skipped = list(state.get("skipped", [0.0, 0.0]))
 
     def write_outputs(self, out_dir: Path, history: list[dict[str, float]]) -> None:
-        plot_curves({self.cfg.model: history}, out_dir / "curves.png", f"{self.cfg.model} on {self.cfg.data}")
+        plot_curves({self.cfg.model: [history]}, out_dir / "curves.png", f"{self.cfg.model} on {self.cfg.data}")
 
     def summary(self, last: dict[str, float]) -> dict[str, Any]:
         return dict(model=self.cfg.model, data=self.cfg.data, img_size=self.img_size, val_top1=last.get("val_top1"),

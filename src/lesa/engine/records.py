@@ -58,22 +58,37 @@ class TensorBoard:
             self.writer.close()
 
 
-def plot_curves(runs: dict[str, list[dict[str, float]]], path: Path, title: str = "") -> None:
-    """Train/val loss and val top-1 per epoch for one or more runs (the paper's Fig. 5)."""
+def plot_curves(runs: dict[str, list[list[dict[str, float]]]], path: Path, title: str = "") -> None:
+    """The paper's Fig. 5 for one run or several seeds per label: per epoch, the mean (line) and mean ±
+    sample standard deviation (band) of the training and validation loss and of the validation top-1.
+    ``runs`` maps a label to its histories (``metrics.csv`` rows, one list per seed); epochs beyond the
+    shortest history are left out. A single history is drawn as a line without a band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for i, (label, history) in enumerate(runs.items()):
-        if not history:
+    for i, (label, histories) in enumerate(runs.items()):
+        histories = [h for h in histories if h]
+        if not histories:
             continue
+        n = min(len(h) for h in histories)
+        epochs = np.array([row["epoch"] for row in histories[0][:n]])
         color = f"C{i}"
-        epochs = [row["epoch"] for row in history]
-        ax_loss.plot(epochs, [row["train_loss"] for row in history], "-", color=color, label=f"{label} train")
-        ax_loss.plot(epochs, [row["val_loss"] for row in history], "--", color=color, label=f"{label} val")
-        ax_acc.plot(epochs, [row["val_top1"] for row in history], "-o", ms=3, color=color, label=label)
+        suffix = f" (n={len(histories)})" if len(histories) > 1 else ""
+        for ax, key, style, name in ((ax_loss, "train_loss", "-", f"{label} train"),
+                                     (ax_loss, "val_loss", "--", f"{label} val"),
+                                     (ax_acc, "val_top1", "-", label)):
+            values = np.array([[row[key] for row in h[:n]] for h in histories], dtype=np.float64)
+            mean = values.mean(0)
+            ax.plot(epochs, mean, style, color=color, label=name + suffix, marker="o" if ax is ax_acc else None,
+                    ms=3)
+            if len(histories) > 1:
+                std = values.std(0, ddof=1)
+                lower = mean - std if ax is ax_acc else np.maximum(mean - std, mean * 1e-3)
+                ax.fill_between(epochs, lower, mean + std, color=color, alpha=0.15, lw=0)
     ax_loss.set(xlabel="epoch", ylabel="loss (log scale)", title="loss", yscale="log")
     ax_acc.set(xlabel="epoch", ylabel="val top-1 (%)", title="validation accuracy")
     for ax in (ax_loss, ax_acc):

@@ -86,7 +86,7 @@ def sliding_window_moments(x: Tensor, table: Tensor) -> tuple[Tensor, Tensor]:
     """Per-sample moments of ``x_i . table[:, i + t]`` over ``i, t in [0, P)`` (the flat relative logits).
 
     ``x``: ``(N, G, P, d)``; ``table``: ``(d, 2P-1)``. Row ``i`` sees the window ``table[:, i:i+P]``, whose
-    sum and sum of outer products come from prefix sums in ``O(P d^2)``.
+    sum and sum of outer products are window sums over the table's columns (:func:`window_sums`).
     """
     row_sum, row_sq = SlidingWindowRows.apply(x, table)
     num = x.shape[-2]
@@ -94,18 +94,30 @@ def sliding_window_moments(x: Tensor, table: Tensor) -> tuple[Tensor, Tensor]:
     return _merge_rows(row_mean, row_sq - num * row_mean.square(), num)
 
 
-def _window_sums(cols: Tensor, num: int) -> Tensor:
-    """``(2P-1, ...)`` -> ``(P, ...)``: the sums over ``cols[i : i + P]``, from prefix sums."""
+BAND_MAX_POSITIONS = 256  # window sums as one product with a band matrix up to here; prefix sums beyond
+
+
+def window_sums(cols: Tensor, num: int) -> Tensor:
+    """``(2P-1, ...)`` -> ``(P, ...)``: entry ``i`` sums ``cols[i : i + P]``."""
+    if num <= BAND_MAX_POSITIONS:  # one product: faster than a scan for small maps, O(P^2) beyond
+        return (window_band(num, cols) @ cols.flatten(1)).view(num, *cols.shape[1:])
     prefix = torch.cat([cols.new_zeros(1, *cols.shape[1:]), cols.cumsum(0)])
     return prefix[num:] - prefix[:num]
 
 
-def _window_adjoint(grad: Tensor, num: int) -> Tensor:
-    """Adjoint of :func:`_window_sums`: ``(P, ...)`` -> ``(2P-1, ...)``, entry ``m`` summing the windows
+def window_sums_adjoint(grad: Tensor, num: int) -> Tensor:
+    """Adjoint of :func:`window_sums`: ``(P, ...)`` -> ``(2P-1, ...)``, entry ``m`` summing the windows
     ``i`` that contain ``m`` (``max(0, m-P+1) <= i <= min(m, P-1)``)."""
+    if num <= BAND_MAX_POSITIONS:
+        return (window_band(num, grad).t() @ grad.flatten(1)).view(2 * num - 1, *grad.shape[1:])
     prefix = torch.cat([grad.new_zeros(1, *grad.shape[1:]), grad.cumsum(0)])
     m = torch.arange(2 * num - 1, device=grad.device)
     return prefix[m.clamp(max=num - 1) + 1] - prefix[(m - num + 1).clamp(min=0)]
+
+
+def window_band(num: int, like: Tensor) -> Tensor:
+    """``(P, 2P-1)`` ones where ``i <= m <= i + P - 1``."""
+    return torch.ones(num, 2 * num - 1, dtype=like.dtype, device=like.device).triu_().tril_(num - 1)
 
 
 class SlidingWindowRows(torch.autograd.Function):
@@ -117,8 +129,8 @@ class SlidingWindowRows(torch.autograd.Function):
     def forward(ctx, x, table):
         num, dim = x.shape[-2], x.shape[-1]
         cols = table.t()
-        win1 = _window_sums(cols, num)
-        win2 = _window_sums(cols.unsqueeze(-1) * cols.unsqueeze(-2), num)
+        win1 = window_sums(cols, num)
+        win2 = window_sums(cols.unsqueeze(-1) * cols.unsqueeze(-2), num)
         by_row = x.permute(2, 0, 1, 3).reshape(num, -1, dim)  # (P, N*G, d): one product per position
         x_win2 = torch.bmm(by_row, win2)
         row_sq = (x_win2 * by_row).sum(-1).t().reshape(x.shape[:-1])
@@ -137,9 +149,8 @@ class SlidingWindowRows(torch.autograd.Function):
                                                                         len(ctx.batch_shape) + 1)
         grad_win1 = (g1 * by_row).sum(1)  # (P, d)
         grad_win2 = torch.bmm(by_row.transpose(1, 2), g2 * by_row)  # (P, d, d), symmetric
-        cols = table.t()
-        grad_cols = _window_adjoint(grad_win1, num)
-        grad_cols = grad_cols + 2 * torch.bmm(_window_adjoint(grad_win2, num), cols.unsqueeze(-1)).squeeze(-1)
+        grad_cols = window_sums_adjoint(grad_win1, num)
+        grad_cols += 2 * torch.bmm(window_sums_adjoint(grad_win2, num), table.t().unsqueeze(-1)).squeeze(-1)
         return grad_x, grad_cols.t()
 
 
