@@ -22,7 +22,7 @@ Configurations: ``lesa`` (lesa_resnet50, defaults), ``lesa-reference`` (impl='re
 computation in our code), ``official`` (needs ``--official-root``; ``official+cp`` with the authors' gradient
 checkpointing), ``torchvision``, ``botnet`` (timm); ``+channels_last`` / ``+compile`` / ``+fused`` (lesa
 with :func:`lesa.fuse_for_inference` for inference) suffixes combine.
-Writes ``<out>/model_<task>_<device>.json`` and ``.md``.
+Writes ``<out>/model_<task>_<device>.json``, ``.md`` (table) and ``.png`` (figure); ``--from-json`` re-renders them.
 """
 from __future__ import annotations
 
@@ -221,10 +221,11 @@ def markdown(table: dict, args: argparse.Namespace, env: str) -> str:
         value = row.get(key)
         return fmt.format(value) if isinstance(value, float) else str(row.get(key.split("_")[0], "-"))
 
-    ref = table.get("official", {})
+    base = "official" if "official" in table else next(iter(table))  # ratios against the authors' code
+    ref = table[base]
     if args.task == "classification":
         lines = [f"{args.model}-class models at {args.size}x{args.size}, batch {args.batch}; {env}", "",
-                 "| model | GMACs | inference img/s | vs authors | train step img/s | vs authors | train peak MiB |",
+                 f"| model | GMACs | inference img/s | vs {base} | train step img/s | vs {base} | train peak MiB |",
                  "|---|---|---|---|---|---|---|"]
         for name, row in table.items():
             ratios = []
@@ -241,6 +242,36 @@ def markdown(table: dict, args: argparse.Namespace, env: str) -> str:
             lines.append(f"| {name} | {cell(row, 'train_seconds', '{:.2f}')} | "
                          f"{cell(row, 'train_peak_mib', '{:.0f}')} |")
     return "\n".join(lines) + "\n"
+
+
+def plot(table: dict, args: argparse.Namespace, path: Path) -> None:
+    """Bars: images/s (classification: inference and training) or seconds and peak GiB (detection)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(table)
+    if args.task == "classification":
+        panels = [("infer_images_per_s", "inference (images/s)"), ("train_images_per_s", "training step (images/s)")]
+    else:
+        panels = [("train_seconds", "forward + backward (s)"), ("train_peak_mib", "peak memory (MiB)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 0.5 * len(names) + 1.5))
+    for ax, (key, label) in zip(axes, panels):
+        values = [table[n].get(key) if isinstance(table[n].get(key), float) else 0.0 for n in names]
+        ax.barh(names, values, color=["C1" if n.startswith("official") else "C0" for n in names])
+        for y, value in enumerate(values):
+            text = f" {value:.0f}" if value >= 100 else f" {value:.3g}" if value else " n/a"
+            ax.text(value, y, text, va="center", fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel(label)
+        ax.grid(axis="x", alpha=0.3)
+    size = f"{args.size}x{args.size}"
+    fig.suptitle(f"{args.task} at {size}, batch {args.batch if args.task == 'classification' else 1}, "
+                 f"{args.threads} threads ({args.device})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def describe_env(args: argparse.Namespace) -> str:
@@ -268,8 +299,16 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per measurement process")
     ap.add_argument("--tag", default="", help="suffix of the output files' names")
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"))
+    ap.add_argument("--from-json", type=Path, help="re-render a saved result's table and figure")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.from_json:
+        saved = json.loads(args.from_json.read_text())
+        args = argparse.Namespace(**{**saved["config"], "from_json": args.from_json})
+        table = saved["results"]
+        args.from_json.with_suffix(".md").write_text(markdown(table, args, saved.get("env", "")))
+        plot(table, args, args.from_json.with_suffix(".png"))
+        return
     args.size = args.size or (224 if args.task == "classification" else 1024)
     if args.worker:
         name, mode = args.worker.rsplit(":", 1)
@@ -278,14 +317,16 @@ def main() -> None:
     args.configs = args.configs or [c for c in DEFAULT_CONFIGS[args.task]
                                     if args.official_root or not c.startswith("official")]
     table = summarise(run_all(args))
-    text = markdown(table, args, describe_env(args))
+    env = describe_env(args)
+    text = markdown(table, args, env)
     print(text)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         stem = f"model_{args.task}_{args.device}" + (f"_{args.tag}" if args.tag else "")
-        (out / f"{stem}.json").write_text(json.dumps(dict(config=vars(args), results=table), indent=1))
+        (out / f"{stem}.json").write_text(json.dumps(dict(config=vars(args), env=env, results=table), indent=1))
         (out / f"{stem}.md").write_text(text)
+        plot(table, args, out / f"{stem}.png")
 
 
 if __name__ == "__main__":
