@@ -192,11 +192,15 @@ def test_torchscript_and_fx_compute_the_eager_function(name, kwargs):
         expected = model(x)
         scripted = torch.jit.script(model)
         traced = torch.fx.symbolic_trace(model)
+        # graphs take the reference path; eager takes it too for 'rel2d' on small maps and for the models
+        # without attention, while 'flat' attention under 'auto' runs the dense kernel: the same function
+        eager_reference = kwargs.get("impl") != "fused" and (
+            kwargs.get("pos_embed") == "rel2d" or name in ("aa_resnet_tiny", "resnet_tiny"))
         for graph in (scripted, traced):
-            if kwargs.get("impl") == "fused":  # graphs take the reference path: the same function
-                close(graph(x), expected)
-            else:
+            if eager_reference:
                 torch.testing.assert_close(graph(x), expected, rtol=0, atol=0)
+            else:
+                close(graph(x), expected)
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -207,8 +211,9 @@ def test_graphs_run_at_other_sizes_and_train():
     with torch.no_grad():
         for graph in (scripted, traced):
             torch.testing.assert_close(graph(x), model(x), rtol=0, atol=0)
-    # training mode: outputs, gradients and BN statistics of the graph module are eager's
-    model = small("sa_resnet_tiny").train()
+    # training mode: outputs, gradients and BN statistics of the graph module are eager's (bitwise, with
+    # eager on the reference path the graph runs)
+    model = small("sa_resnet_tiny", impl="reference").train()
     eager = copy.deepcopy(model)
     traced = torch.fx.symbolic_trace(model)
     x = image()
