@@ -45,7 +45,7 @@ def table(runs: Path, speed: dict) -> str:
     for name, (label, _) in DETECTORS.items():
         run = runs / name
         if not (run / "coco_eval.json").exists():
-            lines.append(f"| {label} | not run |" + " |" * 11)
+            lines.append(f"| {label} | not finished |" + " |" * 11)
             continue
         result = json.loads((run / "coco_eval.json").read_text())
         summary = json.loads((run / "summary.json").read_text())
@@ -96,6 +96,7 @@ def main() -> None:
     ap.add_argument("--train", action="store_true", help="train the detectors whose runs are missing")
     ap.add_argument("--speed", type=Path, help="bench_detectors.py's JSON")
     ap.add_argument("--figure", type=Path, default=ROOT / "docs" / "figures" / "detector_compare.png")
+    ap.add_argument("--no-figure", action="store_true")
     ap.add_argument("--scenes", type=int, default=4)
     ap.add_argument("--score-threshold", type=float, default=0.5)
     args = ap.parse_args()
@@ -103,7 +104,7 @@ def main() -> None:
         train(args.runs)
     speed = json.loads(args.speed.read_text())["results"] if args.speed else {}
     print(table(args.runs, speed))
-    if args.figure:
+    if not args.no_figure:
         figure(args.runs, args.figure, args.scenes, args.score_threshold)
         print(f"wrote {args.figure}")
 
