@@ -6,7 +6,8 @@ per-model defaults are written; ``fixed_input_size`` for the 'flat' embedding), 
 (with ``out_indices``, ``feature_cls='getter'`` / ``'hook'`` / ``'fx'``, ...) wraps them in timm's feature
 extractors. The feature levels are the outputs of the four stages (indices 0-3).
 
-Names timm already has (``resnet50``, ``wide_resnet50_2``) are left to timm. Registration is skipped
+Names timm already has (``resnet50``, ``wide_resnet50_2``) are left to timm. :class:`BinaryAttention2d` is
+registered as a leaf of timm's FX tracing (``register_notrace_module``). Registration is skipped
 silently when timm is not installed.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 from typing import Any
 
 from ..errors import ConfigError
+from ..layers import BinaryAttention2d
 from .registry import build_resnet, default_cfg, list_models, parse_name
 
 default_cfgs: dict[str, dict[str, Any]] = {}
@@ -65,9 +67,13 @@ def _entrypoint(name: str):
 
 def register_with_timm() -> list[str]:
     try:
+        from timm.layers import register_notrace_module
         from timm.models import is_model, register_model
     except ImportError:
         return []
+    # timm's FX feature extraction calls the binary term as one module (eager: the path 'auto' chose, e.g.
+    # the dense 'flat' kernel) instead of tracing its reference path, so its graphs equal eager bitwise
+    register_notrace_module(BinaryAttention2d)
     for name in list_models():
         if name in registered or is_model(name):
             continue
