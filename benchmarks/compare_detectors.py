@@ -98,7 +98,7 @@ def main() -> None:
     ap.add_argument("--figure", type=Path, default=ROOT / "docs" / "figures" / "detector_compare.png")
     ap.add_argument("--no-figure", action="store_true")
     ap.add_argument("--scenes", type=int, default=4)
-    ap.add_argument("--score-threshold", type=float, default=0.5)
+    ap.add_argument("--score-threshold", type=float, default=0.2)
     args = ap.parse_args()
     if args.train:
         train(args.runs)
