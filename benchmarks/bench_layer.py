@@ -17,19 +17,18 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from measure import cap_memory, measure
 
 IMPLS = ("reference", "fused")
 
 
 def worker(args: argparse.Namespace) -> dict:
     if args.device == "cpu":
-        limit = int(args.max_gb * 2**30)
-        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+        cap_memory(args.max_gb)
     import torch
 
     torch.set_num_threads(args.threads)
@@ -51,30 +50,10 @@ def worker(args: argparse.Namespace) -> dict:
         x.grad = None
         layer(x).float().square().mean().backward()
 
-    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if args.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base_cuda = torch.cuda.memory_allocated()
-    try:
-        step()  # warm-up; also the peak-memory measurement
-        sync()
-        times = []
-        for _ in range(args.repeat):
-            t0 = time.perf_counter()
-            step()
-            sync()
-            times.append(time.perf_counter() - t0)
-    except (RuntimeError, MemoryError) as err:
-        if "memory" not in str(err).lower() and not isinstance(err, MemoryError):
-            raise
-        return dict(status="out of memory", error=str(err).splitlines()[0][:200])
-    if args.device == "cuda":
-        peak = (torch.cuda.max_memory_allocated() - base_cuda) / 2**20
-    else:
-        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
-    times.sort()
-    return dict(status="ok", time_s=times[0], peak_mib=peak)  # best of --repeat: the least disturbed
+    result = measure(step, args.device, warmup=1, iters=args.repeat)  # the warm-up step sets the peak too
+    if result["status"] != "ok":
+        return result
+    return dict(status="ok", time_s=min(result["times"]), peak_mib=result["peak_mib"])  # the least disturbed
 
 
 def official_layer(args, size):

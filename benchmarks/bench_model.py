@@ -29,12 +29,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from measure import cap_memory, measure
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = {
@@ -97,8 +97,8 @@ def official_features(net):
 
 
 def worker(name: str, mode: str, args: argparse.Namespace) -> dict:
-    limit = int(args.max_gb * 2**30)
-    resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+    if args.device == "cpu":
+        cap_memory(args.max_gb)
     import torch
 
     torch.set_num_threads(args.threads)
@@ -139,30 +139,11 @@ def worker(name: str, mode: str, args: argparse.Namespace) -> dict:
         if args.task == "classification":
             optimizer.step()
 
-    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if args.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base_cuda = torch.cuda.memory_allocated()
-    try:
-        for _ in range(args.warmup):
-            step()
-        sync()
-        times = []
-        for _ in range(args.iters):
-            start = time.perf_counter()
-            step()
-            sync()
-            times.append(time.perf_counter() - start)
-    except (RuntimeError, MemoryError) as err:
-        if "memory" not in str(err).lower() and not isinstance(err, MemoryError):
-            raise
-        return dict(status="out of memory")
-    if args.device == "cuda":
-        peak = (torch.cuda.max_memory_allocated() - base_cuda) / 2**20
-    else:
-        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
-    seconds = statistics.median(times)
+    result = measure(step, args.device, warmup=args.warmup, iters=args.iters)
+    if result["status"] != "ok":
+        return result
+    seconds = statistics.median(result["times"])
+    peak = result["peak_mib"]
     return dict(status="ok", seconds=seconds, images_per_s=batch / seconds, peak_mib=peak)
 
 
