@@ -54,6 +54,7 @@ def grads_and_buffers(module, x):
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("pos_embed,impl,size", [
     ("flat", "reference", (4, 5)), ("flat", "fused", (4, 5)),
+    ("flat", "auto", (4, 5)),  # one block of all queries: the dense kernel (custom autograd function)
     ("rel2d", "reference", (4, 5)), ("rel2d", "fused", (4, 5)),
     ("rel2d", "fused", (18, 2)),  # more than 16 rows: the CPU key-row split (custom autograd function)
 ])

@@ -379,10 +379,10 @@ class BinaryAttention2d(nn.Module):
             return rel2d_attention(ops["q"], k, v, ops["rows"], ops["cols"]), None
         args = (ops["q_k"], ops["q_r"], k, ops["k_r"], v, ops["tq"], ops["tk"], ops["tv"], ops["shift"],
                 q.shape[-2] if dense else self.query_block(q))
-        if torch.compiler.is_compiling():
+        if args[-1] >= q.shape[-2] and not exporting():  # one block: all logits at once, probabilities kept
+            return FlatDenseAttention.apply(*args[:-1])    # for the backward (torch.compile captures it too)
+        if torch.compiler.is_compiling():  # FlatBlockedAttention's backward runs autograd inside: not capturable
             return flat_blocked_attention(*args)
-        if args[-1] >= q.shape[-2]:  # one block: all logits at once, probabilities kept for the backward
-            return FlatDenseAttention.apply(*args[:-1])
         return FlatBlockedAttention.apply(*args)
 
     # -- looking inside: attention rows without the (HW)^2 matrix ---------------------------------------
@@ -571,18 +571,20 @@ class FlatBlockedAttention(torch.autograd.Function):
 
 
 def skew(x: Tensor) -> Tensor:
-    """``(..., B, P+B-1)`` -> ``(..., B, P)`` view with ``[t, j] = x[t, B-1-t+j]`` (no copy; ``x``'s last
-    dimension contiguous).
+    """``(..., B, P+B-1)`` -> ``(..., B, P)`` view with ``[t, j] = x[t, B-1-t+j]`` (no copy; the last two
+    dimensions of ``x`` contiguous).
 
     For queries ``i = s + t`` of a block starting at ``s`` and ``x = q_block @ table.flip(-1)[:, w]`` with
     the window ``w = flat_window(s, B, P)``, entry ``[t, j]`` is ``q_i . table[:, i - j + P - 1]``: the
-    relative logits of a ``(d, 2P-1)`` offset table, without expanding it to ``(d, P, P)`` (row ``t`` of the
-    view starts one element before the end of row ``t - 1``'s span: one column earlier in the next row).
+    relative logits of a ``(d, 2P-1)`` offset table, without expanding it to ``(d, P, P)``. In the flattened
+    rows (length ``L = P+B-1``) entry ``[t, j]`` sits at ``t (L-1) + B-1 + j``: rows of length ``L-1``
+    starting ``B-1`` in, of which the first ``P`` columns (slices and views only, so graph capture takes it).
     """
-    block = x.shape[-2]
-    num = x.shape[-1] - block + 1
-    return x.as_strided((*x.shape[:-1], num), (*x.stride()[:-2], x.stride(-2) - 1, 1),
-                        x.storage_offset() + block - 1)
+    block, length = x.shape[-2], x.shape[-1]
+    if block == 1:  # rows of length L-1 would be one short; one row needs no shift
+        return x
+    flat = x.flatten(-2)[..., block - 1:block - 1 + block * (length - 1)]
+    return flat.unflatten(-1, (block, length - 1))[..., :length - block + 1]
 
 
 def unskew(a: Tensor) -> Tensor:
