@@ -587,12 +587,23 @@ def skew(x: Tensor) -> Tensor:
     return flat.unflatten(-1, (block, length - 1))[..., :length - block + 1]
 
 
-def unskew(a: Tensor) -> Tensor:
-    """The adjoint of :func:`skew`: ``(..., B, P)`` -> zeros ``(..., B, P+B-1)`` with ``a`` in the skewed view,
-    so that ``unskew(a) @ table.flip(-1)[:, w].t()`` is ``sum_j a_tj table[:, i - j + P - 1]``."""
-    out = a.new_zeros(*a.shape[:-1], a.shape[-1] + a.shape[-2] - 1)
-    skew(out).copy_(a)
-    return out
+class Unskewed:
+    """The adjoint of :func:`skew`: ``(..., B, P)`` -> ``(..., B, P+B-1)``, zeros with ``a`` in the skewed
+    view, so that ``unskewed(a) @ table.flip(-1)[:, w].t()`` is ``sum_j a_tj table[:, i - j + P - 1]``.
+
+    One zeroed buffer per block shape: every block writes the same band (the rest stays zero), so a buffer
+    is filled once per kernel call, not once per block. Use each result before the next call of that shape.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[torch.Size, Tensor] = {}
+
+    def __call__(self, a: Tensor) -> Tensor:
+        out = self.buffers.get(a.shape)
+        if out is None:
+            out = self.buffers[a.shape] = a.new_zeros(*a.shape[:-1], a.shape[-1] + a.shape[-2] - 1)
+        skew(out).copy_(a)
+        return out
 
 
 def flat_window(start: int, block: int, num: int) -> slice:
@@ -619,24 +630,30 @@ class FlatDenseAttention(torch.autograd.Function):
     windows of the offset tables and skewed views (:func:`skew`), processed in row blocks. Nothing of the
     reference path's stacked ``(N, 3G, P, P)`` logits, their BatchNorm or Toeplitz-expanded tables.
     Used where the whole matrix is small (see :meth:`BinaryAttention2d.attend_fused`). Arguments as
-    :class:`FlatBlockedAttention`; the key-side relative term ``k_j . r_k[j - i]`` is built by blocks of
-    keys (columns), the query-side ones by blocks of queries (rows).
+    :class:`FlatBlockedAttention`. The key-side relative term ``k_j . r_k[j - i]`` is built transposed, by
+    blocks of keys, the query-side ones by blocks of queries; the logit BN's shift only enters the graph
+    (the BN's bias takes part, as DistributedDataParallel expects) and gets its zero gradient.
     """
 
     @staticmethod
     def forward(ctx, q_k, q_r, k, k_r, v, tq, tk, tv, shift):
         tq_f, tk_f, tv_f = tq.flip(-1), tk.flip(-1), tv.flip(-1)
         blocks = dense_blocks(k.shape[-2], q_k.shape[0] * q_k.shape[1])
-        logits = torch.matmul(q_k, k.transpose(-1, -2)).add_(shift)
+        unskew_block = Unskewed()
+        # the per-head shift is constant along each softmax row: it changes nothing and is not added
+        logits = torch.matmul(q_k, k.transpose(-1, -2))
+        key_term = torch.empty_like(logits)  # transposed, built by rows, added at once: no column-block writes
         for rows, win in blocks:
             logits[..., rows, :] += skew(torch.matmul(q_r[..., rows, :], tq_f[:, win]))
-            logits[..., rows] += skew(torch.matmul(k_r[..., rows, :], tk_f[:, win])).transpose(-1, -2)
+            key_term[..., rows, :] = skew(torch.matmul(k_r[..., rows, :], tk_f[:, win]))
+        logits += key_term.transpose(-1, -2)
+        del key_term
         attn = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(v.dtype)
         del logits
         values = torch.matmul(attn, v)
         value_embed = v.new_empty(*v.shape[:-1], tv.shape[0])
         for rows, win in blocks:
-            value_embed[..., rows, :] = torch.matmul(unskew(attn[..., rows, :]), tv_f[:, win].t())
+            value_embed[..., rows, :] = torch.matmul(unskew_block(attn[..., rows, :]), tv_f[:, win].t())
         ctx.save_for_backward(q_k, q_r, k, k_r, v, tq_f, tk_f, tv_f, shift, attn)
         return values, value_embed
 
@@ -644,11 +661,12 @@ class FlatDenseAttention(torch.autograd.Function):
     def backward(ctx, grad_values, grad_value_embed):
         q_k, q_r, k, k_r, v, tq_f, tk_f, tv_f, shift, attn = ctx.saved_tensors
         blocks = dense_blocks(k.shape[-2], q_k.shape[0] * q_k.shape[1])
+        unskew_block = Unskewed()
         grad_attn = torch.matmul(grad_values, v.transpose(-1, -2))
         grad_tv = torch.zeros_like(tv_f)
         for rows, win in blocks:
             grad_attn[..., rows, :] += skew(torch.matmul(grad_value_embed[..., rows, :], tv_f[:, win]))
-            grad_tv[:, win] += outer_sum(unskew(attn[..., rows, :]), grad_value_embed[..., rows, :]).t()
+            grad_tv[:, win] += outer_sum(unskew_block(attn[..., rows, :]), grad_value_embed[..., rows, :]).t()
         grad_v = torch.matmul(attn.transpose(-1, -2), grad_values)
         # softmax backward, in place; its rows sum to zero, so the per-row shift gets no gradient
         row_dot = torch.matmul(grad_attn.unsqueeze(-2), attn.unsqueeze(-1)).squeeze(-1)
@@ -658,10 +676,10 @@ class FlatDenseAttention(torch.autograd.Function):
         grad_q_r, grad_k_r = torch.empty_like(q_r), torch.empty_like(k_r)
         grad_tq, grad_tk = torch.zeros_like(tq_f), torch.zeros_like(tk_f)
         for rows, win in blocks:
-            spread = unskew(grad_logits[..., rows, :])
+            spread = unskew_block(grad_logits[..., rows, :])
             grad_q_r[..., rows, :] = torch.matmul(spread, tq_f[:, win].t())
             grad_tq[:, win] += outer_sum(q_r[..., rows, :], spread)
-            spread = unskew(grad_logits[..., rows].transpose(-1, -2))
+            spread = unskew_block(grad_logits[..., rows].transpose(-1, -2))
             grad_k_r[..., rows, :] = torch.matmul(spread, tk_f[:, win].t())
             grad_tk[:, win] += outer_sum(k_r[..., rows, :], spread)
         return (grad_q_k, grad_q_r, grad_k, grad_k_r, grad_v, grad_tq.flip(-1), grad_tk.flip(-1),
