@@ -8,6 +8,7 @@ built); on CUDA it is ``torch.cuda.max_memory_allocated``. A configuration that 
     python benchmarks/bench_layer.py                                  # CPU, 2 threads, C=256, 8 heads
     python benchmarks/bench_layer.py --device cuda --dtype bfloat16 --batch 8 --sizes 14 32 64 96 128
     python benchmarks/bench_layer.py --official-root PATH/TO/LESA_classification   # also the authors' code
+    python benchmarks/bench_layer.py --impls fused --out /tmp/fused          # re-check the fused rows only
 
 Writes ``<out>/layer_<device>.json``, ``.md`` (table) and ``.png`` (peak memory vs H*W).
 """
@@ -22,8 +23,6 @@ import sys
 from pathlib import Path
 
 from measure import cap_memory, measure
-
-IMPLS = ("reference", "fused")
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -67,7 +66,7 @@ def official_layer(args, size):
 
 
 def run_all(args: argparse.Namespace) -> list[dict]:
-    impls = list(IMPLS) + (["official"] if args.official_root else [])
+    impls = [i for i in args.impls if i != "official" or args.official_root]
     rows = []
     for embed in args.embeds:
         for size in args.sizes:
@@ -174,6 +173,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--impls", nargs="+", default=["reference", "fused", "official"],
+                    choices=["reference", "fused", "official"], help="official: with --official-root")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--max-gb", type=float, default=16.0)
     ap.add_argument("--official-root", default=None)
