@@ -31,8 +31,9 @@ Two implementations compute the same function, parameters, gradients and BN stat
 Graph capture (see :func:`graph_mode`): TorchScript, torch.fx and ``torch.jit.trace`` graphs run the
 reference path (the same function, in code they take: no size-dependent choice of path, no custom autograd
 function), with the input checks as ``torch._assert``; ``torch.compile`` and ``torch.export`` run the
-chosen path, the fused one in forms they capture whole (``'flat'``: checkpointed query blocks instead of
-:class:`FlatBlockedAttention`; ``'rel2d'`` under export: one public attention call, no private kernel).
+chosen path, the fused one in forms they capture whole (``'flat'``: the dense kernel where one block
+holds all queries, except under export; checkpointed query blocks instead of :class:`FlatBlockedAttention`;
+``'rel2d'`` under export: one public attention call, no private kernel).
 """
 from __future__ import annotations
 
