@@ -1,9 +1,8 @@
 """Benchmark one LESA layer: reference vs fused binary term, forward + backward time and peak memory.
 
-Every configuration runs in a fresh process, so peak memory is that configuration's alone. On CPU the
-peak is the growth of the process's maximum resident set size over the set-up (model and input already
-built); on CUDA it is ``torch.cuda.max_memory_allocated``. A configuration that would need more than
-``--max-gb`` is stopped by an address-space limit and reported as out of memory.
+Every configuration runs in a fresh process, so peak memory is that configuration's alone (how it is
+measured: ``measure.py``). A configuration that would need more than ``--max-gb`` is reported as out of
+memory.
 
     python benchmarks/bench_layer.py                                  # CPU, 2 threads, C=256, 8 heads
     python benchmarks/bench_layer.py --device cuda --dtype bfloat16 --batch 8 --sizes 14 32 64 96 128

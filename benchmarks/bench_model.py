@@ -9,10 +9,9 @@ Two tasks:
   embedding, batch 1), forward + backward: seconds, peak memory; the authors' layer with and without its
   gradient checkpointing (``with_cp_UB_terms_only``).
 
-Every measurement runs in a fresh process (so peak memory is that configuration's alone: growth of the
-maximum resident set size over the set-up on CPU, ``max_memory_allocated`` on CUDA); configurations are
-interleaved over ``--rounds`` rounds and the median is reported. A configuration that would need more than
-``--max-gb`` stops at an address-space limit and is reported as out of memory.
+Every measurement runs in a fresh process (so peak memory is that configuration's alone; how it is
+measured: ``measure.py``); configurations are interleaved over ``--rounds`` rounds and the median is
+reported. A configuration that would need more than ``--max-gb`` is reported as out of memory.
 
     python benchmarks/bench_model.py --official-root PATH/TO/LESA_classification            # CPU, 2 threads
     python benchmarks/bench_model.py --task detection --official-root PATH/TO/LESA_classification

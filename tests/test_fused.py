@@ -81,10 +81,11 @@ def test_fused_equals_reference(cls, pos_embed, size, block_elems, dtype):
     assert_same_step(ref.eval(), fused.eval(), x, dtype)
 
 
-@pytest.mark.parametrize("block_elems", [None, 1])
-def test_dense_flat_kernel_equals_reference(block_elems, monkeypatch):
+@pytest.mark.parametrize("block_elems,blocks", [(None, 1), (1, 35), (4 * 12 * 2 * 35, 9)])
+def test_dense_flat_kernel_equals_reference(block_elems, blocks, monkeypatch):
     """'auto' on a small 'flat' map runs FlatDenseAttention (all logits at once, hand-written backward),
-    in one row block or in blocks of one query/key (the table windows and skewed views at every offset)."""
+    in one row block, in blocks of one query/key (the table windows and skewed views at every offset), or
+    in blocks of 4 rows and a last one of 3 (the reused zeroed buffers of ``Unskewed``)."""
     if block_elems:
         monkeypatch.setattr(binary, "DENSE_BLOCK_ELEMS", block_elems)
     dtype = torch.float64
@@ -99,7 +100,7 @@ def test_dense_flat_kernel_equals_reference(block_elems, monkeypatch):
         assert_same_step(ref.train(), dense.train(), x, dtype)
     assert_same_step(ref.eval(), dense.eval(), x, dtype)
     assert len(calls) == 3
-    assert len(binary.dense_blocks(35, 12)) == (35 if block_elems else 1)
+    assert len(binary.dense_blocks(35, 12)) == blocks
 
 
 @pytest.mark.parametrize("height,width", [(ROWS_PER_GROUP + 3, 4), (2 * ROWS_PER_GROUP, 3), (3, 5)])
