@@ -17,7 +17,7 @@ from PIL import Image
 from lesa import LESA2d, create_model, load_weights
 from lesa.cli import main
 from lesa.data.digit_scenes import ensure_digit_scenes
-from lesa.data.imagefolder import _load_rgb
+from lesa.data.images import read_image as _load_rgb
 from lesa.errors import CheckpointError, ConfigError, LesaError
 from lesa.utils import atomic_write
 
@@ -196,14 +196,14 @@ def test_resume_keeps_config_until_its_checkpoint_and_removes_interrupted_writes
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--lr", "0"], "lr must be > 0 (got 0.0)"),
-    (["--label-smoothing", "2"], "label_smoothing must be in [0, 1) (got 2.0)"),
-    (["--warmup-epochs", "-1"], "warmup_epochs must be >= 0"),
-    (["--img-size", "0"], "img_size must be > 0 (got 0)"),
-    (["--epochs", "0"], "epochs must be >= 1"),
-    (["--batch-size", "0"], "batch_size must be >= 1"),
+    (["--lr", "0"], "--lr: got 0.0; use a value > 0"),
+    (["--label-smoothing", "2"], "--label-smoothing: got 2.0; use a value < 1"),
+    (["--warmup-epochs", "-1"], "--warmup-epochs: got -1.0; use a value >= 0"),
+    (["--img-size", "0"], "--img-size: got 0; use a value >= 1"),
+    (["--epochs", "0"], "--epochs: got 0; use a value >= 1"),
+    (["--batch-size", "0"], "--batch-size: got 0; use a value >= 1"),
     (["--heads", "4", "--model", "resnet_tiny"], "resnet_tiny does not use the layer option(s) heads"),
-    (["--config", "CONFIG"], "option 'epochs' must be an integer, got '3' (str)"),
+    (["--config", "CONFIG"], "epochs in CONFIG: got '3'; give a whole number"),
 ])
 def test_options_are_validated_before_anything_is_built(tmp_path, capsys, monkeypatch, args, message):
     import lesa.engine.classification as classification
@@ -213,7 +213,7 @@ def test_options_are_validated_before_anything_is_built(tmp_path, capsys, monkey
     built = []
     monkeypatch.setattr(classification, "classification_data", lambda *a, **k: built.append(a))
     code, err = cli(capsys, "train", *args, "--output", tmp_path / "run", "--quiet")
-    assert code == 2 and message in err
+    assert code == 2 and message.replace("CONFIG", str(tmp_path / "c.yaml")) in err
     assert not built and not (tmp_path / "run").exists()
 
 
@@ -229,9 +229,9 @@ def test_model_options_are_checked():
 
 def test_det_options_are_validated(tmp_path, capsys):
     code, err = cli(capsys, "det", "train", "--lr", "-1", "--output", tmp_path / "r", "--quiet")
-    assert code == 2 and "lr must be > 0" in err
+    assert code == 2 and "--lr: got -1.0; use a value > 0" in err
     code, err = cli(capsys, "det", "train", "--dcn-stages", "5", "--output", tmp_path / "r", "--quiet")
-    assert code == 2 and "dcn_stages are stages 1-4" in err
+    assert code == 2 and "--dcn-stages[0]: got 5; use a value <= 4" in err
 
 
 def test_debug_shows_tracebacks_and_bugs_keep_theirs(tmp_path, capsys, monkeypatch):
@@ -247,7 +247,7 @@ def test_debug_shows_tracebacks_and_bugs_keep_theirs(tmp_path, capsys, monkeypat
     def broken(args):
         raise TypeError("a bug")
 
-    monkeypatch.setitem(lesa.cli.COMMANDS, "models", (*lesa.cli.COMMANDS["models"][:2], broken))
+    monkeypatch.setitem(lesa.cli.COMMANDS, "models", (*lesa.cli.COMMANDS["models"][:3], broken))
     with pytest.raises(TypeError, match="a bug"):
         main(["models"])
 

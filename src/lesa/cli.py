@@ -1,11 +1,55 @@
-"""The ``lesa`` command line (also ``python -m lesa``)."""
+"""The ``lesa`` command line (also ``python -m lesa``).
+
+Each command is three things side by side: its flags (argparse), its options schema (a
+:func:`lesa.options.schema` class: types, ranges, choices, the roles of its paths) and the function that
+runs it. :func:`main` parses the flags, builds the options through the schema, checks every destination
+(:func:`lesa.outputs.guard_outputs`) and only then runs the command: bad input is one line, exit 2,
+before any work.
+"""
 from __future__ import annotations
 
 import argparse
 import os
 import sys
 from collections.abc import Sequence
-from typing import Callable, Optional
+from pathlib import Path
+from typing import Annotated, Any, Callable, Literal, Optional
+
+from pydantic import AfterValidator, Field
+
+from .options import (
+    ROLE_INPUT,
+    ROLE_OUTPUT_DIR,
+    ROLE_OUTPUT_FILE,
+    Device,
+    Name,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    build,
+    schema,
+)
+
+POS_EMBEDS = ("flat", "rel2d")
+IMPLS = ("reference", "fused", "auto")
+OPS = ("conv", "sa", "aa", "static_lesa", "lesa")
+WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors")  # what lesa.convert.save_state_dict writes
+EXPORT_SUFFIXES = (".onnx", ".pt2")  # lesa.export.FORMATS
+
+
+def suffix_in(*suffixes: str) -> AfterValidator:
+    """A file-name check: the name ends with one of ``suffixes``."""
+    def check(value: str) -> str:
+        if not value.lower().endswith(suffixes):
+            raise ValueError(f"use a file name ending in {' or '.join(suffixes)}")
+        return value
+    return AfterValidator(check)
+
+
+def options_from(cls: type, args: argparse.Namespace, skip: tuple[str, ...] = ()) -> Any:
+    """Build ``cls`` from the parsed flags, naming each option by its flag in errors."""
+    values = {k: v for k, v in vars(args).items() if k not in ("command", "debug", "det_command", *skip)}
+    return build(cls, values, {k: "--" + k.replace("_", "-") for k in values})
 
 
 # -- lesa models ---------------------------------------------------------------------------------------
@@ -14,7 +58,13 @@ def _models_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", action="store_true", help="also build each model and count its parameters")
 
 
-def run_models(args: argparse.Namespace) -> int:
+@schema
+class ModelsOptions:
+    pattern: str = "*"
+    params: bool = False
+
+
+def run_models(args: ModelsOptions) -> int:
     from .models import create_model, list_models
     from .utils import count_params
 
@@ -33,11 +83,20 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", help="official checkpoint (.pth), e.g. the authors' checkpoint.pth")
     p.add_argument("output", help="output file: .pth/.pt (torch) or .safetensors")
     p.add_argument("--model", help="verify that the result loads strictly into this model (e.g. lesa_resnet50)")
-    p.add_argument("--pos-embed", choices=["flat", "rel2d"], help="with --model: the checkpoint's embedding")
+    p.add_argument("--pos-embed", choices=POS_EMBEDS, help="with --model: the checkpoint's embedding")
     p.add_argument("--img-size", type=int, help="with --model: input size the checkpoint was trained at")
 
 
-def run_convert(args: argparse.Namespace) -> int:
+@schema
+class ConvertOptions:
+    input: Name = Field(json_schema_extra=ROLE_INPUT)
+    output: Annotated[Name, suffix_in(*WEIGHT_SUFFIXES)] = Field(json_schema_extra=ROLE_OUTPUT_FILE)
+    model: Optional[Name] = None
+    pos_embed: Optional[Literal[POS_EMBEDS]] = None
+    img_size: Optional[PositiveInt] = None
+
+
+def run_convert(args: ConvertOptions) -> int:
     from .convert import convert_official_state_dict, save_state_dict
     from .weights import check_state_dict, read_checkpoint
 
@@ -90,17 +149,21 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-bad-fraction", type=float,
                    help="undecodable images tolerated, as a fraction of the training set (default 0.001)")
     _run_args(p, "runs/<model>-<data>")
-    p.add_argument("--pos-embed", choices=["flat", "rel2d"], help="position embedding of the attention layers")
-    p.add_argument("--impl", choices=["reference", "fused", "auto"], help="binary-term implementation")
+    p.add_argument("--pos-embed", choices=POS_EMBEDS, help="position embedding of the attention layers")
+    p.add_argument("--impl", choices=IMPLS, help="binary-term implementation")
     p.add_argument("--heads", type=int)
 
 
-def run_train(args: argparse.Namespace) -> int:
-    from .engine import build_config, train
+def train_options(args: argparse.Namespace) -> Any:
+    from .engine import build_config
 
     options = {k: v for k, v in vars(args).items() if k not in ("command", "debug", "config", "preset")}
-    layer = {k: v for k in ("pos_embed", "impl", "heads") if (v := options.pop(k)) is not None}
-    cfg = build_config(args.config, args.preset, model_kwargs=layer or None, **options)
+    return build_config(args.config, args.preset, **options)
+
+
+def run_train(cfg: Any) -> int:
+    from .engine import train
+
     summary = train(cfg)
     if not cfg.quiet and summary:
         print(f"{summary['model']}: val top-1 {summary['val_top1']:.2f}%, top-5 {summary['val_top5']:.2f}% "
@@ -121,7 +184,19 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true")
 
 
-def run_eval(args: argparse.Namespace) -> int:
+@schema
+class EvalOptions:
+    checkpoint: Name = Field(json_schema_extra=ROLE_INPUT)
+    data: Optional[Name] = Field(default=None, json_schema_extra=ROLE_INPUT)
+    model: Optional[Name] = None
+    batch_size: PositiveInt = 128
+    workers: NonNegativeInt = 0
+    device: Device = "auto"
+    ablate_unary: bool = False
+    quiet: bool = False
+
+
+def run_eval(args: EvalOptions) -> int:
     if args.ablate_unary:
         from .analysis.report import evaluate_without_unary as evaluate
     else:
@@ -145,7 +220,22 @@ def _analyze_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batches", type=int, help="measure the shares on this many batches only")
 
 
-def run_analyze(args: argparse.Namespace) -> int:
+@schema
+class AnalyzeOptions:
+    run: Name = Field(json_schema_extra=ROLE_INPUT)
+    data: Optional[Name] = Field(default=None, json_schema_extra=ROLE_INPUT)
+    output: Optional[Name] = Field(default=None, json_schema_extra=ROLE_OUTPUT_DIR)
+    layer: Optional[Name] = None
+    query: Optional[Annotated[list[NonNegativeInt], Field(min_length=2, max_length=2)]] = None
+    image_index: NonNegativeInt = 0
+    max_batches: Optional[PositiveInt] = None
+
+    def default_outputs(self) -> dict[str, str]:
+        run = Path(self.run)
+        return {"output": str((run if run.is_dir() else run.parent) / "analysis")}
+
+
+def run_analyze(args: AnalyzeOptions) -> int:
     from .analysis.report import analyze_run
 
     result = analyze_run(args.run, args.data, args.output, args.layer, tuple(args.query) if args.query else None,
@@ -164,10 +254,11 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
                    help="the tiny models on an embedded set (default digits), 3 seeds; about 30 minutes on 2 CPU "
                         "cores with --data cluttered-digits")
-    p.add_argument("--arch", help="resnet_tiny (default with --quick), resnet50 or wide_resnet50_2")
+    p.add_argument("--arch", choices=["resnet_tiny", "resnet50", "wide_resnet50_2"],
+                   help="default resnet_tiny with --quick")
     p.add_argument("--data", help="'digits', 'cluttered-digits' (embedded) or an ImageFolder root")
     p.add_argument("--output", default="runs/compare", help="runs go to OUTPUT/<op>/seed<k>")
-    p.add_argument("--ops", nargs="+", choices=["conv", "sa", "aa", "static_lesa", "lesa"])
+    p.add_argument("--ops", nargs="+", choices=OPS)
     p.add_argument("--preset", choices=["digits", "cluttered_digits", "imagenet"],
                    help="training recipe (default: the embedded set's own, digits or cluttered_digits)")
     p.add_argument("--epochs", type=int)
@@ -182,7 +273,25 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true")
 
 
-def run_compare(args: argparse.Namespace) -> int:
+@schema
+class CompareOptions:
+    quick: bool = False
+    arch: Optional[Literal["resnet_tiny", "resnet50", "wide_resnet50_2"]] = None
+    data: Optional[Name] = Field(default=None, json_schema_extra=ROLE_INPUT)
+    output: Name = Field(default="runs/compare", json_schema_extra=ROLE_OUTPUT_DIR)
+    ops: Optional[Annotated[list[Literal[OPS]], Field(min_length=1)]] = None
+    preset: Optional[Literal["digits", "cluttered_digits", "imagenet"]] = None
+    epochs: Optional[PositiveInt] = None
+    batch_size: Optional[PositiveInt] = None
+    lr: Optional[PositiveFloat] = None
+    seeds: Optional[PositiveInt] = None
+    seed: Optional[NonNegativeInt] = None
+    workers: Optional[NonNegativeInt] = None
+    max_steps_per_epoch: Optional[PositiveInt] = None
+    quiet: bool = False
+
+
+def run_compare(args: CompareOptions) -> int:
     from .analysis.report import COMPARE_OPS, compare, format_tables
     from .errors import ConfigError
 
@@ -196,8 +305,6 @@ def run_compare(args: argparse.Namespace) -> int:
                               "imagenet), or --quick for the tiny models on the embedded digits")
         arch, data = args.arch, args.data
         preset, n_seeds = args.preset or embedded_presets.get(data), args.seeds or 1
-    if n_seeds < 1:
-        raise ConfigError(f"--seeds must be >= 1 (got {n_seeds})")
     first = args.seed if args.seed is not None else 0
     options = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "workers", "max_steps_per_epoch")
                if getattr(args, k) is not None}
@@ -257,19 +364,44 @@ def _det_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--device", default="auto")
 
 
-def run_det(args: argparse.Namespace) -> int:
+@schema
+class DetEvalOptions:
+    checkpoint: Name = Field(json_schema_extra=ROLE_INPUT)
+    data: Optional[Name] = Field(default=None, json_schema_extra=ROLE_INPUT)
+    device: Device = "auto"
+    max_images: Optional[PositiveInt] = None
+    output: Optional[Name] = Field(default=None, json_schema_extra=ROLE_OUTPUT_DIR)
+
+    def default_outputs(self) -> dict[str, str]:
+        checkpoint = Path(self.checkpoint)
+        return {"output": str(checkpoint if checkpoint.is_dir() else checkpoint.parent)}
+
+
+@schema
+class DetPredictOptions:
+    images: Annotated[list[Name], Field(min_length=1)] = Field(json_schema_extra=ROLE_INPUT)
+    checkpoint: Name = Field(json_schema_extra=ROLE_INPUT)
+    output: Name = Field(json_schema_extra=ROLE_OUTPUT_DIR)
+    score_threshold: Annotated[float, Field(ge=0, le=1)] = 0.5
+    device: Device = "auto"
+
+    def planned_outputs(self) -> dict[str, list[str]]:
+        from .detection.train import output_names
+
+        return {"output": output_names(self.images)}
+
+
+def det_options(args: argparse.Namespace) -> Any:
     if args.det_command == "train":
-        from .detection.train import NAMES, build_det_config, train_detector
+        from .detection.train import build_det_config
 
         options = {k: v for k, v in vars(args).items() if k not in ("command", "debug", "det_command", "config")}
-        cfg = build_det_config(args.config, **options)
-        summary = train_detector(cfg)
-        if not cfg.quiet:
-            print(f"{NAMES[cfg.detector]} + {summary['backbone']}: box AP {summary['bbox_AP']:.1f}, mask AP "
-                  f"{summary['segm_AP']:.1f} after {summary['epochs']} epochs ({summary['wall_time_s']:.0f}s) "
-                  f"-> {summary['output']}")
-        return 0
-    if args.det_command == "eval":
+        return build_det_config(args.config, **options)
+    return options_from(DetEvalOptions if args.det_command == "eval" else DetPredictOptions, args)
+
+
+def run_det(args: Any) -> int:
+    if isinstance(args, DetEvalOptions):
         from .detection.train import evaluate_run
 
         result, path = evaluate_run(args.checkpoint, args.data, args.device, args.max_images, args.output)
@@ -277,11 +409,20 @@ def run_det(args: argparse.Namespace) -> int:
             print(f"{iou_type:5s} " + "  ".join(f"{k} {'-' if v is None else f'{v:.1f}':>5}" for k, v in stats.items()))
         print(f"wrote {path}")
         return 0
-    from .detection.train import predict_images
+    if isinstance(args, DetPredictOptions):
+        from .detection.train import predict_images
 
-    for image, kept, target in predict_images(args.checkpoint, args.images, args.output, args.score_threshold,
-                                              args.device):
-        print(f"{image}: {kept} detections -> {target}")
+        for image, kept, target in predict_images(args.checkpoint, args.images, args.output, args.score_threshold,
+                                                  args.device):
+            print(f"{image}: {kept} detections -> {target}")
+        return 0
+    from .detection.train import NAMES, train_detector
+
+    summary = train_detector(args)
+    if not args.quiet:
+        print(f"{NAMES[args.detector]} + {summary['backbone']}: box AP {summary['bbox_AP']:.1f}, mask AP "
+              f"{summary['segm_AP']:.1f} after {summary['epochs']} epochs ({summary['wall_time_s']:.0f}s) "
+              f"-> {summary['output']}")
     return 0
 
 
@@ -297,7 +438,17 @@ def _export_args(p: argparse.ArgumentParser) -> None:
                    help="do not run the exported graph (onnxruntime / torch.export) against eager PyTorch")
 
 
-def run_export(args: argparse.Namespace) -> int:
+@schema
+class ExportOptions:
+    checkpoint: Name = Field(json_schema_extra=ROLE_INPUT)
+    output: Annotated[Name, suffix_in(*EXPORT_SUFFIXES)] = Field(json_schema_extra=ROLE_OUTPUT_FILE)
+    model: Optional[Name] = None
+    batch_size: Optional[PositiveInt] = None
+    opset: Optional[PositiveInt] = None
+    no_check: bool = False
+
+
+def run_export(args: ExportOptions) -> int:
     from .engine import load_trained_model
     from .export import export_model
 
@@ -315,18 +466,27 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+def _plain(cls: type) -> Callable[[argparse.Namespace], Any]:
+    return lambda args: options_from(cls, args)
+
+
+# name: (help, add the flags, build the options from the flags, run with the options)
+Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], Any],
+                Callable[[Any], int]]
 COMMANDS: dict[str, Command] = {
-    "train": ("train a classifier (default: lesa_resnet_tiny on the embedded digits)", _train_args, run_train),
-    "eval": ("evaluate a checkpoint: top-1 / top-5 and loss", _eval_args, run_eval),
-    "analyze": ("unary/binary shares and figures of a trained run", _analyze_args, run_analyze),
+    "train": ("train a classifier (default: lesa_resnet_tiny on the embedded digits)", _train_args, train_options,
+              run_train),
+    "eval": ("evaluate a checkpoint: top-1 / top-5 and loss", _eval_args, _plain(EvalOptions), run_eval),
+    "analyze": ("unary/binary shares and figures of a trained run", _analyze_args, _plain(AnalyzeOptions),
+                run_analyze),
     "compare": ("train conv/SA/AA/static-LESA/LESA alike and tabulate (Tables 1, 2, 6)", _compare_args,
-                run_compare),
-    "det": ("detection and instance segmentation: train / eval / predict", _det_args, run_det),
-    "convert": ("convert an official LESA checkpoint to lesa's layout", _convert_args, run_convert),
-    "models": ("list the available models", _models_args, run_models),
+                _plain(CompareOptions), run_compare),
+    "det": ("detection and instance segmentation: train / eval / predict", _det_args, det_options, run_det),
+    "convert": ("convert an official LESA checkpoint to lesa's layout", _convert_args, _plain(ConvertOptions),
+                run_convert),
+    "models": ("list the available models", _models_args, _plain(ModelsOptions), run_models),
     "export": ("export a classifier to ONNX or a torch.export program, checked against eager PyTorch", _export_args,
-               run_export),
+               _plain(ExportOptions), run_export),
 }
 
 
@@ -337,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lesa {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the traceback of any error (or LESA_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (help_text, add_args, _) in COMMANDS.items():
+    for name, (help_text, add_args, _, _) in COMMANDS.items():
         add_args(sub.add_parser(name, help=help_text, description=help_text))
     return parser
 
@@ -347,14 +507,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     code (2 for bad input); anything else is a bug and keeps its traceback. ``--debug`` or ``LESA_DEBUG=1``
     shows the traceback of every error."""
     from .errors import LesaError
+    from .outputs import guard_outputs
 
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
+    _, _, make_options, run = COMMANDS[args.command]
     try:
-        return COMMANDS[args.command][2](args) or 0
+        options = make_options(args)
+        guard_outputs(options)
+        return run(options) or 0
     except LesaError as err:
         if args.debug or os.environ.get("LESA_DEBUG", "") not in ("", "0"):
             raise

@@ -17,8 +17,24 @@ class ConfigError(LesaError, ValueError):
     """An option, argument or configuration value that cannot work."""
 
 
+class InputError(ConfigError):
+    """A tensor that a layer or model cannot take (its rank, channels, size, dtype or device)."""
+
+
 class DataError(LesaError, ValueError):
     """A dataset that is malformed, empty or unreadable."""
+
+
+class BadImageError(DataError):
+    """An image file that cannot be decoded (not an image, corrupt or truncated) or that exceeds PIL's pixel
+    limit; the datasets that tolerate bad images skip and count exactly these."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(path, reason)  # both in ``args``, so the error pickles across DataLoader workers
+        self.path, self.reason = path, reason
+
+    def __str__(self) -> str:
+        return f"image {self.path} cannot be read: {self.reason}"
 
 
 class CheckpointError(LesaError, ValueError):

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from ..data import build_classification_data
 from ..engine import build_config, evaluate_checkpoint, load_trained_model, train
+from ..engine.classification import class_map
 from ..engine.records import plot_curves, read_metrics_csv, write_json
 from ..errors import ConfigError
 from ..layers import ablate_unary
@@ -47,6 +48,7 @@ def analyze_run(run: str | Path, data: Optional[str] = None, output: Optional[st
     out = Path(output) if output else (run if run.is_dir() else run.parent) / "analysis"
     out.mkdir(parents=True, exist_ok=True)
     val = build_classification_data(data, cfg["img_size"], train=False)
+    class_map(cfg.get("classes"), val.classes, str(run))  # refuses data of other classes
     dataset = val.val
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=val.collate)
     shares = unary_binary_shares(model, loader, max_batches=max_batches)

@@ -1,4 +1,5 @@
-"""Datasets: the embedded digits (and digit scenes for detection), ImageNet-style folders, COCO."""
+"""Datasets: the embedded digits (and digit scenes for detection), ImageNet-style folders, COCO; the one image
+reader (:mod:`lesa.data.images`) they all read files with."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -10,7 +11,15 @@ from torch.utils.data import Dataset, default_collate
 
 from .cluttered_digits import ClutteredDigitsDataset
 from .digits import DigitsDataset
-from .imagefolder import TolerantImageFolder, check_image_folder, collate_skipping_bad
+from .imagefolder import (
+    FolderListing,
+    TolerantImageFolder,
+    check_image_folder,
+    collate_skipping_bad,
+    list_image_folder,
+    scan_image_folders,
+)
+from .images import image_extensions, read_image, read_label_map
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, imagenet_train_transform, imagenet_val_transform
 
 # The embedded classification sets: name -> dataset class taking ``(split, img_size, augment=...)`` and
@@ -39,19 +48,26 @@ def build_classification_data(data: str, img_size: int, train: bool = True, mean
             val=cls("val", img_size),
             classes=list(cls.classes),
         )
-    classes = check_image_folder(data)
+    listings = scan_image_folders(data)  # the datasets read exactly what was checked
     root = Path(data)
-    train_set = TolerantImageFolder(root / "train", imagenet_train_transform(img_size, mean, std)) if train else None
-    val_set = TolerantImageFolder(root / "val", imagenet_val_transform(img_size, crop_pct, mean, std))
-    return ClassificationData(train_set, val_set, classes, collate_skipping_bad, may_skip=True)
+    train_set = (TolerantImageFolder(root / "train", imagenet_train_transform(img_size, mean, std), listings["train"])
+                 if train else None)
+    val_set = TolerantImageFolder(root / "val", imagenet_val_transform(img_size, crop_pct, mean, std), listings["val"])
+    return ClassificationData(train_set, val_set, listings["train"].classes, collate_skipping_bad, may_skip=True)
 
 
 __all__ = [
     "EMBEDDED",
     "ClassificationData",
     "DigitsDataset",
+    "FolderListing",
     "TolerantImageFolder",
     "build_classification_data",
     "check_image_folder",
     "collate_skipping_bad",
+    "image_extensions",
+    "list_image_folder",
+    "read_image",
+    "read_label_map",
+    "scan_image_folders",
 ]

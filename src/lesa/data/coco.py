@@ -15,12 +15,12 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
 from ..errors import DataError, NotFoundError
+from .images import read_image, read_label_map
 
 
 def _mask_utils():
@@ -123,7 +123,7 @@ class CocoDetection(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
         image_id = self.ids[index]
         info = self.coco.imgs[image_id]
-        image = pil_to_tensor(Image.open(self.image_dir / info["file_name"]).convert("RGB")).float() / 255.0
+        image = pil_to_tensor(read_image(self.image_dir / info["file_name"])).float() / 255.0
         height, width = image.shape[-2:]
         anns = [a for a in self.coco.imgToAnns.get(image_id, []) if not (self.train and a.get("iscrowd", 0))]
         boxes, labels, masks, areas, crowd = [], [], [], [], []
@@ -163,7 +163,7 @@ class CocoDetection(Dataset):
         path = self.semantic / f"{Path(info['file_name']).stem}.png"
         if not path.is_file():
             raise NotFoundError(f"semantic map {path} is missing (one PNG per image of {self.image_dir})")
-        return torch.from_numpy(np.array(Image.open(path), dtype=np.int64))
+        return torch.from_numpy(read_label_map(path))
 
 
 INSTANCE_SEMANTIC = "instances"

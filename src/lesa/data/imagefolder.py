@@ -1,85 +1,161 @@
 """ImageNet-style folders (``ROOT/train/<class>/*.jpg``, ``ROOT/val/<class>/*.jpg``), checked up front.
 
-Images that cannot be decoded are skipped, counted and reported instead of stopping a long run; the
-trainer fails once they exceed a set fraction of the training set (:func:`collate_skipping_bad`). 16-bit
-greyscale images keep their contrast (scaled to 8 bits, not clipped).
+One listing (:func:`list_image_folder`) gives both the classes and the samples, for the layout check and
+for the dataset alike, so what is checked is what is read:
+
+* a class is a visible sub-folder of the split (a symlinked folder counts); its images are the files below
+  it, at any depth, with an extension PIL can open (:func:`lesa.data.images.image_extensions`: ``.jpg``,
+  ``.jfif``, ``.png``, ``.webp``, ``.tif``, ...; any case);
+* names starting with ``.`` (``.ipynb_checkpoints/``, ``.DS_Store``, ``._x.jpg``) are skipped, folders and
+  files alike, so they never become a class or a sample;
+* directory symlinks are followed, each real directory once, so a symlink loop is listed once and ends;
+* a class folder without images is an error (it would silently never be predicted, and an all-one-class
+  validation split scores 100%), not a warning.
+
+Images are read by :func:`lesa.data.images.read_image`. Those it refuses (:class:`lesa.errors.BadImageError`:
+undecodable, truncated, over the pixel limit) are skipped, counted and reported instead of stopping a long
+run; the trainer fails once they exceed a set fraction of the training set (:func:`collate_skipping_bad`).
 """
 from __future__ import annotations
 
+import os
 import warnings
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
-from torch.utils.data import default_collate
-from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS
+from torch.utils.data import Dataset, default_collate
 
-from ..errors import DataError, NotFoundError
+from ..errors import BadImageError, DataError, NotFoundError
+from .images import image_extensions, read_image
 
 LAYOUT = "expected ROOT/train/<class>/<image> and ROOT/val/<class>/<image>"
 
 
-def _class_dirs(split_dir: Path) -> list[str]:
-    return sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+@dataclass(frozen=True)
+class FolderListing:
+    """The classes of a split folder and its ``(path, class index)`` samples, from one walk."""
+
+    root: Path
+    classes: list[str]
+    samples: list[tuple[str, int]]
 
 
-def check_image_folder(root: str | Path) -> list[str]:
-    """Validate the layout; return the class names. Raises with what is wrong and what is expected."""
+def list_image_folder(split_dir: str | Path) -> FolderListing:
+    """The classes (sorted visible sub-folders) and samples of ``split_dir`` (rules in the module docstring).
+
+    Raises :class:`NotFoundError` if the folder is missing and :class:`DataError` if it has no class folders
+    or a class folder has no images.
+    """
+    split_dir = Path(split_dir)
+    if not split_dir.is_dir():
+        raise NotFoundError(f"{str(split_dir)!r} is missing ({LAYOUT})")
+    classes = sorted(d.name for d in split_dir.iterdir() if _visible(d.name) and d.is_dir())
+    if not classes:
+        raise DataError(f"{str(split_dir)!r} has no class folders ({LAYOUT})")
+    extensions = image_extensions()
+    files = {name: _walk_files(split_dir / name) for name in classes}
+    images = {name: [f for f in found if os.path.splitext(f)[1].lower() in extensions] for name, found in files.items()}
+    empty = [name for name in classes if not images[name]]
+    if len(empty) == len(classes):
+        raise DataError(f"{str(split_dir)!r} has class folders but no images ({_extension_hint(extensions)})")
+    if empty:
+        raise DataError(f"class folder {str(split_dir / empty[0])!r} has no images ({_found(files[empty[0]])}; "
+                        f"{_extension_hint(extensions)}){_more(empty)}: add images or remove the folder")
+    samples = [(path, index) for index, name in enumerate(classes) for path in images[name]]
+    return FolderListing(split_dir, classes, samples)
+
+
+def scan_image_folders(root: str | Path) -> dict[str, FolderListing]:
+    """The listings of ``root/train`` and ``root/val``, validated: the same classes in both, at least two.
+
+    Raises :class:`NotFoundError` for a missing folder and :class:`DataError` for a malformed layout.
+    """
     root = Path(root)
     if not root.is_dir():
         raise NotFoundError(f"data folder {str(root)!r} does not exist ({LAYOUT}, or --data digits)")
-    classes = {}
-    for split in ("train", "val"):
-        split_dir = root / split
-        if not split_dir.is_dir():
-            raise NotFoundError(f"{str(split_dir)!r} is missing ({LAYOUT})")
-        names = _class_dirs(split_dir)
-        if not names:
-            raise DataError(f"{str(split_dir)!r} has no class folders ({LAYOUT})")
-        empty = [n for n in names if not any(p.suffix.lower() in IMG_EXTENSIONS for p in (split_dir / n).iterdir())]
-        if len(empty) == len(names):
-            raise DataError(f"{str(split_dir)!r} has class folders but no images ({', '.join(IMG_EXTENSIONS)})")
-        classes[split] = names
-    if classes["train"] != classes["val"]:
-        only_train = sorted(set(classes["train"]) - set(classes["val"]))
-        only_val = sorted(set(classes["val"]) - set(classes["train"]))
+    listings = {split: list_image_folder(root / split) for split in ("train", "val")}
+    train, val = listings["train"].classes, listings["val"].classes
+    if train != val:
+        only_train = sorted(set(train) - set(val))
+        only_val = sorted(set(val) - set(train))
         raise DataError(
             "class folders differ between train and val: "
             f"only in train: {only_train[:10] or 'none'}; only in val: {only_val[:10] or 'none'}"
         )
-    if len(classes["train"]) == 1:
-        raise DataError(f"{str(root / 'train')!r} has one class folder ({classes['train'][0]!r}): a classifier needs "
+    if len(train) == 1:
+        raise DataError(f"{str(root / 'train')!r} has one class folder ({train[0]!r}): a classifier needs "
                         f"at least two ({LAYOUT})")
-    return classes["train"]
+    return listings
 
 
-def _load_rgb(path: str) -> Image.Image:
-    with open(path, "rb") as f:
-        image = Image.open(f)
-        image.load()
-    if image.mode.startswith("I"):
-        # 16-bit greyscale (modes I;16*, or I as PIL often opens them): PIL's convert("RGB") clips values
-        # above 255 to white, so scale the full 16-bit range to 8 bits first.
-        values = np.asarray(image, dtype=np.float64)
-        image = Image.fromarray(np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8), mode="L")
-    return image.convert("RGB")
+def check_image_folder(root: str | Path) -> list[str]:
+    """Validate the layout (:func:`scan_image_folders`); return the class names."""
+    return scan_image_folders(root)["train"].classes
 
 
-class TolerantImageFolder(ImageFolder):
-    """``ImageFolder`` that returns ``None`` (with a warning) for an image it cannot decode."""
+def _visible(name: str) -> bool:
+    return not name.startswith(".")
 
-    def __init__(self, root: str | Path, transform: Optional[Callable] = None) -> None:
-        super().__init__(str(root), transform=transform, loader=_load_rgb, allow_empty=True)
+
+def _walk_files(folder: Path) -> list[str]:
+    """The visible files below ``folder``, sorted per directory; directory symlinks followed, each real
+    directory once (a loop is cut where it comes back)."""
+    found, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames.clear()
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if _visible(d))
+        found += [os.path.join(dirpath, f) for f in sorted(filenames) if _visible(f)]
+    return found
+
+
+def _extension_hint(extensions: frozenset[str]) -> str:
+    return f"no file with one of the {len(extensions)} extensions PIL opens, e.g. .jpg .jpeg .png .webp .tif"
+
+
+def _found(files: list[str]) -> str:
+    """What the folder holds instead, e.g. ``'it holds 12 .heic'``."""
+    counts = Counter(os.path.splitext(f)[1].lower() or "(no extension)" for f in files)
+    held = ", ".join(f"{n} {ext}" for ext, n in counts.most_common(5))
+    return f"it holds {held}" if held else "it is empty"
+
+
+def _more(names: list[str]) -> str:
+    return f" (and {len(names) - 1} more: {', '.join(names[1:6])})" if len(names) > 1 else ""
+
+
+class TolerantImageFolder(Dataset):
+    """An image folder (``root/<class>/**``, listed by :func:`list_image_folder`, or ``listing`` if given)
+    whose items are ``(image, class index)``, or ``None`` (with a warning naming the file) for an image
+    :func:`read_image` refuses as a :class:`BadImageError`.
+
+    Raises what :func:`list_image_folder` raises; items raise :class:`NotFoundError` for a file removed since
+    the listing.
+    """
+
+    def __init__(self, root: str | Path, transform: Optional[Callable] = None,
+                 listing: Optional[FolderListing] = None) -> None:
+        listing = listing or list_image_folder(root)
+        self.root, self.transform = str(listing.root), transform
+        self.classes, self.samples = listing.classes, listing.samples
+        self.class_to_idx = {name: index for index, name in enumerate(self.classes)}
+        self.targets = [target for _, target in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
 
     def __getitem__(self, index: int) -> Optional[tuple[Any, int]]:
         path, target = self.samples[index]
         try:
-            image = self.loader(path)
-        except (OSError, UnidentifiedImageError, ValueError) as err:
-            warnings.warn(f"skipping undecodable image {path}: {err}", stacklevel=2)
+            image = read_image(path)
+        except BadImageError as err:
+            warnings.warn(f"skipping undecodable image {err.path}: {err.reason}", stacklevel=2)
             return None
         if self.transform is not None:
             image = self.transform(image)

@@ -12,11 +12,12 @@ percent) after every evaluation.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Annotated, Any, Callable, Literal, Optional
 
 import torch
+from pydantic import Field
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -38,7 +39,15 @@ from ..engine import (
     write_json,
 )
 from ..errors import NotFoundError
-from .detectors import DETECTORS, build_detector, describe_init
+from ..options import (
+    ROLE_INPUT,
+    Name,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    schema,
+)
+from .detectors import DETECTORS, POS_INIT, build_detector, describe_init
 from .visualize import draw_prediction, load_image
 
 SCHEDULES = {"1x": (12, (8, 11)), "20e": (20, (16, 19))}
@@ -66,36 +75,38 @@ DATA_DEFAULTS = {
 }
 
 
-@dataclass
+@schema
 class DetConfig(RunConfig):
     """A detection run; the defaults train the CPU-sized LESA backbone on the embedded digit scenes."""
 
-    detector: str = "maskrcnn"
-    backbone: str = "lesa_resnet_tiny"
-    data: str = EMBEDDED
-    preset: Optional[str] = None
+    detector: Literal[tuple(DETECTORS)] = "maskrcnn"
+    backbone: Name = "lesa_resnet_tiny"
+    data: Name = Field(default=EMBEDDED, json_schema_extra=ROLE_INPUT)
+    preset: Optional[Literal[DET_PRESETS]] = None
     semantic: Optional[bool] = None  # HTC's semantic branch; default: where maps exist (digit scenes, semantic_root)
-    semantic_root: Optional[str] = None  # COCO-stuff stuffthingmaps (train2017/, val2017/), or 'instances'
-    semantic_classes: Optional[int] = None  # default: 183 with semantic_root (COCO-stuff), classes + 1 (digit scenes)
-    train_scales: Optional[list[list[float]]] = None  # [[probability, low, high], ...]: longer side drawn per image
-    schedule: str = "1x"
-    lr: float = 0.02
-    lr_base_batch: int = 16
-    warmup_iters: int = 500
-    warmup_ratio: float = 0.001
-    min_size: Optional[int] = None
-    max_size: Optional[int] = None
-    dcn_stages: list[int] = field(default_factory=list)
+    # COCO-stuff stuffthingmaps (train2017/, val2017/), or 'instances'
+    semantic_root: Optional[Name] = Field(default=None, json_schema_extra=ROLE_INPUT)
+    semantic_classes: Optional[PositiveInt] = None  # default: 183 with semantic_root (COCO-stuff), classes + 1
+    # [[probability, low, high], ...]: longer side drawn per image
+    train_scales: Optional[list[Annotated[list[PositiveFloat], Field(min_length=3, max_length=3)]]] = None
+    schedule: Literal[tuple(SCHEDULES)] = "1x"
+    lr: PositiveFloat = 0.02
+    lr_base_batch: PositiveInt = 16
+    warmup_iters: NonNegativeInt = 500
+    warmup_ratio: Annotated[float, Field(gt=0, le=1)] = 0.001
+    min_size: Optional[PositiveInt] = None
+    max_size: Optional[PositiveInt] = None
+    dcn_stages: list[Annotated[int, Field(ge=1, le=4)]] = field(default_factory=list)
     deform_unary: bool = False
-    pretrained_backbone: Optional[str] = None
-    pos_init: str = "reinit"
-    trainable_layers: Optional[int] = None  # default: 3 with a pretrained backbone, else all (5)
+    pretrained_backbone: Optional[Name] = Field(default=None, json_schema_extra=ROLE_INPUT)
+    pos_init: Literal[POS_INIT] = "reinit"
+    trainable_layers: Optional[Annotated[int, Field(ge=0, le=5)]] = None  # default: 3 if pretrained, else all (5)
     frozen_bn: Optional[bool] = None  # default: frozen with a pretrained backbone; from scratch BN must train
     checkpoint_layers: bool = False
-    box_batch_size_per_image: Optional[int] = None  # RoIs per image for the box/mask heads
-    rpn_post_nms_top_n_train: Optional[int] = None  # proposals kept in training
-    impl: str = "auto"
-    max_eval_images: Optional[int] = None
+    box_batch_size_per_image: Optional[PositiveInt] = None  # RoIs per image for the box/mask heads
+    rpn_post_nms_top_n_train: Optional[PositiveInt] = None  # proposals kept in training
+    impl: Literal["reference", "fused", "auto"] = "auto"
+    max_eval_images: Optional[PositiveInt] = None
 
     def __post_init__(self) -> None:
         for name, value in DATA_DEFAULTS["embedded" if self.data == EMBEDDED else "coco"].items():
@@ -105,29 +116,17 @@ class DetConfig(RunConfig):
 
     def problems(self) -> list[str]:
         problems = super().problems()
-        if self.detector not in DETECTORS:
-            problems.append(f"detector {self.detector!r}: choose one of {', '.join(DETECTORS)}")
         if self.semantic and self.detector != "htc":
             problems.append(f"--semantic is HTC's branch; {self.detector} has none (use --detector htc)")
         if self.semantic and self.data != EMBEDDED and not self.semantic_root:
             problems.append("--semantic on COCO needs the COCO-stuff maps: pass --semantic-root (stuffthingmaps)")
         for scale in self.train_scales or []:
-            if len(scale) != 3 or not 0 < scale[0] <= 1 or not 0 < scale[1] <= scale[2]:
-                problems.append(f"train_scales entries are [probability, low, high] with 0 < low <= high (got {scale})")
-        if self.schedule not in SCHEDULES:
-            problems.append(f"schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
-        for name in ("min_size", "max_size", "box_batch_size_per_image", "rpn_post_nms_top_n_train",
-                     "max_eval_images"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1 (got {getattr(self, name)})")
-        if self.warmup_iters < 0:
-            problems.append(f"warmup_iters must be >= 0 (got {self.warmup_iters})")
-        if not 0 < self.warmup_ratio <= 1:
-            problems.append(f"warmup_ratio must be in (0, 1] (got {self.warmup_ratio})")
-        if self.trainable_layers is not None and not 0 <= self.trainable_layers <= 5:
-            problems.append(f"trainable_layers must be in 0..5 (got {self.trainable_layers})")
-        if any(s not in (1, 2, 3, 4) for s in self.dcn_stages):
-            problems.append(f"dcn_stages are stages 1-4 (got {self.dcn_stages})")
+            if not scale[0] <= 1 or not scale[1] <= scale[2]:
+                problems.append(f"train_scales entries are [probability, low, high] with probability <= 1 and "
+                                f"low <= high (got {scale})")
+        if self.min_size > self.max_size:
+            problems.append(f"--min-size {self.min_size} exceeds --max-size {self.max_size}: the shorter side "
+                            "cannot be longer than the longer one")
         return problems
 
     def default_run_name(self) -> str:
@@ -294,7 +293,7 @@ def load_detector(checkpoint: str | Path) -> tuple[nn.Module, DetConfig, dict[st
     """A trained detector from a run directory (``best.pt``) or checkpoint, with its config."""
     state = load_checkpoint(checkpoint, kind="detection")
     saved = {k: v for k, v in state["config"].items() if k in DetConfig.__dataclass_fields__}
-    cfg = DetConfig(**{**saved, "pretrained_backbone": None, "resume": False})
+    cfg = DetConfig(**{**saved, "pretrained_backbone": None, "resume": False, "device": "auto"})
     model = detector_of(cfg, state["classes"])
     model.load_state_dict(state["model"])
     return model.eval(), cfg, state

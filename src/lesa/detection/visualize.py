@@ -9,18 +9,16 @@ from torch import Tensor
 from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-from ..errors import NotFoundError
+from ..data.images import read_image
 
 PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#469990",
            "#9a6324"]
 
 
 def load_image(path: str | Path) -> Tensor:
-    """``(3, H, W)`` float image in [0, 1]."""
-    path = Path(path)
-    if not path.is_file():
-        raise NotFoundError(f"image {str(path)!r} does not exist")
-    return pil_to_tensor(Image.open(path).convert("RGB")).float() / 255.0
+    """``(3, H, W)`` float image in [0, 1], read by :func:`lesa.data.images.read_image` (upright, contrast of
+    16-bit images kept). Raises :class:`lesa.errors.NotFoundError` and :class:`lesa.errors.BadImageError`."""
+    return pil_to_tensor(read_image(path)).float() / 255.0
 
 
 def draw_prediction(image: Tensor, prediction: dict[str, Tensor], classes: list[str],

@@ -106,7 +106,12 @@ class ClassificationTask(Task):
                 + (f"; {int(self.skipped[0])} undecodable images skipped so far" if self.skipped[0] else ""))
 
     def state_dict(self) -> dict[str, Any]:
-        return dict(classes=self.data.classes, skipped=self.skipped)
+        return dict(classes=self.data.classes, skipped=self.skipped, data_identity=self.data_identity())
+
+    def data_identity(self) -> dict[str, Any]:
+        """What the run was trained on: the data as given, its classes and its split sizes."""
+        return dict(data=self.cfg.data, classes=list(self.data.classes), train_images=len(self.data.train),
+                    val_images=len(self.data.val))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.skipped = list(state.get("skipped", [0.0, 0.0]))
@@ -115,7 +120,8 @@ class ClassificationTask(Task):
         plot_curves({self.cfg.model: [history]}, out_dir / "curves.png", f"{self.cfg.model} on {self.cfg.data}")
 
     def summary(self, last: dict[str, float]) -> dict[str, Any]:
-        return dict(model=self.cfg.model, data=self.cfg.data, img_size=self.img_size, val_top1=last.get("val_top1"),
+        return dict(model=self.cfg.model, data=self.cfg.data, classes=list(self.data.classes), img_size=self.img_size,
+                    val_top1=last.get("val_top1"),
                     val_top5=last.get("val_top5"), val_loss=last.get("val_loss"), skipped_images=int(self.skipped[0]))
 
 
@@ -147,8 +153,10 @@ def evaluate(
     may_skip: bool = False,
     quiet: bool = True,
     channels_last: bool = False,
+    label_map: Optional[torch.Tensor] = None,
 ) -> dict[str, float]:
-    """Loss, top-1 and top-5 (percent) over the loader, summed over all processes."""
+    """Loss, top-1 and top-5 (percent) over the loader, summed over all processes; ``label_map[t]`` is the
+    model's class of the loader's label ``t`` (data whose classes are the model's in another order)."""
     runtime = Runtime(ctx, precision or Precision(None, None), channels_last)
     model.eval()
     sums = [0.0, 0.0, 0.0, 0.0, 0.0]  # loss, top1, top5, n, skipped
@@ -157,6 +165,8 @@ def evaluate(
         sums[4] += bad
         if len(targets) == 0:
             continue
+        if label_map is not None:
+            targets = label_map[targets]
         images, targets = runtime.images(images), targets.to(ctx.device, non_blocking=True)
         with runtime.precision.autocast(ctx.device):
             logits = model(images)
@@ -180,6 +190,8 @@ def load_trained_model(checkpoint: str | Path, model_name: Optional[str] = None)
         raise CheckpointError(f"{checkpoint} is a {run_kind(state)} run, not a classifier: "
                               f"{COMMANDS_OF[run_kind(state)]}")
     cfg = dict(state.get("config", {})) if is_run else {}
+    if is_run and state.get("classes") is not None:
+        cfg["classes"] = list(state["classes"])
     name = model_name or cfg.get("model")
     if not name:
         raise ConfigError(f"{checkpoint} holds weights only: pass the model name (--model NAME)")
@@ -195,18 +207,38 @@ def load_trained_model(checkpoint: str | Path, model_name: Optional[str] = None)
     return model, cfg
 
 
+def class_map(model_classes: Optional[list[str]], data_classes: list[str], source: str) -> Optional[torch.Tensor]:
+    """``label_map`` for :func:`evaluate`: the model's index of each of the data's classes, by name;
+    ``None`` when they are the same list (or the model's classes are unknown: a bare weights file).
+
+    Raises:
+        DataError: the data has a class the model was not trained on (named, with the fix).
+    """
+    if model_classes is None or list(model_classes) == list(data_classes):
+        return None
+    unknown = [c for c in data_classes if c not in model_classes]
+    if unknown:
+        raise DataError(f"the data has {len(data_classes)} classes and {source} was trained on "
+                        f"{len(model_classes)}; not among the model's: {unknown[:5]} (model's: "
+                        f"{list(model_classes)[:10]}); evaluate on data with the model's class folders")
+    return torch.tensor([list(model_classes).index(c) for c in data_classes])
+
+
 def evaluate_model(model: nn.Module, data: str, img_size: int, batch_size: int = 128, device: str = "auto",
-                   workers: int = 0, quiet: bool = False, model_name: Optional[str] = None) -> dict[str, Any]:
+                   workers: int = 0, quiet: bool = False, model_name: Optional[str] = None,
+                   classes: Optional[list[str]] = None) -> dict[str, Any]:
     """Loss, top-1 and top-5 of a classifier on the validation split of ``data`` (one process or torchrun);
-    ``model_name`` gives the normalisation of ImageFolder data (default: ImageNet's)."""
+    ``model_name`` gives the normalisation of ImageFolder data (default: ImageNet's); ``classes`` (the
+    model's, by name) map the data's labels when its classes come in another order or are a subset."""
     ctx = setup_distributed(device)
     try:
         dataset = (classification_data(model_name, data, img_size, train=False) if model_name
                    else build_classification_data(data, img_size, train=False))
+        label_map = class_map(classes, dataset.classes, model_name or "the model")
         model.to(ctx.device)
         loader = DataLoader(dataset.val, batch_size=batch_size, num_workers=workers, collate_fn=dataset.collate,
                             sampler=ShardSampler(len(dataset.val), ctx.rank, ctx.world_size))
-        return evaluate(model, loader, ctx, None, dataset.may_skip, quiet or not ctx.is_main)
+        return evaluate(model, loader, ctx, None, dataset.may_skip, quiet or not ctx.is_main, label_map=label_map)
     finally:
         cleanup_distributed()
 
@@ -223,5 +255,6 @@ def evaluate_checkpoint(checkpoint: str | Path, data: Optional[str] = None, batc
     if not data:
         raise ConfigError("no data to evaluate on: pass --data PATH or --data digits")
     with within(model) if within else contextlib.nullcontext():
-        metrics = evaluate_model(model, data, cfg["img_size"], batch_size, device, workers, quiet, cfg["model"])
+        metrics = evaluate_model(model, data, cfg["img_size"], batch_size, device, workers, quiet, cfg["model"],
+                                 cfg.get("classes"))
     return dict(model=cfg["model"], data=data, checkpoint=str(checkpoint), **metrics)

@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 from tqdm.auto import tqdm
 
-from ..errors import CheckpointError, ConfigError, NonFiniteLossError
+from ..errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
 from ..utils import atomic_write, count_params
 from .checkpoint import rng_state, run_kind, save_checkpoint, set_rng_state
 from .config import RunConfig
@@ -235,6 +235,8 @@ class Engine:
             check_resume(resume_state, cfg, task_cls)
         seed_everything(cfg.seed)  # identical initial weights on every process
         self.task = task = task_cls(cfg, ctx)
+        if resume_state is not None:
+            check_same_classes(resume_state.get("classes"), task.state_dict().get("classes"), cfg.output_dir)
         self.params = count_params(task.model)
         channels_last = cfg.channels_last if cfg.channels_last is not None else ctx.device.type == "cuda"
         task.model.to(ctx.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
@@ -401,6 +403,24 @@ def check_resume(state: dict[str, Any], cfg: RunConfig, task_cls: type[Task]) ->
         if key in saved and saved[key] != getattr(cfg, key):
             raise ConfigError(f"--resume: the run in {cfg.output_dir} has {key}={saved[key]!r}, this command "
                               f"{getattr(cfg, key)!r}; resume with the run's settings")
+
+
+def check_same_classes(saved: Optional[list[str]], current: Optional[list[str]], out: Path) -> None:
+    """A resumed run meets the classes it was trained on, by name and in order (a checkpoint from before
+    classes were stored has none to compare).
+
+    Raises:
+        DataError: classes added, removed, renamed or reordered since the run started.
+    """
+    if saved is None or current is None or list(saved) == list(current):
+        return
+    added, missing = sorted(set(current) - set(saved)), sorted(set(saved) - set(current))
+    if not added and not missing:
+        change = "the same classes in another order"
+    else:
+        change = f"classes added: {added[:5] or 'none'}; missing: {missing[:5] or 'none'}"
+    raise DataError(f"--resume: the run in {out} was trained on {len(saved)} classes and the data now has "
+                    f"{len(current)} ({change}); resume with the run's data, or start a new run with another --output")
 
 
 def run_task(cfg: RunConfig, task_cls: Callable[[Any, DistContext], Task]) -> dict[str, Any]:

@@ -1,0 +1,138 @@
+"""The one output guard: every command checks where it will write before it does any work.
+
+A command's options declare their paths by role (:mod:`lesa.options`: ``input``, ``output_dir``,
+``output_file``). :func:`guard_outputs` refuses, with the option and the fix, a destination that
+
+* exists as the wrong kind (a file where a directory goes, or the reverse),
+* lies under a file, or under a directory this user cannot write to (checked on the nearest existing
+  ancestor: nothing is created here),
+* has a name longer than the file system allows,
+* is one of the command's input files, or would write a file that is one (``lesa convert ckpt.pth
+  ckpt.pth``; ``lesa det predict photos/*.png --output photos`` when a drawing would take a photo's name).
+
+Writing itself stays atomic (:func:`lesa.utils.atomic_write`).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from .errors import ConfigError
+
+OUTPUT_ROLES = ("output_dir", "output_file")
+
+
+def roles(options: Any) -> dict[str, str]:
+    """``{option: role}`` of the path options of a :func:`lesa.options.schema` class or instance."""
+    found = {}
+    for name, info in getattr(options, "__pydantic_fields__", {}).items():
+        extra = info.json_schema_extra
+        if isinstance(extra, dict) and "role" in extra:
+            found[name] = extra["role"]
+    return found
+
+
+def _paths(value: Any) -> list[str]:
+    if value is None:
+        return []
+    return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+
+
+def guard_outputs(options: Any, names: Optional[dict[str, str]] = None) -> None:
+    """Check every destination of ``options`` (a :func:`lesa.options.schema` instance) before any work.
+
+    A destination left unset is taken from ``options.default_outputs()`` when the command defines it;
+    ``options.planned_outputs()`` may name the files a command writes inside an output directory (so that
+    none of them is an input).
+    ``names`` maps an option to how the user wrote it (default ``--kebab-case``).
+
+    Raises:
+        ConfigError: see the module docstring.
+    """
+    names = names or {}
+    inputs: list[str] = []
+    outputs: list[tuple[str, str, str]] = []  # (path, kind, option)
+    defaults = options.default_outputs() if hasattr(options, "default_outputs") else {}
+    planned = options.planned_outputs() if hasattr(options, "planned_outputs") else {}
+    for name, role in roles(options).items():
+        value = getattr(options, name)
+        if role == "input":
+            inputs += _paths(value)
+        elif role in OUTPUT_ROLES:
+            value = value if value is not None else defaults.get(name)
+            for path in _paths(value):
+                option = names.get(name, "--" + name.replace("_", "-"))
+                outputs.append((path, role, option))
+                # the files the command will write inside an output directory
+                outputs += [(str(Path(path) / file), "output_file", option) for file in planned.get(name, [])]
+    for path, kind, option in outputs:
+        check_destination(path, kind, option, inputs)
+
+
+def check_destination(path: str, kind: str, option: str, inputs: list[str]) -> None:
+    """One destination (``kind`` ``'output_dir'`` or ``'output_file'``); see :func:`guard_outputs`."""
+    where = f"{option} {path}"
+    target = Path(path)
+    _check_name_lengths(target, where)
+    if kind == "output_dir" and _exists(target) and not target.is_dir():
+        raise ConfigError(f"{where} is a file, not a directory; choose a directory (it is created if missing)")
+    if kind == "output_file" and target.is_dir():
+        raise ConfigError(f"{where} is a directory; give a file name, e.g. {target / 'model.safetensors'}")
+    _check_writable(target, where)
+    for source in inputs:
+        _check_not_input(target, kind, Path(source), where)
+
+
+def _check_name_lengths(target: Path, where: str) -> None:
+    anchor = _nearest_existing(target)
+    try:
+        name_max = os.pathconf(anchor, "PC_NAME_MAX")
+        path_max = os.pathconf(anchor, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        name_max, path_max = 255, 4096
+    too_long = [part for part in target.parts if len(os.fsencode(part)) > name_max]
+    if too_long:
+        raise ConfigError(f"{where}: the name {too_long[0][:40]!r}... is {len(os.fsencode(too_long[0]))} bytes, "
+                          f"longer than this file system allows ({name_max}); choose a shorter name")
+    if len(os.fsencode(str(target.absolute()))) >= path_max:
+        raise ConfigError(f"{where}: the path is longer than this file system allows ({path_max} bytes); "
+                          "choose a shorter one")
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # e.g. a name too long to look up
+        return False
+
+
+def _nearest_existing(target: Path) -> Path:
+    current = target.absolute()
+    while not _exists(current) and current != current.parent:
+        current = current.parent
+    return current
+
+
+def _check_writable(target: Path, where: str) -> None:
+    anchor = _nearest_existing(target)
+    if anchor != target.absolute() and not anchor.is_dir():
+        raise ConfigError(f"{where}: {anchor} is a file, so nothing can be created under it; choose another path")
+    # an existing destination must be writable itself; a new one needs a writable nearest ancestor
+    if not os.access(anchor, os.W_OK | (os.X_OK if anchor.is_dir() else 0)):
+        raise ConfigError(f"{where}: {anchor} is not writable by this user; choose a path you can write to")
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return _exists(a) and _exists(b) and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _check_not_input(target: Path, kind: str, source: Path, where: str) -> None:
+    # writing into an input *directory* (a run directory) is how analyze / det eval work; an input *file* is
+    # never a destination
+    if _same(target, source) and (kind == "output_file" or not source.is_dir()):
+        raise ConfigError(f"{where} is also this command's input {source}: it would be overwritten; write to "
+                          "another path")

@@ -1,0 +1,214 @@
+"""Every option through one schema, every destination through one guard, runs that know their classes
+(issue 19, mechanisms 1, 2 and 4; docs/reliability.md names each case)."""
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from test_train import make_folder
+
+import lesa.cli as cli_module
+from lesa.cli import main
+from lesa.engine import build_config
+from lesa.errors import ConfigError
+from lesa.options import load_yaml
+
+QUICK = ["--model", "resnet_tiny", "--img-size", "16", "--epochs", "1", "--batch-size", "4", "--quiet"]
+
+
+def run_cli(capsys, *args) -> tuple[int, str]:
+    """``lesa ARGS``: the exit code and stderr, which is at most one line and never a traceback."""
+    code = main([str(a) for a in args])
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) <= 1, err
+    return code, err
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Replace every command's work by a recorder: what reaches it passed validation and the guard."""
+    ran = []
+    commands = dict(cli_module.COMMANDS)
+    for name, (help_text, add, make, _) in commands.items():
+        commands[name] = (help_text, add, make, lambda options, name=name: ran.append((name, options)) or 0)
+    monkeypatch.setattr(cli_module, "COMMANDS", commands)
+    return ran
+
+
+# -- mechanism 1: options -------------------------------------------------------------------------------
+@pytest.mark.parametrize("args,message", [
+    (["eval", "--checkpoint", "x", "--batch-size", "0"], "--batch-size: got 0; use a value >= 1"),
+    (["eval", "--checkpoint", "x", "--workers", "-1"], "--workers: got -1; use a value >= 0"),
+    (["train", "--warmup-epochs", "nan"], "--warmup-epochs: got nan; give a finite number"),
+    (["train", "--lr", "inf"], "--lr: got inf; give a finite number"),
+    (["train", "--device", "cuda:x"], "--device: got 'cuda:x'; a device is auto, cpu, cuda or cuda:N"),
+    (["det", "predict", "a.png", "--checkpoint", "c", "--output", "o", "--score-threshold", "1.5"],
+     "--score-threshold: got 1.5; use a value <= 1"),
+    (["det", "train", "--min-size", "900", "--max-size", "300"], "--min-size 900 exceeds --max-size 300"),
+    (["det", "eval", "--checkpoint", "c", "--max-images", "0"], "--max-images: got 0"),
+    (["analyze", "run", "--query", "1", "-2"], "--query[1]: got -2; use a value >= 0"),
+    (["compare", "--quick", "--seeds", "0"], "--seeds: got 0; use a value >= 1"),
+    (["export", "ckpt.pt", "out.txt"], "--output: got 'out.txt'; use a file name ending in .onnx or .pt2"),
+    (["convert", "in.pth", "out.bin"], "--output: got 'out.bin'; use a file name ending in .pth or .pt or"),
+    (["export", "ckpt.pt", "out.onnx", "--opset", "0"], "--opset: got 0; use a value >= 1"),
+])
+def test_bad_option_values_are_one_line_naming_the_flag(tmp_path, capsys, monkeypatch, no_work, args, message):
+    monkeypatch.chdir(tmp_path)
+    code, err = run_cli(capsys, *args)
+    assert code == 2 and message in err and not no_work
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has CUDA")
+def test_a_device_the_machine_lacks_is_refused(tmp_path, capsys, no_work):
+    code, err = run_cli(capsys, "train", "--device", "cuda", "--output", tmp_path / "r")
+    assert code == 2 and "CUDA is not available on this machine; use auto or cpu" in err
+
+
+@pytest.mark.parametrize("text,message", [
+    ("epochs: 3\nlr: 0.1\nepochs: 4\n", "option 'epochs' is given twice (lines 1 and 3); keep one"),
+    (b"model: caf\xe9\n", "is not UTF-8 (byte 0xe9 on line 1); save it as UTF-8"),
+    ("- epochs\n", "must hold a mapping of option: value"),
+    ("model_kwargs: {img_size: 64}\n", "model_kwargs: img_size is set by the option img_size"),
+    ("model_kwargs: {num_classes: 3}\n", "model_kwargs: num_classes is set by the data's class count"),
+    ("label_smoothing: .nan\n", "label_smoothing in CONFIG: got nan; give a finite number"),
+    ("batch_size: true\n", "batch_size in CONFIG: got True; give a whole number"),
+    ("epocs: 3\n", "unknown option(s) epocs in CONFIG (did you mean epochs?)"),
+    ("preset: imagenet2\n", "unknown preset 'imagenet2'"),
+])
+def test_yaml_files_are_checked_like_the_command_line(tmp_path, capsys, no_work, text, message):
+    config = tmp_path / "run.yaml"
+    config.write_bytes(text if isinstance(text, bytes) else text.encode())
+    code, err = run_cli(capsys, "train", "--config", config, "--output", tmp_path / "r")
+    assert code == 2 and message.replace("CONFIG", str(config)) in err and not no_work
+
+
+def test_yaml_with_a_byte_order_mark_and_layer_options_at_the_top(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_bytes("\ufeffheads: 4\npos_embed: rel2d\nepochs: 2\n".encode())
+    assert load_yaml(config) == {"heads": 4, "pos_embed": "rel2d", "epochs": 2}
+    cfg = build_config(str(config), heads=2)  # the command line wins, the file's other layer option stays
+    assert cfg.model_kwargs == {"heads": 2, "pos_embed": "rel2d"} and cfg.epochs == 2
+
+
+def test_the_layer_options_of_the_model_are_checked_up_front(tmp_path, capsys, no_work):
+    config = tmp_path / "run.yaml"
+    config.write_text("model_kwargs: {heads: [4]}\n")
+    code, err = run_cli(capsys, "train", "--config", config, "--output", tmp_path / "r")
+    assert code == 2 and "heads" in err and not no_work
+    with pytest.raises(ConfigError, match="resnet_tiny does not use the layer option"):
+        build_config(model="resnet_tiny", heads=4)
+
+
+# -- mechanism 2: outputs -------------------------------------------------------------------------------
+def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path, capsys, no_work):
+    (tmp_path / "afile").write_text("keep me")
+    for output, message in [
+        (tmp_path / "afile", "is a file, not a directory"),
+        (tmp_path / "afile" / "run", "is a file, so nothing can be created under it"),
+        (tmp_path / ("x" * 300), "is 300 bytes, longer than this file system allows"),
+    ]:
+        for command in (["train"], ["analyze", tmp_path], ["compare", "--quick"],
+                        ["det", "predict", tmp_path / "afile", "--checkpoint", tmp_path / "c"]):
+            code, err = run_cli(capsys, *command, "--output", output)
+            assert code == 2 and message in err, (command, err)
+    assert (tmp_path / "afile").read_text() == "keep me" and not no_work
+
+
+def test_an_unwritable_destination_is_refused(tmp_path, capsys, monkeypatch, no_work):
+    # as root every directory is writable, so the refusal is tested through the permission check itself
+    (tmp_path / "ro").mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == tmp_path / "ro" else real_access(p, mode))
+    code, err = run_cli(capsys, "train", "--output", tmp_path / "ro" / "run")
+    assert code == 2 and "ro is not writable by this user" in err and not no_work
+
+
+def test_no_command_overwrites_its_input(tmp_path, capsys, no_work):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8), (9, 9, 9)).save(photos / name)
+    ckpt = tmp_path / "ckpt.pth"
+    ckpt.write_bytes(b"checkpoint")
+    cases = [
+        (["det", "predict", photos / "a.png", photos / "b.png", "--checkpoint", ckpt, "--output", photos],
+         "is also this command's input"),
+        (["convert", ckpt, ckpt], "is also this command's input"),
+        (["convert", ckpt, tmp_path / "." / "ckpt.pth"], "is also this command's input"),
+        (["export", ckpt, ckpt], "use a file name ending in .onnx or .pt2"),
+    ]
+    for args, message in cases:
+        code, err = run_cli(capsys, *args)
+        assert code == 2 and message in err, (args, err)
+    assert ckpt.read_bytes() == b"checkpoint" and not no_work
+    # a symlink to the input is the input
+    (tmp_path / "link.pth").symlink_to(ckpt)
+    code, err = run_cli(capsys, "convert", ckpt, tmp_path / "link.pth")
+    assert code == 2 and "is also this command's input" in err
+
+
+def test_valid_options_reach_the_command(tmp_path, capsys, no_work):
+    assert run_cli(capsys, "eval", "--checkpoint", "x", "--device", "cpu")[0] == 0
+    assert run_cli(capsys, "det", "predict", "a.png", "--checkpoint", "c", "--output", tmp_path / "out")[0] == 0
+    (name, options), (name2, options2) = no_work
+    assert (name, options.batch_size, options.device) == ("eval", 128, "cpu")
+    assert name2 == "det" and options2.images == ["a.png"] and options2.score_threshold == 0.5
+
+
+# -- mechanism 4: runs know their classes ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("classes")
+    make_folder(root / "data", classes_train=("cat", "dog", "owl"), classes_val=("cat", "dog", "owl"), n=4)
+    out = root / "run"
+    assert main(["train", *QUICK, "--data", str(root / "data"), "--output", str(out)]) == 0
+    return root, out
+
+
+def test_checkpoints_and_summary_carry_the_classes(folder_run):
+    _, out = folder_run
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert state["classes"] == ["cat", "dog", "owl"]
+    assert state["data_identity"]["classes"] == ["cat", "dog", "owl"] and state["data_identity"]["train_images"] == 12
+
+
+@pytest.mark.parametrize("change,message", [
+    ("add", "classes added: ['emu']; missing: none"),
+    ("rename", "classes added: ['wolf']; missing: ['owl']"),
+])
+def test_resume_refuses_data_whose_classes_changed(tmp_path, capsys, change, message):
+    data, run = tmp_path / "data", tmp_path / "run"
+    make_folder(data, classes_train=("cat", "dog", "owl"), classes_val=("cat", "dog", "owl"), n=4)
+    assert run_cli(capsys, "train", *QUICK, "--data", data, "--output", run)[0] == 0
+    for split in ("train", "val"):
+        if change == "add":
+            shutil.copytree(data / split / "owl", data / split / "emu")
+        else:
+            (data / split / "owl").rename(data / split / "wolf")
+    last = (run / "last.pt").read_bytes()
+    code, err = run_cli(capsys, "train", *QUICK, "--epochs", "2", "--data", data, "--output", run, "--resume")
+    assert code == 2 and message in err and "--resume: the run in" in err
+    assert (run / "last.pt").read_bytes() == last
+
+
+def test_eval_maps_classes_by_name_and_refuses_unknown_ones(tmp_path, capsys, folder_run):
+    from lesa.engine import evaluate_checkpoint, load_trained_model
+    from lesa.engine.classification import classification_data
+
+    root, out = folder_run
+    subset = tmp_path / "subset"  # the same images without one class: its labels shift unless mapped by name
+    shutil.copytree(root / "data", subset)
+    for split in ("train", "val"):
+        shutil.rmtree(subset / split / "cat")
+    part = evaluate_checkpoint(out, str(subset), quiet=True)
+    model, cfg = load_trained_model(out)
+    full = classification_data(cfg["model"], str(root / "data"), cfg["img_size"], train=False).val
+    with torch.no_grad():
+        hits = sum(int(model.eval()(image[None]).argmax()) == label for image, label in full if label != 0)
+    assert part["n"] == 8 and round(part["top1"] * 8 / 100) == hits
+    for split in ("train", "val"):
+        (subset / split / "dog").rename(subset / split / "fox")
+    code, err = run_cli(capsys, "eval", "--checkpoint", out, "--data", subset)
+    assert code == 2 and "not among the model's: ['fox']" in err
