@@ -22,10 +22,12 @@ from .options import (
     ROLE_OUTPUT_DIR,
     ROLE_OUTPUT_FILE,
     Device,
+    ImageSize,
     Name,
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
+    Workers,
     build,
     schema,
 )
@@ -93,7 +95,7 @@ class ConvertOptions:
     output: Annotated[Name, suffix_in(*WEIGHT_SUFFIXES)] = Field(json_schema_extra=ROLE_OUTPUT_FILE)
     model: Optional[Name] = None
     pos_embed: Optional[Literal[POS_EMBEDS]] = None
-    img_size: Optional[PositiveInt] = None
+    img_size: Optional[ImageSize] = None
 
 
 def run_convert(args: ConvertOptions) -> int:
@@ -190,7 +192,7 @@ class EvalOptions:
     data: Optional[Name] = Field(default=None, json_schema_extra=ROLE_INPUT)
     model: Optional[Name] = None
     batch_size: PositiveInt = 128
-    workers: NonNegativeInt = 0
+    workers: Workers = 0
     device: Device = "auto"
     ablate_unary: bool = False
     quiet: bool = False
@@ -286,7 +288,7 @@ class CompareOptions:
     lr: Optional[PositiveFloat] = None
     seeds: Optional[PositiveInt] = None
     seed: Optional[NonNegativeInt] = None
-    workers: Optional[NonNegativeInt] = None
+    workers: Optional[Workers] = None
     max_steps_per_epoch: Optional[PositiveInt] = None
     quiet: bool = False
 

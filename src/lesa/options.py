@@ -37,6 +37,8 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
 Fraction = Annotated[float, Field(ge=0, lt=1)]  # a share of something: 0 <= x < 1
 Name = Annotated[str, Field(min_length=1)]  # a model name, a dataset, a path: never empty
+Workers = Annotated[int, Field(ge=0, le=256)]  # data-loading processes: more only exhausts the machine
+ImageSize = Annotated[int, Field(ge=1, le=16384)]  # pixels a side: the position tables grow with its square
 
 # roles of path fields (see the module docstring)
 ROLE_INPUT = {"role": "input"}

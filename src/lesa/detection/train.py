@@ -41,6 +41,7 @@ from ..engine import (
 from ..errors import NotFoundError
 from ..options import (
     ROLE_INPUT,
+    ImageSize,
     Name,
     NonNegativeInt,
     PositiveFloat,
@@ -94,8 +95,8 @@ class DetConfig(RunConfig):
     lr_base_batch: PositiveInt = 16
     warmup_iters: NonNegativeInt = 500
     warmup_ratio: Annotated[float, Field(gt=0, le=1)] = 0.001
-    min_size: Optional[PositiveInt] = None
-    max_size: Optional[PositiveInt] = None
+    min_size: Optional[ImageSize] = None
+    max_size: Optional[ImageSize] = None
     dcn_stages: list[Annotated[int, Field(ge=1, le=4)]] = field(default_factory=list)
     deform_unary: bool = False
     pretrained_backbone: Optional[Name] = Field(default=None, json_schema_extra=ROLE_INPUT)

@@ -23,11 +23,13 @@ from ..options import (
     ROLE_OUTPUT_DIR,
     Device,
     Fraction,
+    ImageSize,
     Name,
     NonNegativeFloat,
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
+    Workers,
     build,
     load_yaml,
     schema,
@@ -53,7 +55,7 @@ class RunConfig:
     momentum: NonNegativeFloat = 0.9
     nesterov: bool = False
     weight_decay: NonNegativeFloat = 1e-4
-    workers: NonNegativeInt = 0
+    workers: Workers = 0
     seed: NonNegativeInt = 0
     output: Optional[Name] = Field(default=None, json_schema_extra=ROLE_OUTPUT_DIR)  # default: runs/<task's name>
     resume: bool = False
@@ -100,7 +102,7 @@ class TrainConfig(RunConfig):
     model: Name = "lesa_resnet_tiny"
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # pos_embed, impl, heads, ...
     data: Optional[Name] = Field(default="digits", json_schema_extra=ROLE_INPUT)
-    img_size: Optional[PositiveInt] = None  # default: the model's
+    img_size: Optional[ImageSize] = None  # default: the model's
     epochs: PositiveInt = 15
     batch_size: PositiveInt = 64
     val_batch_size: Optional[PositiveInt] = None
