@@ -14,6 +14,8 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..engine import run_kind
 from ..errors import CheckpointError, ConfigError
+from ..layers.binary import IMPLS
+from ..layers.checks import check_bool, check_choice, check_int, check_ints, check_optional_int, describe
 from ..layers.rel_pos import resize_rel_table
 from ..weights import model_state_dict, read_checkpoint
 from .backbone import LesaFPNBackbone, build_backbone
@@ -72,11 +74,28 @@ def build_detector(
         semantic_classes: HTC's semantic branch with this many classes (COCO-stuff: 183); ``None``: without.
         box_batch_size_per_image: RoIs sampled per image (per stage for the cascades).
         rpn_post_nms_top_n_train: proposals kept in training.
+
+    Raises:
+        ConfigError: an argument of the wrong type, out of range or not among its choices (one line naming it),
+            a backbone that cannot be built as asked, or pretrained weights that do not fit.
     """
-    if kind not in DETECTORS:
-        raise ConfigError(f"detector {kind!r}: choose one of {', '.join(DETECTORS)}")
-    if pos_init not in POS_INIT:
-        raise ConfigError(f"pos_init={pos_init!r}: choose one of {POS_INIT}")
+    check_choice("kind", kind, DETECTORS)
+    check_choice("pos_init", pos_init, POS_INIT)
+    check_choice("impl", impl, IMPLS)
+    check_int("num_classes", num_classes, minimum=2, hint="the object classes plus 1 for the background")
+    check_optional_int("trainable_layers", trainable_layers, 0, 5, hint="backbone stages trained, 5: all")
+    if frozen_bn is not None:
+        check_bool("frozen_bn", frozen_bn)
+    check_ints("dcn_stages", dcn_stages, 1, 4, hint="the backbone's stages 1-4")
+    check_bool("deform_unary", deform_unary)
+    check_bool("checkpoint", checkpoint)
+    check_int("min_size", min_size, hint="the shorter side of the resized images")
+    check_int("max_size", max_size, hint="the longest the longer side may be")
+    check_optional_int("table_size", table_size, hint="the input size the position tables are built for")
+    check_optional_int("semantic_classes", semantic_classes, hint="HTC's semantic branch; None: without it")
+    check_int("box_batch_size_per_image", box_batch_size_per_image)
+    check_int("rpn_post_nms_top_n_train", rpn_post_nms_top_n_train)
+    check_train_scales(train_scales)
     if semantic_classes and kind != "htc":
         raise ConfigError(f"the semantic branch is HTC's; {kind} has none (drop semantic_classes)")
     pretrained = pretrained_backbone is not None
@@ -100,6 +119,16 @@ def build_detector(
     model.detector_kind = kind
     model.backbone_init = report
     return model
+
+
+def check_train_scales(train_scales: Optional[Sequence[Sequence[float]]]) -> None:
+    """``None`` or ``[(probability, low, high), ...]`` with positive numbers; raises :class:`ConfigError`."""
+    for i, scale in enumerate(train_scales or []):
+        valid = isinstance(scale, Sequence) and len(scale) == 3 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in scale)
+        if not valid:
+            raise ConfigError(f"train_scales[{i}]={describe(scale)} must be (probability, low, high), three positive "
+                              "numbers: e.g. train_scales=[(1.0, 640, 800)]")
 
 
 def build_maskrcnn(backbone: str, num_classes: int, **kwargs) -> MaskRCNN:

@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from .binary import IMPLS, Impl, check_choice, check_input, graph_mode, resolve_auto, softmax_diagonal
+from .binary import IMPLS, Impl, resolve_auto, softmax_diagonal
+from .checks import check_choice, check_divisible, check_input, check_int, check_optional_int, graph_mode
 from .rel2d_attention import augment_rel2d, rel2d_attention
 from .rel_pos import RelPosEmbed2d, Size2d
 
@@ -29,6 +30,15 @@ def default_aa_dims(out_channels: int, heads: int) -> tuple[int, int]:
 
 
 class AttentionAugmentedConv2d(nn.Module):
+    """AA (see the module docstring). ``dk`` / ``dv``: key and value widths over all heads (default
+    :func:`default_aa_dims`); other arguments as :class:`~lesa.layers.lesa.LESA2d`.
+
+    Raises:
+        ConfigError: an argument of the wrong type or out of range (``dk``, ``dv`` not multiples of ``heads``,
+            ``dv >= out_channels``), or ``impl`` not among its choices.
+        InputError: (forward) an input that is not ``(N, in_channels, H, W)`` of the parameters' dtype and device.
+    """
+
     def __init__(
         self,
         in_channels: int,
@@ -42,10 +52,14 @@ class AttentionAugmentedConv2d(nn.Module):
     ) -> None:
         super().__init__()
         check_choice("impl", impl, IMPLS)
+        in_channels, out_channels = check_int("in_channels", in_channels), check_int("out_channels", out_channels)
+        heads, stride = check_int("heads", heads), check_int("stride", stride)
         default_dk, default_dv = default_aa_dims(out_channels, heads)
-        dk, dv = dk or default_dk, dv or default_dv
-        if dk % heads or dv % heads:
-            raise ConfigError(f"dk={dk} and dv={dv} must be divisible by heads={heads}")
+        dk = check_optional_int("dk", dk) or default_dk
+        dv = check_optional_int("dv", dv) or default_dv
+        why = "each head attends with an equal share"
+        check_divisible("dk", dk, "heads", heads, why)
+        check_divisible("dv", dv, "heads", heads, why)
         if dv >= out_channels:
             raise ConfigError(f"dv={dv} must be smaller than out_channels={out_channels}")
         self.in_channels, self.out_channels, self.heads = in_channels, out_channels, heads
@@ -100,7 +114,7 @@ class AttentionAugmentedConv2d(nn.Module):
         return softmax_diagonal(lambda a, b: q_aug[:, :, a:b] @ k_aug.transpose(-1, -2), q.shape[-2], block)
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(x, self.in_channels, "AttentionAugmentedConv2d")
+        check_input(x, self.in_channels, "AttentionAugmentedConv2d", self.qkv.weight)
         return torch.cat([self.conv(x), self.attention(self.pool(x))], dim=1)
 
     def extra_repr(self) -> str:

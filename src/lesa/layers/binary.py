@@ -42,7 +42,6 @@ from collections.abc import Iterator
 from typing import Callable, Literal, Optional
 
 import torch
-import torch.fx
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.checkpoint import checkpoint
@@ -57,6 +56,7 @@ from .bn_moments import (
     stats_dtype,
     uses_batch_stats,
 )
+from .checks import check_choice, check_input, check_int, graph_mode
 from .rel2d_attention import augment_rel2d, exporting, rel2d_attention
 from .rel_pos import FlatRelPosEmbed, RelPosEmbed2d, Size2d
 
@@ -81,15 +81,16 @@ def resolve_auto(pos_embed: str, positions: int) -> str:
     return "dense" if pos_embed == "flat" else "reference"
 
 
-def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name}={value!r} is not supported; choose one of {', '.join(map(repr, choices))}")
-
-
 def check_heads(in_channels: int, out_channels: int, heads: int) -> None:
-    """The grouped conv needs ``in/out % heads == 0``; q and k need an even per-head width."""
-    if heads < 1:
-        raise ConfigError(f"heads must be >= 1, got {heads}")
+    """Channels and heads as ints >= 1 where the grouped conv needs ``in/out % heads == 0`` and q and k an
+    even per-head width.
+
+    Raises:
+        ConfigError: naming the argument and the heads that would fit.
+    """
+    check_int("in_channels", in_channels)
+    check_int("out_channels", out_channels)
+    check_int("heads", heads)
     if out_channels % (2 * heads) != 0:
         raise ConfigError(
             f"out_channels={out_channels} must be divisible by 2*heads={2 * heads}: each head gets "
@@ -135,51 +136,13 @@ def free_memory(device: torch.device) -> Optional[int]:
     return None
 
 
-def graph_mode(x: Tensor) -> str:
-    """How a layer is being run, where graph capture cannot take what eager PyTorch can:
-
-    * ``'symbolic'``: torch.fx symbolic tracing (``x`` is a proxy: no shapes for Python control flow) or
-      ``torch.jit.trace`` (which freezes it and cannot record custom autograd functions): the reference path;
-    * ``'compile'``: ``torch.compile`` / ``torch.export``: the chosen path, fused ones in capturable forms;
-    * ``'eager'``.
-
-    TorchScript does not call this: scripted layers take their ``torch.jit.is_scripting()`` branch.
-    """
-    if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing():
-        return "symbolic"
-    if torch.compiler.is_compiling():
-        return "compile"
-    return "eager"
-
-
-def assert_input(x: Tensor, in_channels: int, layer: str) -> None:
-    """:func:`check_input` inside TorchScript / torch.fx graphs, as ``torch._assert``."""
-    torch._assert(x.dim() == 4, f"{layer} expects a 4-D (N, C, H, W) input: pass images as one batch tensor")
-    torch._assert(x.shape[1] == in_channels,
-                  f"{layer} was built with in_channels={in_channels}: pass an (N, {in_channels}, H, W) input, or "
-                  "build the layer for the input's channels")
-
-
-def check_input(x: Tensor, in_channels: int, layer: str) -> None:
-    """Refuse an input that is not ``(N, in_channels, H, W)``: a :class:`ConfigError` naming the fix in eager
-    mode (and under torch.compile / torch.export), ``torch._assert`` in TorchScript and torch.fx graphs."""
-    if torch.jit.is_scripting():
-        assert_input(x, in_channels, layer)
-        return
-    if graph_mode(x) == "symbolic":
-        assert_input(x, in_channels, layer)
-        return
-    if x.dim() != 4:
-        raise ConfigError(f"{layer} expects a 4-D (N, C, H, W) tensor, got shape {tuple(x.shape)}")
-    if x.shape[1] != in_channels:
-        raise ConfigError(
-            f"{layer} was built with in_channels={in_channels} but the input has {x.shape[1]} channels "
-            f"(shape {tuple(x.shape)})."
-        )
-
-
 class BinaryAttention2d(nn.Module):
-    """Multi-head all-to-all attention of the LESA / SA layers (see module docstring)."""
+    """Multi-head all-to-all attention of the LESA / SA layers (see module docstring).
+
+    Raises:
+        ConfigError: an argument of the wrong type, out of range or not among its choices (one line naming it).
+        InputError: (forward) an input that is not ``(N, in_channels, H, W)`` of the parameters' dtype and device.
+    """
 
     def __init__(
         self,
@@ -282,7 +245,7 @@ class BinaryAttention2d(nn.Module):
         self.folded = True
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(x, self.in_channels, "BinaryAttention2d")
+        check_input(x, self.in_channels, "BinaryAttention2d", self.qkv.weight)
         if torch.jit.is_scripting():
             return self.forward_reference(x)
         if graph_mode(x) == "symbolic":
@@ -407,7 +370,7 @@ class BinaryAttention2d(nn.Module):
         if self.training:
             raise RuntimeError("attention analysis runs in eval mode (call model.eval()): in training mode it "
                                "would update the BatchNorm statistics")
-        check_input(x, self.in_channels, type(self).__name__)
+        check_input(x, self.in_channels, type(self).__name__, self.qkv.weight)
         self.rel_pos.check_size(*x.shape[-2:])
         return self.project_qkv(x)
 

@@ -173,21 +173,36 @@ def bn_logit_affine(bn: nn.BatchNorm2d, moments: list[tuple[Tensor, Tensor]], co
     values; the BN's channels are the terms' heads in order. In training the running statistics are
     updated exactly as :class:`torch.nn.BatchNorm2d` would (unbiased variance, momentum or cumulative
     average). ``scale = gamma / sqrt(var + eps)``, ``shift = beta - mean * scale`` (length ``terms * G``).
+
+    An empty batch (``N = 0``) has no statistics: as :class:`torch.nn.BatchNorm2d`, it counts in
+    ``num_batches_tracked`` and leaves the running mean and variance untouched; its (empty) logits are then
+    scaled with mean 0 and variance 1, so that every gradient stays finite (zero) instead of NaN.
     """
     means = torch.cat([m for m, _ in moments], dim=1)
     m2s = torch.cat([v for _, v in moments], dim=1)
-    mean, var = combine_moments(means, m2s, count)
+    n = means.shape[0] * count
+    if n == 0:
+        mean, var = means.new_zeros(means.shape[1]), means.new_ones(means.shape[1])
+    else:
+        mean, var = combine_moments(means, m2s, count)
     if bn.training and bn.running_mean is not None:
-        factor = 0.0
-        if bn.track_running_stats and bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.add_(1)
-            factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-        n = means.shape[0] * count
-        with torch.no_grad():
-            bn.running_mean.mul_(1 - factor).add_(mean.detach().to(bn.running_mean.dtype), alpha=factor)
-            unbiased = var.detach() * (n / max(n - 1, 1))
-            bn.running_var.mul_(1 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
+        update_running_stats(bn, mean.detach(), var.detach(), n)
     return _affine(bn, mean, torch.rsqrt(var + bn.eps))
+
+
+def update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, n: int) -> None:
+    """Fold a batch's ``mean`` and biased ``var`` over ``n`` values into ``bn``'s running statistics, as
+    :class:`torch.nn.BatchNorm2d` does in training (unbiased variance, momentum or cumulative average)."""
+    factor = 0.0
+    if bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    if n == 0:  # an empty batch counts in num_batches_tracked but has no statistics (nn.BatchNorm2d's rule)
+        return
+    with torch.no_grad():
+        bn.running_mean.mul_(1 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
+        unbiased = var * (n / max(n - 1, 1))
+        bn.running_var.mul_(1 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
 
 
 def running_affine(bn: nn.BatchNorm2d, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

@@ -11,9 +11,17 @@ from __future__ import annotations
 from torch import Tensor, nn
 from torchvision.ops import DeformConv2d
 
+from .checks import check_bool, check_divisible, check_input, check_int
+
 
 class DeformConv2dPack(DeformConv2d):
-    """``DeformConv2d`` whose offsets come from a zero-initialised conv on the same input."""
+    """``DeformConv2d`` whose offsets come from a zero-initialised conv on the same input.
+
+    Raises:
+        ConfigError: a size that is not an int in range (channels, kernel, stride, dilation, groups >= 1,
+            padding >= 0), channels not multiples of ``groups``, ``in_channels`` not of ``offset_groups``.
+        InputError: (forward) an input that is not ``(N, in_channels, H, W)`` of the parameters' dtype and device.
+    """
 
     def __init__(
         self,
@@ -27,6 +35,8 @@ class DeformConv2dPack(DeformConv2d):
         offset_groups: int = 1,
         bias: bool = False,
     ) -> None:
+        check_deform_args(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, offset_groups)
+        check_bool("bias", bias)
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
         self.offset_groups = offset_groups
         self.conv_offset = nn.Conv2d(
@@ -46,4 +56,19 @@ class DeformConv2dPack(DeformConv2d):
         nn.init.zeros_(self.conv_offset.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        check_input(x, self.in_channels, "DeformConv2dPack", self.weight)
         return super().forward(x, self.conv_offset(x))
+
+
+def check_deform_args(in_channels: int, out_channels: int, kernel_size: int, stride: int, padding: int,
+                      dilation: int, groups: int, offset_groups: int) -> None:
+    """:class:`DeformConv2dPack`'s sizes (square kernels, strides, paddings and dilations: ints)."""
+    for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("kernel_size", kernel_size),
+                        ("stride", stride), ("dilation", dilation), ("groups", groups),
+                        ("offset_groups", offset_groups)):
+        check_int(name, value)
+    check_int("padding", padding, minimum=0)
+    for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+        check_divisible(name, value, "groups", groups, "a grouped convolution splits the channels evenly")
+    check_divisible("in_channels", in_channels, "offset_groups", offset_groups,
+                    "each offset group deforms an equal share of the input channels")

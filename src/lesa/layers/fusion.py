@@ -11,10 +11,16 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from .checks import check_int
+
 
 class DynamicFusionGate(nn.Module):
+    """``omega`` of Eq. 7 for ``channels``-channel terms; raises :class:`~lesa.errors.ConfigError` unless
+    ``channels`` is an int >= 1."""
+
     def __init__(self, channels: int) -> None:
         super().__init__()
+        channels = check_int("channels", channels)
         self.fc1 = nn.Conv2d(2 * channels, channels, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(channels)
         self.fc2 = nn.Conv2d(channels, channels, 1, bias=False)

@@ -16,11 +16,15 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .binary import BinaryAttention2d, Impl, PosEmbed, check_choice, check_input, graph_mode
+from .binary import BinaryAttention2d, Impl, PosEmbed
 from .checkpointing import checkpointed
+from .checks import check_bool, check_choice, check_input, check_int, graph_mode
 from .fusion import DynamicFusionGate
 from .rel_pos import Size2d
 from .unary import UnaryConv2d
+
+FUSIONS = ("dynamic", "static")
+UNARIES = ("conv", "deform")
 
 
 class LESA2d(nn.Module):
@@ -37,6 +41,10 @@ class LESA2d(nn.Module):
         unary: ``'conv'`` or ``'deform'`` (deformable grouped conv, one offset group).
         impl: ``'reference'`` (materialised attention), ``'fused'`` (no ``(HW)^2`` tensor) or ``'auto'``.
         checkpoint: recompute the unary and binary terms in backward to save memory (official ``with_cp``).
+
+    Raises:
+        ConfigError: an argument of the wrong type, out of range or not among its choices (one line naming it).
+        InputError: (forward) an input that is not ``(N, in_channels, H, W)`` of the parameters' dtype and device.
     """
 
     def __init__(
@@ -53,10 +61,10 @@ class LESA2d(nn.Module):
         checkpoint: bool = False,
     ) -> None:
         super().__init__()
-        check_choice("fusion", fusion, ("dynamic", "static"))
-        check_choice("unary", unary, ("conv", "deform"))
-        self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
-        self.checkpoint = checkpoint
+        check_choice("fusion", fusion, FUSIONS)
+        check_choice("unary", unary, UNARIES)
+        self.in_channels, self.out_channels, self.stride = in_channels, out_channels, check_int("stride", stride)
+        self.checkpoint = check_bool("checkpoint", checkpoint)
         self.binary = BinaryAttention2d(in_channels, out_channels, heads, pos_embed, feature_size, impl)
         self.unary = UnaryConv2d(in_channels, out_channels, heads, deform=unary == "deform")
         self.fusion_gate = DynamicFusionGate(out_channels) if fusion == "dynamic" else None
@@ -69,7 +77,7 @@ class LESA2d(nn.Module):
 
     def terms(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The unary and binary terms ``(m, b)`` at the input resolution."""
-        check_input(x, self.in_channels, "LESA2d")
+        check_input(x, self.in_channels, "LESA2d", self.binary.qkv.weight)
         if not torch.jit.is_scripting():
             if self.checkpoint and self.training and graph_mode(x) != "symbolic" and x.requires_grad:
                 return checkpointed(self.unary, self.unary, x), checkpointed(self.binary, self.binary, x)

@@ -21,8 +21,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from .checks import check_int, check_size2d
 
 Size2d = Union[int, tuple[int, int]]
+FEATURE_SIZE_HINT = "the input map size the position tables are built for"
 
 
 def to_2tuple(size: Size2d) -> tuple[int, int]:
@@ -72,9 +74,10 @@ class FlatRelPosEmbed(nn.Module):
     """
 
     def __init__(self, qk_dim: int, v_dim: int, feature_size: Size2d) -> None:
+        """Raises :class:`~lesa.errors.ConfigError` for dimensions or a ``feature_size`` that are not ints >= 1."""
         super().__init__()
-        self.qk_dim, self.v_dim = qk_dim, v_dim
-        self.feature_size = to_2tuple(feature_size)
+        self.qk_dim, self.v_dim = check_int("qk_dim", qk_dim), check_int("v_dim", v_dim)
+        self.feature_size = check_size2d("feature_size", feature_size, FEATURE_SIZE_HINT)
         length = self.feature_size[0] * self.feature_size[1]
         self.relative = nn.Parameter(torch.empty(2 * qk_dim + v_dim, 2 * length - 1))
         self.reset_parameters()
@@ -131,9 +134,10 @@ class RelPosEmbed2d(nn.Module):
     """
 
     def __init__(self, dim: int, feature_size: Size2d) -> None:
+        """Raises :class:`~lesa.errors.ConfigError` for a ``dim`` or ``feature_size`` that is not ints >= 1."""
         super().__init__()
-        self.dim = dim
-        self.feature_size = to_2tuple(feature_size)
+        self.dim = check_int("dim", dim)
+        self.feature_size = check_size2d("feature_size", feature_size, FEATURE_SIZE_HINT)
         h, w = self.feature_size
         self.height = nn.Parameter(torch.empty(2 * h - 1, dim))
         self.width = nn.Parameter(torch.empty(2 * w - 1, dim))

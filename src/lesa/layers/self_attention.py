@@ -8,12 +8,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .binary import BinaryAttention2d, Impl, PosEmbed, check_input, graph_mode
+from .binary import BinaryAttention2d, Impl, PosEmbed
 from .checkpointing import checkpointed
+from .checks import check_bool, check_input, check_int, graph_mode
 from .rel_pos import Size2d
 
 
 class SelfAttention2d(nn.Module):
+    """The binary term of :class:`~lesa.layers.lesa.LESA2d` alone; arguments, and errors raised, as there."""
+
     def __init__(
         self,
         in_channels: int,
@@ -26,8 +29,8 @@ class SelfAttention2d(nn.Module):
         checkpoint: bool = False,
     ) -> None:
         super().__init__()
-        self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
-        self.checkpoint = checkpoint
+        self.in_channels, self.out_channels, self.stride = in_channels, out_channels, check_int("stride", stride)
+        self.checkpoint = check_bool("checkpoint", checkpoint)
         self.binary = BinaryAttention2d(in_channels, out_channels, heads, pos_embed, feature_size, impl)
         self.pool = nn.AvgPool2d(stride, stride) if stride > 1 else nn.Identity()
 
@@ -35,7 +38,7 @@ class SelfAttention2d(nn.Module):
         self.binary.reset_parameters()
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(x, self.in_channels, "SelfAttention2d")
+        check_input(x, self.in_channels, "SelfAttention2d", self.binary.qkv.weight)
         if not torch.jit.is_scripting():
             if self.checkpoint and self.training and graph_mode(x) != "symbolic" and x.requires_grad:
                 return self.pool(checkpointed(self.binary, self.binary, x))

@@ -10,13 +10,27 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from .checks import check_bool, check_divisible, check_input, check_int
 from .deform import DeformConv2dPack
 
 
 class UnaryConv2d(nn.Module):
+    """The unary term (see the module docstring); ``heads`` groups, ``deform``: a deformable grouped conv.
+
+    Raises:
+        ConfigError: channels or heads not ints >= 1, channels not multiples of ``heads``, ``deform`` not a bool.
+        InputError: (forward) an input that is not ``(N, in_channels, H, W)`` of the parameters' dtype and device.
+    """
+
     def __init__(self, in_channels: int, out_channels: int, heads: int = 8, deform: bool = False) -> None:
         super().__init__()
-        self.deform = deform
+        in_channels, out_channels = check_int("in_channels", in_channels), check_int("out_channels", out_channels)
+        heads = check_int("heads", heads)
+        why = "the unary term is a grouped convolution with one group per head"
+        check_divisible("in_channels", in_channels, "heads", heads, why)
+        check_divisible("out_channels", out_channels, "heads", heads, why)
+        self.in_channels = in_channels
+        self.deform = check_bool("deform", deform)
         if deform:
             self.conv: nn.Module = DeformConv2dPack(in_channels, out_channels, 3, padding=1, groups=heads)
         else:
@@ -47,6 +61,7 @@ class UnaryConv2d(nn.Module):
         self.bn = nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
+        check_input(x, self.in_channels, "UnaryConv2d", self.conv.weight)
         out = self.conv(x)
         if self.proj is not None:
             out = self.proj(out)

@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional
 
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import ConfigError
+from ..layers.checks import check_int, describe
 from .resnet import OPS, ResNet
 
 # Keyword arguments of the attention layers, per operation (the conv baseline takes none).
@@ -122,20 +123,21 @@ def build_resnet(
     ``'max'`` or ``''`` (none: the model outputs feature maps when ``num_classes=0``). ``layer_kwargs`` (``heads``,
     ``pos_embed``, ``impl``, ``unary``, ``checkpoint``) go to the attention layers; an option the model's
     layers do not take is an error.
+
+    Raises:
+        ConfigError: an unknown option, or an argument of the wrong type, out of range or not among its choices
+            (one line naming it: :class:`~lesa.models.resnet.ResNet` and the layers check theirs).
     """
     check_layer_options(op, arch, layer_kwargs)
     inputs = ARCH_INPUT[arch]
     num_classes = inputs["num_classes"] if num_classes is None else num_classes
-    if num_classes < 0:
-        raise ConfigError(f"num_classes must be >= 0 (0: no classifier head), got {num_classes}")
     size = inputs["img_size"] if img_size is None else img_size
-    if min((size, size) if isinstance(size, int) else size) < 1:
-        raise ConfigError(f"img_size must be > 0, got {size}")
     cfg = dict(ARCHS[arch])
     if stem is not None:
         cfg["stem"] = stem
     if last_stride is None:
         last_stride = 2 if op == "conv" else 1
+    check_int("last_stride", last_stride, hint="stage 4's stride: 1 as the paper's attention models, 2 as ResNet")
     if op != "conv":
         layer_kwargs = {k: layer_kwargs.get(k, LAYER_DEFAULTS[k]) for k in LAYER_KWARGS[op]}
     model = ResNet(
@@ -188,7 +190,12 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[
 
     ``pretrained=True`` is not available (no weights can be downloaded); use ``checkpoint_path`` with a
     checkpoint of ours or one converted from the authors' (``lesa convert``).
+
+    Raises:
+        ConfigError: an unknown model or option, or an argument that cannot work (see :func:`build_resnet`).
     """
+    if not isinstance(name, str):
+        raise ConfigError(f"the model name must be a str, got {describe(name)}: e.g. create_model('lesa_resnet50')")
     if name not in _MODELS:
         raise unknown_model(name)
     if pretrained:

@@ -21,20 +21,31 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..layers import AttentionAugmentedConv2d, DeformConv2dPack, LESA2d, SelfAttention2d
-from ..layers.binary import check_choice, graph_mode
+from ..layers.binary import POS_EMBEDS
 from ..layers.checkpointing import checkpointed
+from ..layers.checks import (
+    check_bool,
+    check_choice,
+    check_float,
+    check_input,
+    check_int,
+    check_ints,
+    check_size2d,
+    graph_mode,
+)
+from ..layers.lesa import UNARIES
 
 OPS = ("conv", "sa", "aa", "static_lesa", "lesa")
 ATTENTION_LAYERS = (LESA2d, SelfAttention2d, AttentionAugmentedConv2d)
 GLOBAL_POOLS = ("avg", "max", "")
 OUTPUT_FORMATS = ("NCHW", "NHWC")
+NUM_CLASSES_HINT = "0: no classifier head"
 
 
 def global_pool_layer(global_pool: str) -> nn.Module:
-    """The head's pooling: ``'avg'``, ``'max'`` or ``''`` (none: the head gets the ``(N, C, H, W)`` map)."""
-    if global_pool not in GLOBAL_POOLS:
-        raise ConfigError(f"global_pool={global_pool!r} is not supported; choose one of 'avg', 'max' or '' (no "
-                          "pooling)")
+    """The head's pooling: ``'avg'``, ``'max'`` or ``''`` (none: the head gets the ``(N, C, H, W)`` map).
+    Raises :class:`ConfigError` for another value."""
+    check_choice("global_pool", global_pool, GLOBAL_POOLS)
     if global_pool == "":
         return nn.Identity()
     return nn.AdaptiveAvgPool2d(1) if global_pool == "avg" else nn.AdaptiveMaxPool2d(1)
@@ -80,12 +91,14 @@ def spatial_op(
     if op == "lesa" or op == "static_lesa":
         return LESA2d(width, width, stride=stride, feature_size=feature_size,
                       fusion="dynamic" if op == "lesa" else "static", **kw)
-    kw.pop("unary", None)
+    # Options every attention model accepts (one interface for all) that these layers do not use: still
+    # checked, so that a typo in a value is not silently dropped.
+    check_choice("unary", kw.pop("unary", "conv"), UNARIES)
     if op == "sa":
         return SelfAttention2d(width, width, stride=stride, feature_size=feature_size, **kw)
-    if op == "aa":
-        kw.pop("pos_embed", None)
-        kw.pop("checkpoint", None)
+    if op == "aa":  # always the 2-D embedding ('rel2d'), no checkpointing
+        check_choice("pos_embed", kw.pop("pos_embed", "rel2d"), POS_EMBEDS)
+        check_bool("checkpoint", kw.pop("checkpoint", False))
         return AttentionAugmentedConv2d(width, width, stride=stride, feature_size=feature_size, **kw)
     raise ConfigError(f"unknown operation {op!r}; choose one of {OPS}")
 
@@ -153,6 +166,11 @@ class ResNet(nn.Module):
         layer_kwargs: passed to every attention layer (``heads``, ``pos_embed``, ``impl``, ``unary``,
             ``checkpoint``, ...).
         global_pool: the head's pooling, ``'avg'``, ``'max'`` or ``''`` (none).
+
+    Raises:
+        ConfigError: a model argument of the wrong type, out of range or not among its choices (one line naming
+            it); the attention layers check their own (``layer_kwargs``).
+        InputError: (forward) an input that is not ``(N, in_chans, H, W)`` of the parameters' dtype and device.
     """
 
     def __init__(
@@ -178,7 +196,12 @@ class ResNet(nn.Module):
         check_choice("stem", stem, ("imagenet", "small"))
         for op in stage_ops:
             check_choice("operation", op, OPS)
-        self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.img_size = check_size2d("img_size", img_size, hint="the input size the position tables are built for")
+        self.in_chans = check_int("in_chans", in_chans, hint="input channels: 3 for RGB images")
+        check_int("num_classes", num_classes, minimum=0, hint=NUM_CLASSES_HINT)
+        check_float("drop_rate", drop_rate, 0.0, 1.0, hint="dropout before the classifier")
+        dcn_stages = check_ints("dcn_stages", dcn_stages, 1, len(layers), hint="the stages with deformable convs")
+        check_bool("zero_init_residual", zero_init_residual)
         self.stage_ops, self.num_classes, self.drop_rate = tuple(stage_ops), num_classes, drop_rate
         self.base_width = width_per_group
         self.layer_kwargs = dict(layer_kwargs or {})
@@ -249,6 +272,7 @@ class ResNet(nn.Module):
 
     # -- timm's interface (as timm's ResNet; feature levels: the outputs of the four stages) ------------
     def stem(self, x: Tensor) -> Tensor:
+        check_input(x, self.in_chans, "ResNet", self.conv1.weight, "in_chans")
         return self.maxpool(self.relu(self.bn1(self.conv1(x))))
 
     def stages(self) -> list[nn.Sequential]:
@@ -347,6 +371,7 @@ class ResNet(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """A new (untrained) classifier for ``num_classes`` (0: none, the model outputs pooled features);
         ``global_pool``: ``'avg'``, ``'max'`` or ``''`` (no pooling), ``None`` keeps the current one."""
+        check_int("num_classes", num_classes, minimum=0, hint=NUM_CLASSES_HINT)
         if global_pool is not None:
             self.avgpool = global_pool_layer(global_pool)
             self.global_pool = global_pool
