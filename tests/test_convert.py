@@ -106,7 +106,7 @@ def test_convert_command_reports_bad_input(tmp_path, capsys):
     src = tmp_path / "checkpoint.pth"
     torch.save(official_checkpoint("flat"), src)
     assert main(["convert", str(src), str(tmp_path / "o.bin")]) == 2
-    assert "use a .pth, .pt or .safetensors" in capsys.readouterr().err
+    assert "use a file name ending in .pth or .pt or .safetensors" in capsys.readouterr().err
     assert not (tmp_path / "o.bin").exists()
 
 

@@ -151,14 +151,15 @@ def test_lesa_export_torch_program(weights, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["OUT/m.txt"], "use a .onnx (ONNX) or .pt2 (torch.export program) file name"),
+    (["OUT/m.txt"], "OUTPUT: got 'OUT/m.txt'; use a file name ending in .onnx or .pt2"),
     (["OUT/missing/m.onnx"], "missing' does not exist: create it first"),
-    (["OUT/m.onnx", "--batch-size", "0"], "batch size must be >= 1, got 0"),
+    (["OUT/m.onnx", "--batch-size", "0"], "--batch-size: got 0; use a value >= 1"),
     (["OUT/m.onnx", "--opset", "9"], "opset 9 is not available: choose 18.."),
     (["OUT/m.pt2", "--opset", "18"], "--opset applies to .onnx outputs only"),
 ])
 def test_lesa_export_bad_input_says_the_fix(weights, tmp_path, capsys, args, message):
     args = [a.replace("OUT", str(tmp_path)) for a in args]
+    message = message.replace("OUT/", f"{tmp_path}/")
     assert main(["export", str(weights), *args, "--model", "lesa_resnet_tiny"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("lesa export: error: ")

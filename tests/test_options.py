@@ -50,8 +50,8 @@ def no_work(monkeypatch):
     (["det", "eval", "--checkpoint", "c", "--max-images", "0"], "--max-images: got 0"),
     (["analyze", "run", "--query", "1", "-2"], "--query[1]: got -2; use a value >= 0"),
     (["compare", "--quick", "--seeds", "0"], "--seeds: got 0; use a value >= 1"),
-    (["export", "ckpt.pt", "out.txt"], "--output: got 'out.txt'; use a file name ending in .onnx or .pt2"),
-    (["convert", "in.pth", "out.bin"], "--output: got 'out.bin'; use a file name ending in .pth or .pt or"),
+    (["export", "ckpt.pt", "out.txt"], "OUTPUT: got 'out.txt'; use a file name ending in .onnx or .pt2"),
+    (["convert", "in.pth", "out.bin"], "OUTPUT: got 'out.bin'; use a file name ending in .pth or .pt or"),
     (["export", "ckpt.pt", "out.onnx", "--opset", "0"], "--opset: got 0; use a value >= 1"),
 ])
 def test_bad_option_values_are_one_line_naming_the_flag(tmp_path, capsys, monkeypatch, no_work, args, message):

@@ -48,10 +48,18 @@ def suffix_in(*suffixes: str) -> AfterValidator:
     return AfterValidator(check)
 
 
-def options_from(cls: type, args: argparse.Namespace, skip: tuple[str, ...] = ()) -> Any:
-    """Build ``cls`` from the parsed flags, naming each option by its flag in errors."""
-    values = {k: v for k, v in vars(args).items() if k not in ("command", "debug", "det_command", *skip)}
-    return build(cls, values, {k: "--" + k.replace("_", "-") for k in values})
+POSITIONALS: set[str] = set()  # options given by position (named in capitals in errors), filled by build_parser
+
+
+def spelled(option: str) -> str:
+    """An option as the user wrote it: ``--batch-size``, or ``OUTPUT`` for a positional argument."""
+    return option.upper() if option in POSITIONALS else "--" + option.replace("_", "-")
+
+
+def options_from(cls: type, args: argparse.Namespace) -> Any:
+    """Build ``cls`` from the parsed flags, naming each option as it was given in errors."""
+    values = {k: v for k, v in vars(args).items() if k not in ("command", "debug", "det_command")}
+    return build(cls, values, {k: spelled(k) for k in values})
 
 
 # -- lesa models ---------------------------------------------------------------------------------------
@@ -501,7 +509,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, add_args, _, _) in COMMANDS.items():
         add_args(sub.add_parser(name, help=help_text, description=help_text))
+    POSITIONALS.update(a.dest for p in _parsers(parser) for a in p._actions if not a.option_strings)
     return parser
+
+
+def _parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """``parser`` and every sub-command's parser below it."""
+    found = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found += _parsers(sub)
+    return found
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -519,7 +538,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _, _, make_options, run = COMMANDS[args.command]
     try:
         options = make_options(args)
-        guard_outputs(options)
+        guard_outputs(options, {name: spelled(name) for name in vars(args)})
         return run(options) or 0
     except LesaError as err:
         if args.debug or os.environ.get("LESA_DEBUG", "") not in ("", "0"):

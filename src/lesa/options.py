@@ -130,7 +130,7 @@ def _show(value: Any) -> str:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _fix(error: dict[str, Any]) -> str:

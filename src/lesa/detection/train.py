@@ -38,7 +38,8 @@ from ..engine import (
     warmup_multistep,
     write_json,
 )
-from ..errors import NotFoundError
+from ..errors import ConfigError, NotFoundError
+from ..models.registry import check_model_options
 from ..options import (
     ROLE_INPUT,
     ImageSize,
@@ -117,6 +118,10 @@ class DetConfig(RunConfig):
 
     def problems(self) -> list[str]:
         problems = super().problems()
+        try:
+            check_model_options(self.backbone, {})
+        except ConfigError as err:
+            problems.append(f"--backbone: {err}")
         if self.semantic and self.detector != "htc":
             problems.append(f"--semantic is HTC's branch; {self.detector} has none (use --detector htc)")
         if self.semantic and self.data != EMBEDDED and not self.semantic_root:

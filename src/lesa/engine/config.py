@@ -121,7 +121,8 @@ class TrainConfig(RunConfig):
             if key in self.model_kwargs:
                 problems.append(f"model_kwargs: {key} is set by {owner}; remove it from model_kwargs")
         try:
-            check_model_options(self.model, self.model_kwargs)
+            sized = {"img_size": self.img_size} if self.img_size else {}
+            check_model_options(self.model, {**self.model_kwargs, **sized})
         except ConfigError as err:
             problems.append(str(err))
         return problems
