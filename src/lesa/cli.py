@@ -17,6 +17,8 @@ from typing import Annotated, Any, Callable, Literal, Optional
 
 from pydantic import AfterValidator, Field
 
+from .data import EMBEDDED
+from .engine.config import PRESETS
 from .options import (
     ROLE_INPUT,
     ROLE_OUTPUT_DIR,
@@ -141,8 +143,6 @@ def _run_args(p: argparse.ArgumentParser, default_output: str) -> None:
 
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file with any of the options below (the command line overrides it)")
-    from .engine.config import PRESETS
-
     p.add_argument("--preset", choices=list(PRESETS), help="start from a shipped recipe")
     p.add_argument("--model", help="model name (lesa models); default lesa_resnet_tiny")
     p.add_argument("--data", help="'digits', 'cluttered-digits' (embedded) or an ImageFolder root with train/ "
@@ -269,8 +269,8 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="'digits', 'cluttered-digits' (embedded) or an ImageFolder root")
     p.add_argument("--output", default="runs/compare", help="runs go to OUTPUT/<op>/seed<k>")
     p.add_argument("--ops", nargs="+", choices=OPS)
-    p.add_argument("--preset", choices=["digits", "cluttered_digits", "imagenet"],
-                   help="training recipe (default: the embedded set's own, digits or cluttered_digits)")
+    p.add_argument("--preset", choices=PRESETS,
+                   help="training recipe (default: the embedded set's own: digits, cluttered_digits, fashion_mnist)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
@@ -290,7 +290,7 @@ class CompareOptions:
     data: Optional[Name] = Field(default=None, json_schema_extra=ROLE_INPUT)
     output: Name = Field(default="runs/compare", json_schema_extra=ROLE_OUTPUT_DIR)
     ops: Optional[Annotated[list[Literal[OPS]], Field(min_length=1)]] = None
-    preset: Optional[Literal["digits", "cluttered_digits", "imagenet"]] = None
+    preset: Optional[Literal[PRESETS]] = None
     epochs: Optional[PositiveInt] = None
     batch_size: Optional[PositiveInt] = None
     lr: Optional[PositiveFloat] = None
@@ -305,7 +305,7 @@ def run_compare(args: CompareOptions) -> int:
     from .analysis.report import COMPARE_OPS, compare, format_tables
     from .errors import ConfigError
 
-    embedded_presets = {"digits": "digits", "cluttered-digits": "cluttered_digits"}
+    embedded_presets = {name: name.replace("-", "_") for name in EMBEDDED}  # each embedded set's own recipe
     if args.quick:
         arch, data = args.arch or "resnet_tiny", args.data or "digits"
         preset, n_seeds = args.preset or embedded_presets.get(data, "digits"), args.seeds or 3

@@ -11,6 +11,7 @@ from torch.utils.data import Dataset, default_collate
 
 from .cluttered_digits import ClutteredDigitsDataset
 from .digits import DigitsDataset
+from .fashion_mnist import FashionMNISTDataset
 from .imagefolder import (
     FolderListing,
     TolerantImageFolder,
@@ -24,7 +25,8 @@ from .transforms import IMAGENET_MEAN, IMAGENET_STD, imagenet_train_transform, i
 
 # The embedded classification sets: name -> dataset class taking ``(split, img_size, augment=...)`` and
 # carrying ``classes``. Each is generated from packaged data, nothing is downloaded.
-EMBEDDED: dict[str, type[Dataset]] = {"digits": DigitsDataset, "cluttered-digits": ClutteredDigitsDataset}
+EMBEDDED: dict[str, type[Dataset]] = {"digits": DigitsDataset, "cluttered-digits": ClutteredDigitsDataset,
+                                      "fashion-mnist": FashionMNISTDataset}
 
 
 @dataclass

@@ -35,7 +35,7 @@ from ..options import (
     schema,
 )
 
-PRESETS = ("digits", "cluttered_digits", "imagenet")
+PRESETS = ("digits", "cluttered_digits", "fashion_mnist", "imagenet")
 AMP_MODES = ("auto", "none", "bf16", "fp16")
 # model options that the run sets itself: in model_kwargs they would contradict it
 RUN_SET_MODEL_OPTIONS = {"num_classes": "the data's class count", "img_size": "the option img_size (--img-size)"}

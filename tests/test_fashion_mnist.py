@@ -1,0 +1,135 @@
+"""Fashion-MNIST's reader on small IDX files the tests write (gzip and plain, and every way such a file
+goes wrong), and on the real files where Debian's dataset-fashion-mnist package is installed."""
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lesa.data import fashion_mnist
+from lesa.data.fashion_mnist import (
+    DEBIAN_DIR,
+    IMAGE_MAGIC,
+    LABEL_MAGIC,
+    FashionMNISTDataset,
+    find_fashion_mnist,
+    load_split,
+    read_idx,
+)
+from lesa.errors import DataError, NotFoundError
+
+
+def idx_bytes(array: np.ndarray, magic: int) -> bytes:
+    header = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def write_set(folder: Path, n_train: int = 40, n_test: int = 20, gz: bool = True) -> dict[str, np.ndarray]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        arrays[f"{prefix}-images"] = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        arrays[f"{prefix}-labels"] = np.arange(n, dtype=np.uint8) % 10
+        for kind, magic, dims in (("images", IMAGE_MAGIC, "idx3"), ("labels", LABEL_MAGIC, "idx1")):
+            data = idx_bytes(arrays[f"{prefix}-{kind}"], magic)
+            name = folder / f"{prefix}-{kind}-{dims}-ubyte"
+            if gz:
+                name.with_name(name.name + ".gz").write_bytes(gzip.compress(data))
+            else:
+                name.write_bytes(data)
+    return arrays
+
+
+@pytest.fixture
+def no_system_copy(monkeypatch, tmp_path):
+    """Look only where the test says (not in the Debian package, not in LESA_DATA_DIR)."""
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_DIR", tmp_path / "no-debian")
+    monkeypatch.delenv("LESA_DATA_DIR", raising=False)
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_files_read_exactly_with_a_stratified_validation_split(tmp_path, no_system_copy, gz):
+    arrays = write_set(tmp_path / "fm", gz=gz)
+    images, labels = load_split("test", tmp_path / "fm")
+    assert np.array_equal((images.numpy() * 255).round().astype(np.uint8), arrays["t10k-images"])
+    assert np.array_equal(labels.numpy(), arrays["t10k-labels"])
+    train, val = load_split("train", tmp_path / "fm"), load_split("val", tmp_path / "fm")
+    assert len(train[1]) + len(val[1]) == 40 and len(val[1]) == 4
+    # disjoint and together the whole training file
+    seen = sorted(map(tuple, np.concatenate([train[0].numpy(), val[0].numpy()]).reshape(40, -1).tolist()))
+    assert seen == sorted(map(tuple, (arrays["train-images"] / 255.0).astype(np.float32).reshape(40, -1).tolist()))
+    assert np.array_equal(load_split("val", tmp_path / "fm")[1].numpy(), val[1].numpy())  # fixed draw
+
+
+def test_the_search_order_and_torchvision_layout(tmp_path, no_system_copy, monkeypatch):
+    write_set(tmp_path / "env" / "FashionMNIST" / "raw")
+    monkeypatch.setenv("LESA_DATA_DIR", str(tmp_path / "env"))
+    assert find_fashion_mnist() == tmp_path / "env" / "FashionMNIST" / "raw"
+    write_set(tmp_path / "given")
+    assert find_fashion_mnist(tmp_path / "given") == tmp_path / "given"  # --data-root first
+
+
+def test_missing_files_name_the_three_ways_to_get_them(tmp_path, no_system_copy):
+    with pytest.raises(NotFoundError, match="apt-get install dataset-fashion-mnist.*--data-root DIR.*--download"):
+        load_split("train", tmp_path / "empty")
+
+
+@pytest.mark.parametrize("fault,message", [
+    ("magic", "is not an IDX file of the expected kind \\(magic 0x00000801, expected 0x00000803\\)"),
+    ("truncated", "the file is truncated or damaged"),
+    ("gzip", "cannot be read"),
+    ("count", "40 images but 39 labels"),
+    ("label", "label 12 in the train files; Fashion-MNIST has 10 classes"),
+])
+def test_damaged_files_are_one_line_errors(tmp_path, no_system_copy, fault, message):
+    arrays = write_set(tmp_path / "fm", gz=False)
+    images = tmp_path / "fm" / "train-images-idx3-ubyte"
+    labels = tmp_path / "fm" / "train-labels-idx1-ubyte"
+    if fault == "magic":
+        images.write_bytes(idx_bytes(arrays["train-images"], LABEL_MAGIC))
+    elif fault == "truncated":
+        images.write_bytes(images.read_bytes()[:-100])
+    elif fault == "gzip":
+        images.unlink()
+        images.with_name(images.name + ".gz").write_bytes(gzip.compress(idx_bytes(arrays["train-images"],
+                                                                                  IMAGE_MAGIC))[:-50])
+    elif fault == "count":
+        labels.write_bytes(idx_bytes(arrays["train-labels"][:-1], LABEL_MAGIC))
+    else:
+        bad = arrays["train-labels"].copy()
+        bad[3] = 12
+        labels.write_bytes(idx_bytes(bad, LABEL_MAGIC))
+    with pytest.raises(DataError, match=message) as err:
+        load_split("train", tmp_path / "fm")
+    assert "\n" not in str(err.value)
+
+
+def test_the_dataset_serves_normalised_three_channel_images(tmp_path, no_system_copy):
+    write_set(tmp_path / "fm")
+    data = FashionMNISTDataset("train", 32, augment=True, root=tmp_path / "fm")
+    image, label = data[0]
+    assert image.shape == (3, 32, 32) and 0 <= label < 10 and len(data.classes) == 10
+
+
+REAL = pytest.mark.skipif(not (DEBIAN_DIR / "train-images-idx3-ubyte.gz").is_file(),
+                          reason="Debian's dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist)")
+
+
+@REAL
+def test_the_real_files():
+    images, labels = load_split("test")
+    assert images.shape == (10000, 28, 28) and labels.bincount().tolist() == [1000] * 10
+    assert load_split("val")[1].bincount().tolist() == [500] * 10
+
+
+@REAL
+def test_lesa_trains_a_few_steps_on_the_real_files(tmp_path):
+    from lesa.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "fashion_mnist", "--epochs", "1", "--max-steps-per-epoch", "2", "--quiet",
+                 "--output", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["classes"][0] == "T-shirt/top" and 0 <= summary["val_top1"] <= 100
