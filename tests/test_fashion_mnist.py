@@ -15,7 +15,6 @@ from lesa.data.fashion_mnist import (
     FashionMNISTDataset,
     find_fashion_mnist,
     load_split,
-    read_idx,
 )
 from lesa.errors import DataError, NotFoundError
 
@@ -114,7 +113,8 @@ def test_the_dataset_serves_normalised_three_channel_images(tmp_path, no_system_
 
 
 REAL = pytest.mark.skipif(not (DEBIAN_DIR / "train-images-idx3-ubyte.gz").is_file(),
-                          reason="Debian's dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist)")
+                          reason="Debian's dataset-fashion-mnist is not installed "
+                                 "(apt-get install dataset-fashion-mnist)")
 
 
 @REAL
