@@ -4,11 +4,13 @@ The task: a registered model (:func:`lesa.create_model`) on an embedded set or a
 cross-entropy with optional label smoothing, the paper's warm-up + cosine schedule per step, top-1 / top-5
 and loss on the validation split after every epoch, ``best.pt`` by validation top-1 and ``curves.png``.
 Undecodable images are skipped and counted; the run stops once they exceed ``max_bad_fraction`` of the
-training set (or of what was read, when more), from the first images on.
+training set (or of what was read, when more), from the first images on. ``init`` (``lesa train --init``)
+starts a new run from a classification checkpoint's weights (:func:`init_model`).
 """
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -19,11 +21,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..data import build_classification_data
-from ..errors import CheckpointError, ConfigError, DataError
-from ..models import create_model, default_cfg
-from ..weights import check_state_dict, model_state_dict, read_checkpoint
+from ..errors import CheckpointError, ConfigError, DataError, NotFoundError
+from ..models import create_model, default_cfg, resize_pos_embed
+from ..weights import load_state, model_state_dict, read_checkpoint
 from .checkpoint import COMMANDS_OF, run_kind
-from .config import TrainConfig
+from .config import TrainConfig, flag
 from .distributed import DistContext, cleanup_distributed, setup_distributed
 from .loop import Precision, Runtime, ShardSampler, Step, Task, run_task, warmup_cosine
 from .records import plot_curves
@@ -51,8 +53,9 @@ class ClassificationTask(Task):
         self.cfg, self.ctx = cfg, ctx
         self.img_size = model_img_size(cfg.model, cfg.img_size)
         self.data = classification_data(cfg.model, cfg.data, self.img_size)
-        self.model = create_model(cfg.model, num_classes=len(self.data.classes), img_size=self.img_size,
-                                  **cfg.model_kwargs)
+        self.model = (init_model(cfg, len(self.data.classes), self.img_size) if cfg.init else
+                      create_model(cfg.model, num_classes=len(self.data.classes), img_size=self.img_size,
+                                   **cfg.model_kwargs))
         self.train_set = self.data.train
         self.val_loader = DataLoader(self.data.val, batch_size=cfg.val_batch_size or cfg.batch_size,
                                      num_workers=cfg.workers, collate_fn=self.data.collate,
@@ -181,9 +184,14 @@ def evaluate(
     return dict(loss=loss / n, top1=100.0 * top1 / n, top5=100.0 * top5 / n, n=int(n), skipped=int(bad))
 
 
-def load_trained_model(checkpoint: str | Path, model_name: Optional[str] = None) -> tuple[nn.Module, dict[str, Any]]:
-    """The model of a run directory (its ``best.pt``), a training checkpoint or a weights file, with the
-    run's configuration (``{}`` for a bare weights file, which then needs ``model_name``)."""
+def read_classifier(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The weights of a classifier's run directory (its ``best.pt``), training checkpoint or weights file, and
+    its run's configuration with its ``classes`` (``{}`` for a bare weights file).
+
+    Raises:
+        NotFoundError, CheckpointError: an unreadable file (:func:`lesa.weights.read_checkpoint`), a detection
+            run, or weights without a classifier.
+    """
     state = read_checkpoint(checkpoint)
     is_run = isinstance(state, dict) and isinstance(state.get("model"), dict) and "epoch" in state
     if is_run and run_kind(state) != "classification":
@@ -192,19 +200,50 @@ def load_trained_model(checkpoint: str | Path, model_name: Optional[str] = None)
     cfg = dict(state.get("config", {})) if is_run else {}
     if is_run and state.get("classes") is not None:
         cfg["classes"] = list(state["classes"])
-    name = model_name or cfg.get("model")
-    if not name:
-        raise ConfigError(f"{checkpoint} holds weights only: pass the model name (--model NAME)")
-    sd = model_state_dict(state)
+    sd = model_state_dict(state, checkpoint)
     if "fc.weight" not in sd:
         raise CheckpointError(f"{checkpoint}: no classifier weights (fc.weight) found; is this a classification "
                               "model? (a detector: use `lesa det eval`)")
+    return sd, cfg
+
+
+def load_trained_model(checkpoint: str | Path, model_name: Optional[str] = None) -> tuple[nn.Module, dict[str, Any]]:
+    """The model of a run directory (its ``best.pt``), a training checkpoint or a weights file, with the
+    run's configuration (``{}`` for a bare weights file, which then needs ``model_name``)."""
+    sd, cfg = read_classifier(checkpoint)
+    name = model_name or cfg.get("model")
+    if not name:
+        raise ConfigError(f"{checkpoint} holds weights only: pass the model name (--model NAME)")
     img_size = model_img_size(name, cfg.get("img_size"))
     model = create_model(name, num_classes=sd["fc.weight"].shape[0], img_size=img_size, **cfg.get("model_kwargs", {}))
-    check_state_dict(model, sd, source=checkpoint)
-    model.load_state_dict(sd)
+    load_state(model, sd, checkpoint)
     cfg.update(model=name, img_size=img_size)
     return model, cfg
+
+
+def init_model(cfg: TrainConfig, num_classes: int, img_size: int) -> nn.Module:
+    """The model of a fine-tuning run (``--init``): built at the checkpoint's input size, loaded with all its
+    weights but a classifier of another class count (re-initialised), then its position tables resized to
+    ``img_size`` where that differs (a warning says so for each change).
+
+    Raises:
+        NotFoundError, CheckpointError: see :func:`read_classifier`, or weights that do not fit the model (the
+            message starts with the option, ``--init``).
+    """
+    try:
+        sd, run = read_classifier(cfg.init)
+        trained_size = model_img_size(cfg.model, run.get("img_size"))
+        model = create_model(cfg.model, num_classes=num_classes, img_size=trained_size, **cfg.model_kwargs)
+        load_state(model, sd, cfg.init, num_classes_given=True)
+    except (CheckpointError, NotFoundError) as err:
+        raise type(err)(f"{flag('init')}: {err}") from None
+    if trained_size == img_size:
+        return model
+    resize_pos_embed(model, img_size, flat=True)
+    if any(".rel_pos." in k for k in sd):  # conv models have none
+        warnings.warn(f"{cfg.init}: position tables resized from the checkpoint's {trained_size} px input to "
+                      f"{img_size} px", stacklevel=2)
+    return model
 
 
 def class_map(model_classes: Optional[list[str]], data_classes: list[str], source: str) -> Optional[torch.Tensor]:

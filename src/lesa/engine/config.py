@@ -4,7 +4,8 @@
 :class:`RunConfig` holds what every training task shares (schedule length, batch, optimizer, precision,
 devices, the run directory); :class:`TrainConfig` adds classification's options, and the detection
 config (``lesa.detection.train.DetConfig``) its own. A field's annotation is its type and range; what
-depends on several options is checked in ``problems()``.
+depends on several options is checked in ``problems()``. A fine-tuning run (``init``) takes its model from
+the checkpoint's run (:func:`build_config`).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Any, ClassVar, Literal, Optional, TypeVar
 import yaml
 from pydantic import Field
 
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError, NotFoundError
 from ..models.registry import check_model_options
 from ..options import (
     ROLE_INPUT,
@@ -112,11 +113,17 @@ class TrainConfig(RunConfig):
     label_smoothing: Fraction = 0.0
     max_bad_fraction: Fraction = 0.001
     preset: Optional[Literal[PRESETS]] = None
+    # fine-tune from a classification checkpoint: its weights (not its optimizer or epoch); build_config takes
+    # the model from its run
+    init: Optional[Name] = Field(default=None, json_schema_extra=ROLE_INPUT)
 
     def problems(self) -> list[str]:
         problems = super().problems()
         if not self.data:
             problems.append("no data: pass --data PATH (ImageFolder root with train/ and val/) or --data digits")
+        if self.init and self.resume:
+            problems.append("--init and --resume exclude each other: --init starts a new run from a checkpoint's "
+                            "weights, --resume continues the run in --output; drop one")
         for key, owner in RUN_SET_MODEL_OPTIONS.items():
             if key in self.model_kwargs:
                 problems.append(f"model_kwargs: {key} is set by {owner}; remove it from model_kwargs")
@@ -160,6 +167,12 @@ def merge_config(cls: type[C], config_file: Optional[str] = None, preset: Option
     Raises:
         ConfigError, NotFoundError: see :func:`lesa.options.build` and :func:`lesa.options.load_yaml`.
     """
+    return build(cls, *merge_values(cls, config_file, preset, presets, **overrides))
+
+
+def merge_values(cls: type, config_file: Optional[str] = None, preset: Optional[str] = None,
+                 presets: tuple[str, ...] = PRESETS, **overrides: Any) -> tuple[dict[str, Any], dict[str, str]]:
+    """The options :func:`merge_config` builds, before validation, and where each was given."""
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     file_values = _nest_layer_options(cls, load_yaml(config_file)) if config_file else {}
@@ -177,7 +190,7 @@ def merge_config(cls: type[C], config_file: Optional[str] = None, preset: Option
         values[key] = {**values[key], **value} if isinstance(value, dict) and isinstance(values.get(key), dict) \
             else value
         sources[key] = flag(key)
-    return build(cls, values, sources)
+    return values, sources
 
 
 def _nest_layer_options(cls: type, values: dict[str, Any]) -> dict[str, Any]:
@@ -193,5 +206,45 @@ def _nest_layer_options(cls: type, values: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_config(config_file: Optional[str] = None, preset: Optional[str] = None, **overrides: Any) -> TrainConfig:
-    """The classification configuration (see :func:`merge_config`)."""
-    return merge_config(TrainConfig, config_file, preset, **overrides)
+    """The classification configuration (see :func:`merge_config`); with ``init``, completed from the
+    checkpoint's run (:func:`with_init_run`).
+
+    Raises:
+        ConfigError, NotFoundError, CheckpointError: see :func:`merge_config` and :func:`with_init_run`.
+    """
+    values, sources = merge_values(TrainConfig, config_file, preset, **overrides)
+    if isinstance(values.get("init"), str) and values["init"]:  # other values: the schema names the error
+        values = with_init_run(values, sources)
+    return build(TrainConfig, values, sources)
+
+
+def with_init_run(values: dict[str, Any], sources: dict[str, str]) -> dict[str, Any]:
+    """``values`` completed from the run of the ``init`` checkpoint: its model, its ``model_kwargs`` below the
+    given ones and its ``img_size`` unless one is given (a weights file has no run: ``values`` as they are).
+
+    Raises:
+        ConfigError: a model given (named as the user wrote it) that is not the checkpoint's, with the fix.
+        NotFoundError, CheckpointError: the checkpoint cannot be read or is no classifier (the message starts
+            with the option).
+    """
+    from .classification import read_classifier  # classification imports this module
+
+    option = sources.get("init", "init")
+    try:
+        _, run = read_classifier(values["init"])
+    except (CheckpointError, NotFoundError) as err:
+        raise type(err)(f"{option}: {err}") from None
+    if not run.get("model"):
+        return values
+    given = values.get("model")
+    if given is not None and given != run["model"]:
+        raise ConfigError(f"{sources.get('model', 'model')} {given} contradicts {option} {values['init']}, a run of "
+                          f"{run['model']}: pass {flag('model')} {run['model']} (or no model: the checkpoint's is "
+                          f"used), or initialise from a checkpoint of {given}")
+    out = {**values, "model": run["model"]}
+    given_kwargs = values.get("model_kwargs", {})
+    if isinstance(given_kwargs, dict):  # other values: the schema names the error
+        out["model_kwargs"] = {**run.get("model_kwargs", {}), **given_kwargs}
+    if values.get("img_size") is None and run.get("img_size") is not None:
+        out["img_size"] = run["img_size"]
+    return out

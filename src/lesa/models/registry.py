@@ -190,10 +190,13 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[
     """Create a registered model.
 
     ``pretrained=True`` is not available (no weights can be downloaded); use ``checkpoint_path`` with a
-    checkpoint of ours or one converted from the authors' (``lesa convert``).
+    checkpoint of ours or one converted from the authors' (``lesa convert``), loaded by
+    :func:`lesa.load_weights`. With ``num_classes`` given, a checkpoint whose classifier has another size loads
+    all other weights and the classifier is re-initialised (timm's rule; a warning says so).
 
     Raises:
         ConfigError: an unknown model or option, or an argument that cannot work (see :func:`build_resnet`).
+        NotFoundError, CheckpointError: a ``checkpoint_path`` that cannot be read or does not fit.
     """
     if not isinstance(name, str):
         raise ConfigError(f"the model name must be a str, got {describe(name)}: e.g. create_model('lesa_resnet50')")
@@ -211,5 +214,5 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[
     if checkpoint_path:
         from ..weights import load_weights
 
-        load_weights(model, checkpoint_path)
+        load_weights(model, checkpoint_path, num_classes_given="num_classes" in kwargs)
     return model
