@@ -199,7 +199,9 @@ def test_det_commands_end_to_end(tmp_path, capsys):
             "--max-size", "192", "--output", str(out), "--quiet"]
     assert main(args) == 0
     stats = json.loads((out / "coco_eval.json").read_text())
-    assert set(stats) == {"bbox", "segm"} and set(stats["bbox"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    assert set(stats) == {"bbox", "segm", "categories", "data"}
+    assert set(stats["bbox"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    assert [c["name"] for c in stats["categories"]] == [str(d) for d in range(10)]  # the run's mapping
     for name in ("config.yaml", "metrics.csv", "last.pt", "best.pt", "summary.json"):
         assert (out / name).is_file(), name
     assert main(["det", "eval", "--checkpoint", str(out)]) == 0
@@ -222,7 +224,7 @@ def test_det_train_with_two_cpu_processes(tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads((out / "summary.json").read_text())["world_size"] == 2
-    assert set(json.loads((out / "coco_eval.json").read_text())) == {"bbox", "segm"}
+    assert set(json.loads((out / "coco_eval.json").read_text())) == {"bbox", "segm", "categories", "data"}
 
 
 def test_det_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):

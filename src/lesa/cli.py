@@ -110,9 +110,11 @@ class ConvertOptions:
 
 def run_convert(args: ConvertOptions) -> int:
     from .convert import convert_official_state_dict, save_state_dict
-    from .weights import check_state_dict, read_checkpoint
+    from .weights import check_state_dict, model_state_dict, read_checkpoint
 
-    sd = convert_official_state_dict(read_checkpoint(args.input))
+    # the one reader (wrapper prefixes removed, LESA layouts converted); convert_official_state_dict then also
+    # keeps the backbone alone of an mmdetection file without LESA layers
+    sd = convert_official_state_dict(model_state_dict(read_checkpoint(args.input), args.input))
     if args.model:
         from .models import create_model, parse_name
 
@@ -158,6 +160,10 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-smoothing", type=float)
     p.add_argument("--max-bad-fraction", type=float,
                    help="undecodable images tolerated, as a fraction of the training set (default 0.001)")
+    p.add_argument("--init", metavar="CKPT",
+                   help="fine-tune from a classifier: run directory (best.pt), training checkpoint or weights file "
+                        "(.pt/.pth/.safetensors); model from its run, a new classifier for another class count, "
+                        "position tables resized for another --img-size; a new run from epoch 0 (not --resume)")
     _run_args(p, "runs/<model>-<data>")
     p.add_argument("--pos-embed", choices=POS_EMBEDS, help="position embedding of the attention layers")
     p.add_argument("--impl", choices=IMPLS, help="binary-term implementation")
@@ -336,6 +342,8 @@ def _det_args(p: argparse.ArgumentParser) -> None:
                    help="HTC's semantic branch (default: on where maps exist: digit scenes, --semantic-root)")
     t.add_argument("--semantic-root", help="COCO-stuff stuffthingmaps folder (with train2017/, val2017/), or "
                    "'instances': class maps drawn from the instance masks")
+    t.add_argument("--semantic-classes", type=int, help="classes of the semantic maps, labels 0..N-1 (255: ignored; "
+                   "default 183 with --semantic-root (COCO-stuff), the categories + 1 with 'instances')")
     t.add_argument("--backbone", help="lesa model name (default lesa_resnet_tiny; the paper: lesa_resnet50, ...)")
     t.add_argument("--data", help="'digit-scenes' (embedded) or a COCO root")
     t.add_argument("--schedule", choices=["1x", "20e"])
@@ -360,13 +368,14 @@ def _det_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--impl", choices=["reference", "fused", "auto"])
     t.add_argument("--max-eval-images", type=int, help="evaluate on the first N validation images only")
     _run_args(t, "runs/det-<backbone>-<data>")
-    e = sub.add_parser("eval", help="COCO box and mask AP of a trained detector")
+    e = sub.add_parser("eval", help="COCO box and mask AP of a trained detector (the run's categories)")
     e.add_argument("--checkpoint", required=True, help="run directory (best.pt) or checkpoint")
     e.add_argument("--data", help="COCO root (default: the run's)")
     e.add_argument("--device", default="auto")
     e.add_argument("--max-images", type=int)
     e.add_argument("--output", help="write coco_eval.json here (default: the run directory)")
-    r = sub.add_parser("predict", help="draw a detector's boxes, labels, scores and masks on images")
+    r = sub.add_parser("predict", help="draw a detector's boxes, labels, scores and masks on images (an image "
+                       "that cannot be read is named, skipped, and makes the exit code 2)")
     r.add_argument("images", nargs="+")
     r.add_argument("--checkpoint", required=True)
     r.add_argument("--output", required=True, help="directory for the PNGs")
@@ -384,7 +393,11 @@ class DetEvalOptions:
 
     def default_outputs(self) -> dict[str, str]:
         checkpoint = Path(self.checkpoint)
-        return {"output": str(checkpoint if checkpoint.is_dir() else checkpoint.parent)}
+        try:
+            run = checkpoint.is_dir()
+        except OSError:  # e.g. a name too long to look up: the checkpoint reader names it in one line
+            run = False
+        return {"output": str(checkpoint if run else checkpoint.parent)}
 
 
 @schema
@@ -412,27 +425,56 @@ def det_options(args: argparse.Namespace) -> Any:
 
 def run_det(args: Any) -> int:
     if isinstance(args, DetEvalOptions):
-        from .detection.train import evaluate_run
-
-        result, path = evaluate_run(args.checkpoint, args.data, args.device, args.max_images, args.output)
-        for iou_type, stats in result.items():
-            print(f"{iou_type:5s} " + "  ".join(f"{k} {'-' if v is None else f'{v:.1f}':>5}" for k, v in stats.items()))
-        print(f"wrote {path}")
-        return 0
+        return _det_eval(args)
     if isinstance(args, DetPredictOptions):
-        from .detection.train import predict_images
-
-        for image, kept, target in predict_images(args.checkpoint, args.images, args.output, args.score_threshold,
-                                                  args.device):
-            print(f"{image}: {kept} detections -> {target}")
-        return 0
+        return _det_predict(args)
     from .detection.train import NAMES, train_detector
 
     summary = train_detector(args)
     if not args.quiet:
-        print(f"{NAMES[args.detector]} + {summary['backbone']}: box AP {summary['bbox_AP']:.1f}, mask AP "
-              f"{summary['segm_AP']:.1f} after {summary['epochs']} epochs ({summary['wall_time_s']:.0f}s) "
+        print(f"{NAMES[args.detector]} + {summary['backbone']}: box AP {_ap(summary['bbox_AP'])}, mask AP "
+              f"{_ap(summary['segm_AP'])} after {summary['epochs']} epochs ({summary['wall_time_s']:.0f}s) "
               f"-> {summary['output']}")
+    return 0
+
+
+def _ap(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _det_eval(args: DetEvalOptions) -> int:
+    from .detection.train import evaluate_run
+
+    result, path = evaluate_run(args.checkpoint, args.data, args.device, args.max_images, args.output)
+    print(result["data"])
+    for iou_type in ("bbox", "segm"):
+        if iou_type in result:
+            print(f"{iou_type:5s} " + "  ".join(f"{k} {_ap(v):>5}" for k, v in result[iou_type].items()))
+    missing = [c["name"] for c in result["categories"] if not c["ground_truth"]]
+    if missing:
+        print(f"AP over the {len(result['categories']) - len(missing)} categories with ground truth here; none for "
+              f"{', '.join(missing[:10])}{', ...' if len(missing) > 10 else ''}")
+    print(f"wrote {path}")
+    return 0
+
+
+def _det_predict(args: DetPredictOptions) -> int:
+    """Draw each image; one that cannot be read is named on stderr and skipped, and the exit code is then 2."""
+    from .detection.train import predict_images
+
+    failed = []
+
+    def skip(err: Exception) -> None:
+        failed.append(err)
+        print(f"lesa det predict: skipped: {err}", file=sys.stderr)
+
+    for image, kept, target in predict_images(args.checkpoint, args.images, args.output, args.score_threshold,
+                                              args.device, on_bad_image=skip):
+        print(f"{image}: {kept} detections -> {target}")
+    if failed:
+        print(f"lesa det predict: {len(failed)} of {len(args.images)} image(s) could not be read (named above); the "
+              "others are done", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -7,10 +7,22 @@ per 16 images scaled linearly, 500 linear warm-up iterations from 0.1% (at most 
 run). ``epochs`` overrides the schedule's length and keeps its steps at the same fractions. The run
 directory is laid out as for classification (``config.yaml``, ``metrics.csv``, ``tb/``, ``last.pt``,
 ``best.pt``, ``summary.json``) plus ``coco_eval.json`` (box and mask AP, AP50, AP75, APs/APm/APl in
-percent) after every evaluation.
+percent, the run's categories with their ground truth, and the validation data's one-line summary) after
+every evaluation.
+
+Policies:
+
+* **One category mapping per run**, the training file's (``[{id, name}]`` in every checkpoint); the
+  validation file and any file given to ``det eval`` are read through it (see :mod:`lesa.data.coco`).
+* **No epoch is lost to evaluation.** A failing evaluation is held back until the engine has written the
+  epoch's ``last.pt`` (its metrics NaN), then stops the run with one line naming that checkpoint and the
+  ``det eval`` command that re-runs it.
+* **Box-only training data** (no ``segmentation``) is refused: the mask detectors need masks.
+* ``det predict`` names each input it cannot read on stderr, skips it and does the others.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import field
 from pathlib import Path
@@ -22,7 +34,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..data.coco import INSTANCE_SEMANTIC, CocoDetection, coco_evaluate, collate_detection, to_coco_results
+from ..data.coco import (
+    INSTANCE_SEMANTIC,
+    CocoDetection,
+    coco_evaluate,
+    collate_detection,
+    ground_truth_counts,
+    semantic_class_count,
+    to_coco_results,
+)
 from ..data.digit_scenes import ensure_digit_scenes
 from ..engine import (
     DistContext,
@@ -38,7 +58,7 @@ from ..engine import (
     warmup_multistep,
     write_json,
 )
-from ..errors import ConfigError, NotFoundError
+from ..errors import BadImageError, ConfigError, DataError, LesaError, NotFoundError
 from ..models.registry import check_model_options
 from ..options import (
     ROLE_INPUT,
@@ -57,7 +77,7 @@ RPN_LOSSES = ["loss_objectness", "loss_rpn_box_reg"]
 HEAD_LOSSES = ["loss_classifier", "loss_box_reg", "loss_mask"]
 NAMES = {"maskrcnn": "Mask R-CNN", "cascade_maskrcnn": "Cascade Mask R-CNN", "htc": "HTC"}
 DET_PRESETS = ("htc", "htc_1280")
-COCO_STUFF_CLASSES = 183  # COCO-stuff's stuffthingmaps: 182 labels and 0, 255 unlabeled (mmdetection's HTC)
+EVAL_COLUMNS = [f"{iou_type}_{stat}" for iou_type in ("bbox", "segm") for stat in ("AP", "AP50")]
 
 
 def loss_names(detector: str, semantic: bool) -> list[str]:
@@ -124,6 +144,9 @@ class DetConfig(RunConfig):
             problems.append(f"--backbone: {err}")
         if self.semantic and self.detector != "htc":
             problems.append(f"--semantic is HTC's branch; {self.detector} has none (use --detector htc)")
+        if self.semantic_classes and not self.with_semantic:
+            problems.append("--semantic-classes sets the classes of HTC's semantic branch, which is off here "
+                            "(use --detector htc with --semantic-root, or drop --semantic-classes)")
         if self.semantic and self.data != EMBEDDED and not self.semantic_root:
             problems.append("--semantic on COCO needs the COCO-stuff maps: pass --semantic-root (stuffthingmaps)")
         for scale in self.train_scales or []:
@@ -189,7 +212,12 @@ def coco_splits(data: str) -> dict[str, tuple[Path, Path]]:
 
 
 class DetectionTask(Task):
-    """Mask R-CNN with a lesa backbone on COCO-format data (see the module docstring)."""
+    """Mask R-CNN, Cascade Mask R-CNN or HTC with a lesa backbone on COCO-format data (see the module docstring).
+
+    Raises:
+        DataError: box-only training data, a validation file with a category the training file lacks, and
+            the data errors of :class:`lesa.data.coco.CocoDetection`.
+    """
 
     kind = "detection"
     best_metric = "bbox_AP"
@@ -198,13 +226,15 @@ class DetectionTask(Task):
     def __init__(self, cfg: DetConfig, ctx: DistContext) -> None:
         self.cfg, self.ctx = cfg, ctx
         splits = coco_splits(cfg.data)
-        self.train_set = CocoDetection(*splits["train"], train=True, semantic=cfg.semantic_source("train"))
-        self.val_set = CocoDetection(*splits["val"], train=False)
+        self.train_set = CocoDetection(*splits["train"], train=True, semantic=cfg.semantic_source("train"),
+                                       semantic_classes=cfg.semantic_classes)
+        require_masks(cfg.detector, self.train_set)
+        self.val_set = CocoDetection(*splits["val"], train=False, categories=self.train_set.categories)
         self.model = detector_of(cfg, self.train_set.classes)
         self.losses = loss_names(cfg.detector, cfg.with_semantic)
-        self.columns = ["epoch", "loss", *self.losses, "bbox_AP", "bbox_AP50", "segm_AP", "segm_AP50", "lr",
-                        "epoch_time_s"]
-        self.evaluation: dict[str, dict] = {}
+        self.columns = ["epoch", "loss", *self.losses, *EVAL_COLUMNS, "lr", "epoch_time_s"]
+        self.evaluation: dict[str, Any] = {}
+        self.failure: Optional[Exception] = None
 
     def collate(self, batch: list) -> Any:
         return collate_detection(batch)
@@ -228,37 +258,95 @@ class DetectionTask(Task):
         return Step(loss, 1.0, stats)
 
     def evaluate(self, net: nn.Module, runtime: Runtime) -> dict[str, float]:
-        self.evaluation = evaluate_detector(self.model, self.val_set, runtime.ctx, self.cfg.max_eval_images,
-                                            runtime.quiet)
-        return {f"{t}_{k}": self.evaluation[t][k] for t in ("bbox", "segm") for k in ("AP", "AP50")}
+        """The AP columns (NaN where undefined). A failure is kept for :meth:`format_row`, which the engine
+        calls once ``last.pt`` holds the epoch: the engine evaluates before it saves."""
+        self.failure = None
+        try:
+            self.evaluation = evaluate_detector(self.model, self.val_set, runtime.ctx, self.cfg.max_eval_images,
+                                                runtime.quiet)
+        except Exception as err:  # whatever failed (a bug too), the epoch is saved first
+            self.evaluation, self.failure = {}, err
+        return eval_columns(self.evaluation)
 
     def describe(self, params: int) -> str:
         semantic = " with the semantic branch" if self.cfg.with_semantic else ""
-        return (f"{NAMES[self.cfg.detector]}{semantic} + {self.cfg.backbone}-FPN: {params / 1e6:.2f}M parameters, "
-                f"{len(self.train_set)} training images; {describe_init(self.model.backbone_init)}")
+        notes = [d.summary for d in (self.train_set, self.val_set) if d.repairs.annotations or d.stored]
+        return "; ".join([f"{NAMES[self.cfg.detector]}{semantic} + {self.cfg.backbone}-FPN: {params / 1e6:.2f}M "
+                          f"parameters, {len(self.train_set)} training images; "
+                          f"{describe_init(self.model.backbone_init)}", *notes])
 
     def format_row(self, row: dict[str, float]) -> str:
+        """One line on the epoch. Raises the epoch's evaluation failure (see :meth:`evaluate`) as a
+        :class:`LesaError` naming the saved checkpoint and how to re-run the evaluation."""
+        if self.failure is not None:
+            raise evaluation_failed(self.failure, int(row["epoch"]), Path(self.cfg.output_dir)) from self.failure
         mask = sum(row[name] for name in self.losses if name.endswith("loss_mask"))
         return (f"loss {row['loss']:.3f} (mask {mask:.3f}), box AP {row['bbox_AP']:.1f}, "
                 f"mask AP {row['segm_AP']:.1f} ({row['epoch_time_s']:.0f}s)")
 
     def state_dict(self) -> dict[str, Any]:
-        return dict(classes=self.train_set.classes, category_ids=self.train_set.category_ids)
+        return dict(classes=self.train_set.classes, category_ids=self.train_set.category_ids,
+                    categories=self.train_set.categories)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """On resume: the training file still has the run's categories, ids and names.
+
+        Raises:
+            DataError: a category id changed (the engine has compared the names already).
+        """
+        saved = state.get("categories")
+        if saved is not None and saved != self.train_set.categories:
+            changed = next(f"{a['id']} {a['name']!r} -> {b['id']} {b['name']!r}"
+                           for a, b in zip(saved, self.train_set.categories) if a != b)
+            raise DataError(f"--resume: the run in {self.cfg.output_dir} has another category mapping than "
+                            f"{self.train_set.annotation_file} ({changed}); resume with the run's data, or start a "
+                            "new run with another --output")
 
     def write_outputs(self, out_dir: Path, history: list[dict[str, float]]) -> None:
-        write_json(out_dir / "coco_eval.json", self.evaluation)
+        if self.evaluation:  # a failed evaluation leaves the previous epoch's file
+            write_json(out_dir / "coco_eval.json", self.evaluation)
 
     def summary(self, last: dict[str, float]) -> dict[str, Any]:
-        return dict(backbone=self.cfg.backbone, data=self.cfg.data, bbox_AP=last.get("bbox_AP"),
-                    segm_AP=last.get("segm_AP"))
+        return dict(backbone=self.cfg.backbone, data=self.cfg.data, bbox_AP=finite(last.get("bbox_AP")),
+                    segm_AP=finite(last.get("segm_AP")))
+
+
+def require_masks(detector: str, data: CocoDetection) -> None:
+    """Raises DataError when ``data`` is box-only: every detector here learns masks."""
+    if not data.has_masks:
+        raise DataError(f"{data.annotation_file} is box-only (no annotation has a 'segmentation'); "
+                        f"{NAMES[detector]} learns instance masks: add polygon or RLE masks to the annotations")
+
+
+def eval_columns(evaluation: dict[str, Any]) -> dict[str, float]:
+    """The epoch row's AP columns from a :func:`evaluate_detector` result; NaN where undefined (no ground
+    truth, box-only data, a failed evaluation)."""
+    def value(column: str) -> float:
+        iou_type, stat = column.split("_")
+        found = evaluation.get(iou_type, {}).get(stat)
+        return math.nan if found is None else found
+
+    return {column: value(column) for column in EVAL_COLUMNS}
+
+
+def finite(value: Optional[float]) -> Optional[float]:
+    """``value``, or None for a missing or NaN metric (JSON has no NaN)."""
+    return None if value is None or math.isnan(value) else value
+
+
+def evaluation_failed(cause: Exception, epoch: int, out: Path) -> LesaError:
+    """The one-line error of an evaluation that failed after ``epoch`` was saved in ``out/last.pt``."""
+    checkpoint = out / "last.pt"
+    return LesaError(f"the evaluation after epoch {epoch} failed ({type(cause).__name__}: {cause}); the epoch is "
+                     f"saved in {checkpoint}: fix the cause, then `lesa det eval --checkpoint {checkpoint}` evaluates "
+                     f"it and `lesa det train ... --output {out} --resume` continues the run")
 
 
 def detector_of(cfg: DetConfig, classes: list[str]) -> nn.Module:
     """The detector a run's configuration describes, for ``classes`` (background added)."""
     semantic_classes = None
     if cfg.with_semantic:
-        from_instances = cfg.semantic_source("train") == INSTANCE_SEMANTIC
-        semantic_classes = cfg.semantic_classes or (len(classes) + 1 if from_instances else COCO_STUFF_CLASSES)
+        semantic_classes = semantic_class_count(cfg.semantic_source("train"), len(classes), cfg.semantic_classes)
     return build_detector(
         cfg.detector, cfg.backbone, len(classes) + 1, pretrained_backbone=cfg.pretrained_backbone,
         trainable_layers=cfg.trainable_layers, frozen_bn=cfg.frozen_bn, dcn_stages=cfg.dcn_stages,
@@ -271,23 +359,51 @@ def detector_of(cfg: DetConfig, classes: list[str]) -> nn.Module:
 
 @torch.no_grad()
 def evaluate_detector(model: nn.Module, dataset: CocoDetection, ctx: DistContext,
-                      max_images: Optional[int] = None, quiet: bool = True, batch_size: int = 2) -> dict[str, dict]:
-    """COCO box and mask AP over ``dataset`` (all processes share the images; rank 0 scores)."""
+                      max_images: Optional[int] = None, quiet: bool = True, batch_size: int = 2) -> dict[str, Any]:
+    """COCO AP over the first ``max_images`` images of ``dataset`` (``bbox``, and ``segm`` where the model and
+    the data have masks; see :func:`lesa.data.coco.coco_evaluate`), the run's ``categories`` with their
+    ground truth there, and the data's one-line summary (``data``). All processes share the images and
+    score the gathered results.
+
+    Raises:
+        Exception: this process's failure, or a RuntimeError naming another process's: every process raises,
+            so that none waits for the others.
+    """
     model.eval()
     count = min(len(dataset), max_images or len(dataset))
+    try:
+        results, failure = detect(model, dataset, ctx, count, quiet, batch_size), None
+    except Exception as err:  # told to the other processes first, then raised
+        results, failure = {}, err
+    if ctx.distributed:
+        parts = ctx.gather((results, None if failure is None else f"{type(failure).__name__}: {failure}"))
+        failed = [(rank, message) for rank, (_, message) in enumerate(parts) if message]
+        if failed and failure is None:
+            raise RuntimeError(f"process {failed[0][0]} failed to evaluate: {failed[0][1]}")
+        keys = {key for part, _ in parts for key in part}  # 'segm' where the model predicts masks
+        results = {key: [r for part, _ in parts for r in part.get(key, [])] for key in keys}
+    if failure is not None:
+        raise failure
+    image_ids = dataset.ids[:count]
+    return {**coco_evaluate(dataset, results, quiet=True, image_ids=image_ids),
+            "categories": ground_truth_counts(dataset, image_ids), "data": dataset.summary}
+
+
+def detect(model: nn.Module, dataset: CocoDetection, ctx: DistContext, count: int, quiet: bool,
+           batch_size: int) -> dict[str, list[dict]]:
+    """COCO result entries of this process's share of the first ``count`` images, with the run's category
+    ids: ``bbox``, and ``segm`` when the model predicts masks."""
     sampler = ShardSampler(count, ctx.rank, ctx.world_size)
     loader = DataLoader(dataset, batch_size, sampler=sampler, collate_fn=collate_detection)
-    results: dict[str, list] = {"bbox": [], "segm": []}
+    results: dict[str, list] = {"bbox": []}
     for images, targets in tqdm(loader, desc="COCO eval", leave=False, disable=quiet or None):
         outputs = model([im.to(ctx.device) for im in images])
         for target, output in zip(targets, outputs):
             bbox, segm = to_coco_results(dataset, int(target["image_id"]), output)
             results["bbox"] += bbox
-            results["segm"] += segm
-    if ctx.distributed:
-        gathered = ctx.gather(results)
-        results = {k: [r for part in gathered for r in part[k]] for k in results}
-    return coco_evaluate(dataset, results, quiet=True, image_ids=dataset.ids[:count])
+            if "masks" in output:
+                results.setdefault("segm", []).extend(segm)
+    return results
 
 
 def train_detector(cfg: DetConfig) -> dict[str, Any]:
@@ -296,23 +412,31 @@ def train_detector(cfg: DetConfig) -> dict[str, Any]:
 
 
 def load_detector(checkpoint: str | Path) -> tuple[nn.Module, DetConfig, dict[str, Any]]:
-    """A trained detector from a run directory (``best.pt``) or checkpoint, with its config."""
+    """A trained detector from a run directory (``best.pt``) or checkpoint, with its config and state (whose
+    ``categories`` is the run's mapping)."""
     state = load_checkpoint(checkpoint, kind="detection")
     saved = {k: v for k, v in state["config"].items() if k in DetConfig.__dataclass_fields__}
     cfg = DetConfig(**{**saved, "pretrained_backbone": None, "resume": False, "device": "auto"})
     model = detector_of(cfg, state["classes"])
     model.load_state_dict(state["model"])
+    if "categories" not in state:  # a run saved before the mapping was stored has its two halves
+        state["categories"] = [dict(id=i, name=n) for i, n in zip(state["category_ids"], state["classes"])]
     return model.eval(), cfg, state
 
 
 def evaluate_run(checkpoint: str | Path, data: Optional[str] = None, device: str = "auto",
                  max_images: Optional[int] = None, output: Optional[str | Path] = None) -> tuple[dict, Path]:
-    """COCO box / mask AP of a trained detector on its (or ``data``'s) validation split, written to
-    ``coco_eval.json`` in ``output`` (default: the run directory); returns the result and that path."""
+    """COCO AP of a trained detector on its (or ``data``'s) validation split, read through the run's category
+    mapping, written to ``coco_eval.json`` in ``output`` (default: the run directory); returns the result
+    (see :func:`evaluate_detector`) and that path.
+
+    Raises:
+        DataError: a category the run does not know, and the data errors of CocoDetection.
+    """
     dev = resolve_device(device)
-    model, cfg, _ = load_detector(checkpoint)
+    model, cfg, state = load_detector(checkpoint)
     model.to(dev)
-    dataset = CocoDetection(*coco_splits(data or cfg.data)["val"])
+    dataset = CocoDetection(*coco_splits(data or cfg.data)["val"], categories=state["categories"])
     result = evaluate_detector(model, dataset, DistContext(device=dev), max_images, quiet=False)
     run_dir = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
     path = Path(output or run_dir) / "coco_eval.json"
@@ -321,10 +445,16 @@ def evaluate_run(checkpoint: str | Path, data: Optional[str] = None, device: str
 
 
 def predict_images(checkpoint: str | Path, images: list[str], output: str | Path, score_threshold: float = 0.5,
-                   device: str = "auto") -> Iterator[tuple[str, int, Path]]:
-    """Draw a detector's boxes, labels, scores and masks on each image; yields (image, detections kept,
-    PNG written). Detections below ``score_threshold`` are dropped before their masks are pasted at full
-    resolution, so memory follows what is kept, not the image size."""
+                   device: str = "auto", on_bad_image: Optional[Callable[[LesaError], None]] = None,
+                   ) -> Iterator[tuple[str, int, Path]]:
+    """Draw a detector's boxes, labels (the run's names), scores and masks on each image; yields (image,
+    detections kept, PNG written). Detections below ``score_threshold`` are dropped before their masks are
+    pasted at full resolution, so memory follows what is kept, not the image size.
+
+    An input that cannot be read (:class:`BadImageError`: undecodable, or over the reader's pixel limit;
+    :class:`NotFoundError`) goes to ``on_bad_image`` and is skipped, the others are done; without
+    ``on_bad_image`` it is raised.
+    """
     dev = resolve_device(device)
     model, _, state = load_detector(checkpoint)
     model.to(dev)
@@ -332,7 +462,13 @@ def predict_images(checkpoint: str | Path, images: list[str], output: str | Path
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     for path, name in zip(images, output_names(images)):
-        image = load_image(path)
+        try:
+            image = load_image(path)
+        except (BadImageError, NotFoundError) as err:
+            if on_bad_image is None:
+                raise
+            on_bad_image(err)
+            continue
         with torch.no_grad():
             prediction = {k: v.cpu() for k, v in model([image.to(dev)])[0].items()}
         target = out / name

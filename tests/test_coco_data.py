@@ -1,0 +1,335 @@
+"""COCO files met as users write them: validated as a whole when loaded (schema, ids, polygons, RLE sizes, boxes,
+image sizes and EXIF orientation, semantic maps), box-only data, one category mapping per run, COCO stats
+without detections, no epoch lost to a failing evaluation, and ``det predict`` past unreadable inputs."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lesa.cli import main
+from lesa.data.coco import CocoDetection, coco_evaluate, encode_mask, hflip, to_coco_results
+from lesa.errors import BadImageError, DataError
+
+pytest.importorskip("pycocotools")
+
+CATEGORIES = [dict(id=3, name="three"), dict(id=7, name="seven"), dict(id=9, name="nine")]
+
+
+def box(ann_id, image_id=1, category_id=3, bbox=(4, 4, 10, 8), **extra):
+    return dict(id=ann_id, image_id=image_id, category_id=category_id, bbox=list(bbox), iscrowd=0, **extra)
+
+
+def square(x, y, side=8):
+    return [[x, y, x + side, y, x + side, y + side, x, y + side]]
+
+
+def write_image(path, size=(32, 32), orientation=None, array=None):
+    """A PNG (``size`` = stored width x height), optionally EXIF-oriented; returns its pixels."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if array is None:
+        array = (np.arange(size[0] * size[1] * 3) % 251).astype(np.uint8).reshape(size[1], size[0], 3)
+    exif = Image.Exif()
+    if orientation:
+        exif[0x0112] = orientation
+    Image.fromarray(array).save(path, exif=exif)
+    return array
+
+
+def write_coco(tmp_path, annotations, images=None, categories=CATEGORIES, name="ann.json", sizes=None):
+    """``name`` with ``annotations`` over 32x32 images 1 and 2 (or ``images``) written to tmp_path/img."""
+    if images is None:
+        images = [dict(id=i, file_name=f"{i}.png", width=32, height=32) for i in (1, 2)]
+    for info in images:
+        if "file_name" in info and not (tmp_path / "img" / info["file_name"]).exists():
+            write_image(tmp_path / "img" / info["file_name"], (sizes or {}).get(info["id"], (32, 32)))
+    path = tmp_path / name
+    path.write_text(json.dumps(dict(images=images, annotations=annotations, categories=categories)))
+    return path
+
+
+def load(tmp_path, annotations, **kw):
+    return CocoDetection(write_coco(tmp_path, annotations), tmp_path / "img", **kw)
+
+
+def refused(tmp_path, annotations=None, match=None, path=None, **kw):
+    with pytest.raises(DataError, match=match) as info:
+        CocoDetection(path or write_coco(tmp_path, annotations), tmp_path / "img", **kw)
+    message = str(info.value)
+    assert "\n" not in message and "ann.json" in message
+    return message
+
+
+# -- the schema ---------------------------------------------------------------------------------------------
+def test_a_top_level_list_is_one_line(tmp_path):
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps([box(1)]))
+    (tmp_path / "img").mkdir()
+    assert "the top level is a list, not a mapping" in refused(tmp_path, path=path)
+
+
+def test_an_image_without_file_name(tmp_path):
+    images = [dict(id=1, file_name="1.png", width=32, height=32), dict(id=5, width=32, height=32)]
+    message = refused(tmp_path, path=write_coco(tmp_path, [box(1)], images=images))
+    assert "image 5 has no 'file_name'; every image needs id, file_name, width and height" in message
+
+
+@pytest.mark.parametrize("bbox,expected", [(["4", 4, 10, 8], "bbox[0]: got '4'; give a number"),
+                                           ([4, 4, 10], "bbox: got [4, 4, 10]"),
+                                           ([4, 4, -10, 8], "negative width or height")])
+def test_bad_boxes_name_the_annotation(tmp_path, bbox, expected):
+    message = refused(tmp_path, [box(1), box(12, image_id=2, bbox=bbox)])
+    assert "annotation 12 (image 2)" in message and expected in message
+
+
+@pytest.mark.parametrize("section,match", [("images", "image id 1 is used more than once"),
+                                           ("annotations", "annotation id 1 is used more than once"),
+                                           ("categories", "category id 3 is used more than once")])
+def test_ids_are_unique(tmp_path, section, match):
+    data = dict(images=[dict(id=i, file_name=f"{i}.png", width=32, height=32) for i in (1, 2)],
+                annotations=[box(1), box(2)], categories=list(CATEGORIES))
+    data[section][1] = dict(data[section][1], id=data[section][0]["id"])
+    refused(tmp_path, match=match, path=write_coco(tmp_path, **data))
+
+
+# -- masks, polygons, RLE -----------------------------------------------------------------------------------
+def test_box_only_annotations_load_without_masks(tmp_path):
+    data = load(tmp_path, [box(1), box(2, category_id=7, bbox=(10, 12, 6, 6))], train=True, flip=0.0)
+    assert not data.has_masks and "(box-only)" in data.summary
+    image, target = data[0]
+    assert "masks" not in target and target["labels"].tolist() == [1, 2]
+    _, flipped = hflip(image, target)
+    assert flipped["boxes"][0].tolist() == [18.0, 4.0, 28.0, 12.0]
+    refused(tmp_path, [box(1), box(2, segmentation=square(1, 1))], match="1 of 2 annotations have no 'segmentation'")
+
+
+def test_short_polygons_are_dropped_and_counted(tmp_path):
+    anns = [box(1, segmentation=square(4, 4) + [[1, 1, 5, 5]]),  # a good square and a 2-point polygon: kept
+            box(2, segmentation=[[1, 1]]),  # a 1-point polygon only: the annotation goes
+            box(3, segmentation=square(20, 20))]
+    data = load(tmp_path, anns, max_repaired=1.0)
+    assert data.repairs.counts == {"polygons_dropped": 2, "no_polygon_left": 1}
+    assert "2 polygon(s) with fewer than 3 points dropped, 1 annotation(s) left without a polygon dropped" \
+        in data.summary
+    assert [a["id"] for a in data.coco.loadAnns(data.coco.getAnnIds())] == [1, 3]
+    _, target = data[0]
+    assert target["masks"].shape == (2, 32, 32) and target["masks"][0].sum() >= 64
+    refused(tmp_path, anns, match=r"2 of 3 annotations \(66.7%\) needed repair .* more than the 1% allowed")
+
+
+def test_an_rle_of_another_size_is_refused(tmp_path):
+    mask = np.zeros((20, 32), np.uint8)
+    message = refused(tmp_path, [box(1, segmentation=encode_mask(np.zeros((32, 32), np.uint8))),
+                                 box(4, image_id=2, segmentation=encode_mask(mask))])
+    assert "annotation 4 (image 2): its RLE mask has size [20, 32]" in message and "32x32" in message
+
+
+# -- boxes ---------------------------------------------------------------------------------------------------
+def test_boxes_are_clipped_or_dropped_and_counted(tmp_path):
+    anns = [box(1, bbox=(-5, 4, 10, 8)),  # 5 px outside: clipped
+            box(2, bbox=(40, 40, 5, 5)),  # wholly outside: dropped
+            box(3, bbox=(31.8, 4, 3, 8)),  # 0.2 px left after clipping: dropped
+            box(4, bbox=(24, 24, 8.5, 8))]  # 0.5 px over: clipped without counting
+    data = load(tmp_path, anns, max_repaired=1.0)
+    assert data.repairs.counts == {"boxes_clipped": 1, "boxes_outside": 1, "boxes_empty": 1}
+    _, target = data[0]
+    assert target["boxes"].tolist() == [[0, 4, 5, 12], [24, 24, 32, 32]]
+    message = refused(tmp_path, anns)
+    assert "3 of 4 annotations" in message
+    assert "e.g. annotation 1 (image 1): bbox [-5.0, 4.0, 10.0, 8.0] on a 32x32 image" in message
+
+
+def test_a_few_repairs_in_a_large_file_are_fine(tmp_path):
+    anns = [box(i, image_id=1 + i % 2, bbox=(i % 20, 3, 6, 6)) for i in range(1, 201)]
+    anns[0]["bbox"] = [100, 100, 4, 4]
+    anns[1]["bbox"] = [-3, 3, 6, 6]
+    data = load(tmp_path, anns)  # 2 of 200: within 1%
+    assert len(data.coco.getAnnIds()) == 199 and "(2 annotations)" in data.summary
+    anns[2]["bbox"] = [-3, 3, 6, 6]
+    refused(tmp_path, anns, match="3 of 200 annotations")
+
+
+# -- image sizes and EXIF orientation ------------------------------------------------------------------------
+def exif_dataset(tmp_path, json_size):
+    """A 32x20 PNG stored with EXIF orientation 6 (upright: 20x32); the JSON says ``json_size``."""
+    pixels = write_image(tmp_path / "img" / "1.png", (32, 20), orientation=6)
+    images = [dict(id=1, file_name="1.png", width=json_size[0], height=json_size[1])]
+    return pixels, write_coco(tmp_path, [box(1, bbox=(2, 2, 10, 10))], images=images)
+
+
+def test_exif_rotated_images_are_read_upright_when_annotated_upright(tmp_path):
+    pixels, path = exif_dataset(tmp_path, (20, 32))
+    data = CocoDetection(path, tmp_path / "img")
+    image, _ = data[0]
+    assert image.shape == (3, 32, 20) and not data.stored
+    assert torch.equal((image * 255).round().byte(), torch.from_numpy(np.rot90(pixels, -1).copy()).permute(2, 0, 1))
+
+
+def test_exif_rotated_images_annotated_on_the_stored_pixels_are_read_as_stored(tmp_path):
+    pixels, path = exif_dataset(tmp_path, (32, 20))
+    data = CocoDetection(path, tmp_path / "img")
+    image, _ = data[0]
+    assert data.stored == {1: 6} and "1 image(s) read as stored, without their EXIF rotation" in data.summary
+    assert torch.equal((image * 255).round().byte(), torch.from_numpy(pixels).permute(2, 0, 1))
+
+
+def test_an_image_of_neither_size_is_refused(tmp_path):
+    _, path = exif_dataset(tmp_path, (30, 30))
+    message = refused(tmp_path, path=path)
+    assert "image 1 (" in message
+    assert "is 32x20 (20x32 upright, by its EXIF orientation) but 30x30 in the JSON (width x height)" in message
+
+
+def test_an_undecodable_image_is_named_at_load(tmp_path):
+    path = write_coco(tmp_path, [box(1)])
+    (tmp_path / "img" / "2.png").write_bytes(b"not an image")
+    with pytest.raises(BadImageError, match="2.png cannot be read: PIL cannot identify it"):
+        CocoDetection(path, tmp_path / "img")
+
+
+# -- HTC's semantic maps ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("labels,classes,match", [
+    ([0, 4, 255], 5, None),
+    ([0, 200], None, r"semantic map .*1.png has label 200, outside \[0, 183\) and not 255 .*--semantic-classes 201"),
+    ([0, 5], 5, r"has label 5, outside \[0, 5\) .* --semantic-classes 6"),
+])
+def test_semantic_labels_are_in_range_or_ignored(tmp_path, labels, classes, match):
+    values = np.array(labels * (32 * 32 // len(labels) + 1), np.uint8)[: 32 * 32].reshape(32, 32)
+    (tmp_path / "sem").mkdir()
+    for i in (1, 2):
+        Image.fromarray(values).save(tmp_path / "sem" / f"{i}.png")
+    data = load(tmp_path, [box(1), box(2, image_id=2)], semantic=tmp_path / "sem", semantic_classes=classes)
+    if match is None:
+        assert set(data[0][1]["semantic"].unique().tolist()) == set(labels)
+        return
+    with pytest.raises(DataError, match=match):
+        data[0]
+    Image.new("RGB", (32, 32)).save(tmp_path / "sem" / "1.png")
+    with pytest.raises(DataError, match="has 3 channels"):
+        data[0]
+
+
+def test_the_semantic_classes_flag(tmp_path, capsys):
+    from lesa.cli import build_parser, det_options
+
+    args = build_parser().parse_args(["det", "train", "--detector", "htc", "--semantic-root", "instances",
+                                      "--semantic-classes", "12"])
+    assert det_options(args).semantic_classes == 12
+    assert main(["det", "train", "--semantic-classes", "4", "--output", str(tmp_path / "r"), "--quiet"]) == 2
+    assert "--semantic-classes sets the classes of HTC's semantic branch, which is off" in capsys.readouterr().err
+
+
+# -- categories and evaluation ---------------------------------------------------------------------------------
+def test_other_files_are_read_through_the_run_categories(tmp_path):
+    train = load(tmp_path, [box(1), box(2, category_id=7), box(3, image_id=2, category_id=9)])
+    run = train.categories
+    assert run == [dict(id=3, name="three"), dict(id=7, name="seven"), dict(id=9, name="nine")]
+    subset = [dict(id=9, name="nine"), dict(id=7, name="seven")]  # a subset, in another order
+    val = CocoDetection(write_coco(tmp_path, [box(1, category_id=9)], categories=subset, name="val.json"),
+                        tmp_path / "img", categories=run)
+    assert val.classes == train.classes and val[0][1]["labels"].tolist() == [3]
+    # a detection of a category the file lacks maps to the run's id, not an IndexError
+    prediction = dict(boxes=torch.tensor([[4.0, 4, 14, 12], [0, 0, 5, 5]]), labels=torch.tensor([3, 1]),
+                      scores=torch.tensor([0.9, 0.8]))
+    bbox, _ = to_coco_results(val, 1, prediction)
+    assert [r["category_id"] for r in bbox] == [9, 3]
+    stats = coco_evaluate(val, {"bbox": bbox})
+    assert stats["bbox"]["AP"] == pytest.approx(100) and "segm" not in stats  # box-only: no mask AP
+    for categories, match in (([dict(id=4, name="four")], "category 4 'four' is not one of the run's"),
+                              ([dict(id=7, name="eight")], "category 7 is 'eight' there but 'seven' in the run")):
+        path = write_coco(tmp_path, [box(1, category_id=categories[0]["id"])], categories=categories, name="ann.json")
+        message = refused(tmp_path, path=path, categories=run)
+        assert match in message and "3 'three', 7 'seven', 9 'nine'" in message
+
+
+def test_stats_are_none_exactly_where_a_size_range_has_no_ground_truth(tmp_path):
+    data = load(tmp_path, [box(1, bbox=(4, 4, 10, 8), area=80.0, segmentation=square(4, 4)),
+                           box(2, image_id=2, bbox=(0, 0, 32, 32), area=1024.0, segmentation=square(0, 0, 32))])
+    none = coco_evaluate(data, {"bbox": [], "segm": []})
+    for stats in none.values():  # small (80 px) and medium (1024 px) ground truth, no large
+        assert stats == dict(AP=0.0, AP50=0.0, AP75=0.0, APs=0.0, APm=0.0, APl=None)
+    assert coco_evaluate(data, {"bbox": []}, image_ids=[1])["bbox"]["APm"] is None
+    one = dict(image_id=1, category_id=3, bbox=[4, 4, 10, 8], score=0.9)
+    assert coco_evaluate(data, {"bbox": [one]})["bbox"]["APl"] is None  # the same rule with detections
+
+
+# -- the commands ---------------------------------------------------------------------------------------------
+def coco_root(tmp_path):
+    """train: 3 images (one EXIF-rotated, one 16-bit) and 3 categories; val: 2 of them, in another order."""
+    root = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    write_image(root / "train" / "a.png", (48, 32), orientation=6)  # upright 32x48
+    Image.fromarray((rng.random((32, 32)) * 60000).astype(np.uint16)).save(root / "train" / "b.png")
+    write_image(root / "train" / "c.png")
+    write_image(root / "val" / "v.png")
+    masks = dict(segmentation=square(4, 4, 12))
+    train = dict(images=[dict(id=1, file_name="a.png", width=32, height=48),
+                         dict(id=2, file_name="b.png", width=32, height=32),
+                         dict(id=3, file_name="c.png", width=32, height=32)],
+                 annotations=[box(i, image_id=1 + i % 3, category_id=(3, 7, 9)[i % 3], bbox=(4, 4, 12, 12), **masks)
+                              for i in range(1, 7)], categories=CATEGORIES)
+    val = dict(images=[dict(id=1, file_name="v.png", width=32, height=32)],
+               annotations=[box(1, category_id=7, bbox=(4, 4, 12, 12), **masks)],
+               categories=[CATEGORIES[2], CATEGORIES[1]])
+    for name, data in (("train", train), ("val", val)):
+        (root / f"{name}.json").write_text(json.dumps(data))
+    (tmp_path / "small.yaml").write_text("box_batch_size_per_image: 32\nrpn_post_nms_top_n_train: 100\n")
+    return root
+
+
+def test_det_commands_keep_the_epoch_map_categories_and_skip_bad_inputs(tmp_path, capsys, monkeypatch):
+    import lesa.detection.train as det
+
+    root, out = coco_root(tmp_path), tmp_path / "run"
+
+    def broken(*args, **kwargs):
+        raise IndexError("list index out of range")
+
+    monkeypatch.setattr(det, "evaluate_detector", broken)
+    assert main(["det", "train", "--data", str(root), "--config", str(tmp_path / "small.yaml"), "--epochs", "1",
+                 "--batch-size", "3", "--min-size", "64", "--max-size", "96", "--output", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"the evaluation after epoch 1 failed (IndexError: list index out of range); the epoch is saved in " \
+           f"{out / 'last.pt'}" in err and f"lesa det eval --checkpoint {out / 'last.pt'}" in err
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert state["epoch"] == 1 and state["categories"] == CATEGORIES
+    monkeypatch.undo()
+
+    assert main(["det", "eval", "--checkpoint", str(out / "last.pt")]) == 0
+    result = json.loads((out / "coco_eval.json").read_text())
+    assert [(c["id"], c["name"], c["ground_truth"]) for c in result["categories"]] == \
+        [(3, "three", 0), (7, "seven", 1), (9, "nine", 0)]
+    assert "AP over the 1 categories with ground truth here" in capsys.readouterr().out
+
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    write_image(tmp_path / "big.png", (64, 64))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # 64x64 is over it, 32x32 under
+    code = main(["det", "predict", str(tmp_path / "broken.jpg"), str(tmp_path / "big.png"),
+                 str(root / "val" / "v.png"), "--checkpoint", str(out / "last.pt"), "--output", str(tmp_path / "pred")])
+    captured = capsys.readouterr()
+    assert code == 2 and sorted(p.name for p in (tmp_path / "pred").iterdir()) == ["v.png"]
+    assert "skipped: image" in captured.err and "broken.jpg cannot be read" in captured.err
+    assert "big.png cannot be read: 4,096 pixels, more than PIL.Image.MAX_IMAGE_PIXELS" in captured.err
+    assert "2 of 3 image(s) could not be read" in captured.err and "v.png: " in captured.out
+
+    # the run keeps its mapping: a training file whose category 9 became 10 does not resume it
+    for name in ("train.json", "val.json"):
+        text = (root / name).read_text().replace('"category_id": 9', '"category_id": 10')
+        (root / name).write_text(text.replace('"id": 9, "name": "nine"', '"id": 10, "name": "nine"'))
+    assert main(["det", "train", "--data", str(root), "--config", str(tmp_path / "small.yaml"), "--epochs", "2",
+                 "--batch-size", "3", "--min-size", "64", "--max-size", "96", "--output", str(out), "--resume",
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "has another category mapping than" in err and "(9 'nine' -> 10 'nine')" in err
+
+
+def test_box_only_training_data_is_refused_by_the_mask_detectors(tmp_path, capsys):
+    root = coco_root(tmp_path)
+    train = json.loads((root / "train.json").read_text())
+    for ann in train["annotations"]:
+        del ann["segmentation"]
+    (root / "train.json").write_text(json.dumps(train))
+    assert main(["det", "train", "--data", str(root), "--output", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "train.json is box-only (no annotation has a 'segmentation'); Mask R-CNN learns instance masks" in err
