@@ -1,5 +1,6 @@
 """Every option through one schema, every destination through one guard, runs that know their classes
 (issue 19, mechanisms 1, 2 and 4; docs/reliability.md names each case)."""
+import json
 import os
 import shutil
 from pathlib import Path
@@ -212,3 +213,68 @@ def test_eval_maps_classes_by_name_and_refuses_unknown_ones(tmp_path, capsys, fo
         (subset / split / "dog").rename(subset / split / "fox")
     code, err = run_cli(capsys, "eval", "--checkpoint", out, "--data", subset)
     assert code == 2 and "not among the model's: ['fox']" in err
+
+
+# -- found by a review as a new user (each was a traceback, a wrong result or a lost file) ----------------
+def test_review_findings_on_outputs(tmp_path, capsys, folder_run, no_work):
+    root, run = folder_run
+    best = (run / "best.pt").read_bytes()
+    code, err = run_cli(capsys, "convert", run, run / "best.pt")  # the reader takes RUN as RUN/best.pt
+    assert code == 2 and "exists in the folder of this command's input" in err
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (8, 8)).save(photos / "a.jpg")
+    Image.new("RGB", (8, 8)).save(photos / "a.png")  # the user's own file, where the drawing of a.jpg would go
+    code, err = run_cli(capsys, "det", "predict", photos / "a.jpg", "--checkpoint", run, "--output", photos)
+    assert code == 2 and "a.png exists in the folder" in err
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere" / "dir")
+    code, err = run_cli(capsys, "train", "--output", tmp_path / "dangling")
+    assert code == 2 and "which does not exist; remove the link" in err
+    code, err = run_cli(capsys, "train", "--data", root / "data", "--output", root / "data" / "train" / "cat" / "r")
+    assert code == 2 and "is inside the data folder" in err
+    code, err = run_cli(capsys, "train", "--output", tmp_path / "r", "--seed", str(2**64))
+    assert code == 2 and "--seed: got 18446744073709551616; use a value <= 4294967295" in err
+    code, err = run_cli(capsys, "train", "--output", tmp_path / "r2")  # --output of train is not OUTPUT
+    assert (run / "best.pt").read_bytes() == best and len(no_work) == 1
+
+
+def test_review_findings_on_names_and_yaml(tmp_path, capsys, no_work):
+    from lesa.detection.train import output_names
+
+    names = output_names(["p/x.png", "p/x.png", "q/p_x_2.png"])
+    assert len(set(names)) == 3  # was: p_x_2.png twice, one drawing lost
+    (tmp_path / "t.sh").write_text("#!/bin/sh\n")
+    code, err = run_cli(capsys, "train", "--output", tmp_path / "t.sh")
+    assert code == 2 and err.startswith("lesa train: error: --output ")  # was: named OUTPUT (convert's positional)
+    cases = [
+        ("base: &b {epochs: 1}\n<<: *b\nlr: 0.1\n", 0, ""),  # a merge key is valid YAML
+        ("heads: 2\nmodel_kwargs: {heads: 4}\n", 2, "heads is given twice, as 2 and as 4 in model_kwargs"),
+        ("lr: 1e-3\n", 2, "YAML reads a number like 1e-3 as text: write 1.0e-3 or 0.001"),
+    ]
+    for text, expected, message in cases:
+        config = tmp_path / "run.yaml"
+        config.write_text(text.replace("base: &b {epochs: 1}\n<<: *b", "<<: {epochs: 1}"))
+        code, err = run_cli(capsys, "train", "--config", config, "--output", tmp_path / "r")
+        assert code == expected and message in err, (text, err)
+    code, err = run_cli(capsys, "train", "--config", "", "--output", tmp_path / "r")
+    assert code == 2 and "--config is empty" in err
+    with pytest.raises(SystemExit) as stop:  # argparse's own errors are one line too
+        main(["train", "--lr", "abc"])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and len(err.splitlines()) == 1 and "invalid float value: 'abc' (see" in err
+
+
+def test_review_findings_on_checkpoints_and_data(tmp_path, capsys, folder_run, monkeypatch):
+    root, run = folder_run
+    (tmp_path / "text.pt").write_text("hi\n")
+    code, err = run_cli(capsys, "eval", "--checkpoint", tmp_path / "text.pt", "--model", "resnet_tiny")
+    assert code == 2 and "is not a torch checkpoint" in err  # was: KeyError traceback
+    code, err = run_cli(capsys, "convert", run / "best.pt", tmp_path / "w.pth")
+    assert code == 0
+    two = tmp_path / "two"
+    make_folder(two, n=2)
+    code, err = run_cli(capsys, "eval", "--checkpoint", tmp_path / "w.pth", "--model", "resnet_tiny", "--data", two,
+                        "--quiet")
+    assert code == 2 and "the model has 3 classes" in err  # was: top-1 0.00%, exit 0
+    monkeypatch.chdir(tmp_path)  # the run stored its data folder absolute: eval from elsewhere reads the same data
+    assert json.loads((run / "summary.json").read_text())["data"] == str((root / "data").resolve())

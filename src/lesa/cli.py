@@ -50,18 +50,27 @@ def suffix_in(*suffixes: str) -> AfterValidator:
     return AfterValidator(check)
 
 
-POSITIONALS: set[str] = set()  # options given by position (named in capitals in errors), filled by build_parser
+# each command's options given by position (named in capitals in errors), filled by build_parser
+POSITIONALS: dict[tuple[str, Optional[str]], set[str]] = {}
 
 
-def spelled(option: str) -> str:
+def spelled(args: argparse.Namespace, option: str) -> str:
     """An option as the user wrote it: ``--batch-size``, or ``OUTPUT`` for a positional argument."""
-    return option.upper() if option in POSITIONALS else "--" + option.replace("_", "-")
+    positionals = POSITIONALS.get((args.command, getattr(args, "det_command", None)), set())
+    return option.upper() if option in positionals else "--" + option.replace("_", "-")
 
 
 def options_from(cls: type, args: argparse.Namespace) -> Any:
     """Build ``cls`` from the parsed flags, naming each option as it was given in errors."""
     values = {k: v for k, v in vars(args).items() if k not in ("command", "debug", "det_command")}
-    return build(cls, values, {k: spelled(k) for k in values})
+    return build(cls, values, {k: spelled(args, k) for k in values})
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (the usage itself is in ``--help``), exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 # -- lesa models ---------------------------------------------------------------------------------------
@@ -545,24 +554,23 @@ COMMANDS: dict[str, Command] = {
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="lesa", description="Locally Enhanced Self-Attention")
+    parser = OneLineParser(prog="lesa", description="Locally Enhanced Self-Attention")
     parser.add_argument("--version", action="version", version=f"lesa {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the traceback of any error (or LESA_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, add_args, _, _) in COMMANDS.items():
         add_args(sub.add_parser(name, help=help_text, description=help_text))
-    POSITIONALS.update(a.dest for p in _parsers(parser) for a in p._actions if not a.option_strings)
+    for name, command in _subparsers(parser).items():
+        for sub_name, sub in (_subparsers(command) or {None: command}).items():
+            POSITIONALS[(name, sub_name)] = {a.dest for a in sub._actions if not a.option_strings}
     return parser
 
 
-def _parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
-    """``parser`` and every sub-command's parser below it."""
-    found = [parser]
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
-                found += _parsers(sub)
-    return found
+            return dict(action.choices)
+    return {}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -580,7 +588,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _, _, make_options, run = COMMANDS[args.command]
     try:
         options = make_options(args)
-        guard_outputs(options, {name: spelled(name) for name in vars(args)})
+        guard_outputs(options, {name: spelled(args, name) for name in vars(args)})
         return run(options) or 0
     except LesaError as err:
         if args.debug or os.environ.get("LESA_DEBUG", "") not in ("", "0"):

@@ -42,6 +42,7 @@ ImageSize = Annotated[int, Field(ge=1, le=16384)]  # pixels a side: the position
 
 # roles of path fields (see the module docstring)
 ROLE_INPUT = {"role": "input"}
+ROLE_INPUT_TREE = {"role": "input_tree"}  # a dataset folder: read recursively, so nothing is written inside
 ROLE_OUTPUT_DIR = {"role": "output_dir"}
 ROLE_OUTPUT_FILE = {"role": "output_file"}
 
@@ -150,11 +151,21 @@ def _fix(error: dict[str, Any]) -> str:
         "string_too_short": "give a non-empty value",
         "literal_error": f"choose one of {ctx.get('expected', '')}",
     }
+    if kind == "float_type" and isinstance(error.get("input"), str) and _is_number(error["input"]):
+        return "YAML reads a number like 1e-3 as text: write 1.0e-3 or 0.001"
     if kind in fixes:
         return fixes[kind]
     if kind == "value_error":
         return str(ctx.get("error", error["msg"]))
     return error["msg"][:1].lower() + error["msg"][1:]
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 # -- YAML ---------------------------------------------------------------------------------------------------
@@ -165,6 +176,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def _mapping_without_duplicates(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
     seen: dict[Any, int] = {}
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` merges a mapping: its keys may be overridden
+            continue
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             lines = f"lines {seen[key] + 1} and {key_node.start_mark.line + 1}"

@@ -52,6 +52,7 @@ def guard_outputs(options: Any, names: Optional[dict[str, str]] = None) -> None:
     """
     names = names or {}
     inputs: list[str] = []
+    trees: list[str] = []  # input folders the command lists recursively (datasets)
     outputs: list[tuple[str, str, str]] = []  # (path, kind, option)
     defaults = options.default_outputs() if hasattr(options, "default_outputs") else {}
     planned = options.planned_outputs() if hasattr(options, "planned_outputs") else {}
@@ -59,6 +60,9 @@ def guard_outputs(options: Any, names: Optional[dict[str, str]] = None) -> None:
         value = getattr(options, name)
         if role == "input":
             inputs += _paths(value)
+        elif role == "input_tree":
+            inputs += _paths(value)
+            trees += _paths(value)
         elif role in OUTPUT_ROLES:
             value = value if value is not None else defaults.get(name)
             for path in _paths(value):
@@ -68,6 +72,8 @@ def guard_outputs(options: Any, names: Optional[dict[str, str]] = None) -> None:
                 outputs += [(str(Path(path) / file), "output_file", option) for file in planned.get(name, [])]
     for path, kind, option in outputs:
         check_destination(path, kind, option, inputs)
+        for tree in trees:
+            _check_not_inside(Path(path), Path(tree), f"{option} {path}")
 
 
 def check_destination(path: str, kind: str, option: str, inputs: list[str]) -> None:
@@ -75,9 +81,12 @@ def check_destination(path: str, kind: str, option: str, inputs: list[str]) -> N
     where = f"{option} {path}"
     target = Path(path)
     _check_name_lengths(target, where)
+    if _is_symlink(target) and not _exists(target):
+        raise ConfigError(f"{where} is a symbolic link to {os.readlink(target)}, which does not exist; remove the "
+                          "link or choose another path")
     if kind == "output_dir" and _exists(target) and not target.is_dir():
         raise ConfigError(f"{where} is a file, not a directory; choose a directory (it is created if missing)")
-    if kind == "output_file" and target.is_dir():
+    if kind == "output_file" and _is_dir(target):
         raise ConfigError(f"{where} is a directory; give a file name, e.g. {target / 'model.safetensors'}")
     _check_writable(target, where)
     for source in inputs:
@@ -107,6 +116,21 @@ def _exists(path: Path) -> bool:
         return False
 
 
+def _is_symlink(path: Path) -> bool:
+    try:
+        return path.is_symlink()
+    except OSError:
+        return False
+
+
+def _is_dir(path: Path) -> bool:
+    return _exists(path) and path.is_dir()
+
+
+def _is_file(path: Path) -> bool:
+    return _exists(path) and path.is_file()
+
+
 def _nearest_existing(target: Path) -> Path:
     current = target.absolute()
     while not _exists(current) and current != current.parent:
@@ -130,9 +154,29 @@ def _same(a: Path, b: Path) -> bool:
         return False
 
 
+def _check_not_inside(target: Path, tree: Path, where: str) -> None:
+    """Outputs inside a dataset folder would be listed as data the next time it is read."""
+    if not _is_dir(tree):
+        return
+    anchor = _nearest_existing(target)
+    try:
+        inside = anchor.resolve().is_relative_to(tree.resolve())
+    except OSError:
+        return
+    if inside:
+        raise ConfigError(f"{where} is inside the data folder {tree}: the run's files would be read as data next "
+                          "time; choose a folder outside it")
+
+
 def _check_not_input(target: Path, kind: str, source: Path, where: str) -> None:
     # writing into an input *directory* (a run directory) is how analyze / det eval work; an input *file* is
     # never a destination
-    if _same(target, source) and (kind == "output_file" or not source.is_dir()):
+    if _same(target, source) and (kind == "output_file" or not _is_dir(source)):
         raise ConfigError(f"{where} is also this command's input {source}: it would be overwritten; write to "
                           "another path")
+    # an existing file in an input folder, or beside an input file, may be what the input resolves to (a run
+    # directory's best.pt) or the user's own file: never overwritten
+    folder = source if _is_dir(source) else source.parent
+    if kind == "output_file" and _is_file(target) and _same(target.parent, folder):
+        raise ConfigError(f"{where} exists in the folder of this command's input {source}; it would be "
+                          "overwritten: write to another path")

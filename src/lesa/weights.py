@@ -52,8 +52,9 @@ def read_checkpoint(path: PathLike) -> Any:
                 " ...)) or convert it to .safetensors") from None
         raise CheckpointError(f"{path} is not a torch checkpoint or safetensors file ({_first_line(err)}): "
                               "check the file name, or copy the file again") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        what = "truncated or corrupt" if head.startswith(b"PK") or size < 1024 else "not a torch checkpoint"
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as err:
+        # a text or other non-pickle file makes the unpickler fail with any of these
+        what = "truncated or corrupt" if head.startswith(b"PK") else "not a torch checkpoint"
         raise CheckpointError(f"{path} is {what} ({_first_line(err)}): copy the file again, or pass another "
                               "checkpoint") from None
 

@@ -484,9 +484,11 @@ def output_names(images: list[str]) -> list[str]:
     for path, stem in zip(images, stems):
         parent = Path(path).resolve().parent.name
         names.append(f"{parent}_{stem}" if stems.count(stem) > 1 else stem)
-    seen: dict[str, int] = {}
-    unique = []
+    unique: list[str] = []
     for name in names:
-        seen[name] = seen.get(name, 0) + 1
-        unique.append(f"{name}.png" if seen[name] == 1 else f"{name}_{seen[name]}.png")
+        candidate, k = f"{name}.png", 1
+        while candidate in unique:
+            k += 1
+            candidate = f"{name}_{k}.png"
+        unique.append(candidate)
     return unique

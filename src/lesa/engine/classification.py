@@ -274,6 +274,11 @@ def evaluate_model(model: nn.Module, data: str, img_size: int, batch_size: int =
         dataset = (classification_data(model_name, data, img_size, train=False) if model_name
                    else build_classification_data(data, img_size, train=False))
         label_map = class_map(classes, dataset.classes, model_name or "the model")
+        outputs = getattr(getattr(model, "fc", None), "out_features", None)
+        if classes is None and outputs is not None and outputs != len(dataset.classes):
+            raise DataError(f"the model has {outputs} classes and {data} {len(dataset.classes)}, and a weights-only "
+                            "file does not say which are which; evaluate its run directory or training checkpoint "
+                            "(they store the class names), or data with the model's classes")
         model.to(ctx.device)
         loader = DataLoader(dataset.val, batch_size=batch_size, num_workers=workers, collate_fn=dataset.collate,
                             sampler=ShardSampler(len(dataset.val), ctx.rank, ctx.world_size))

@@ -9,25 +9,27 @@ the checkpoint's run (:func:`build_config`).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Optional, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, Optional, TypeVar
 
 import yaml
 from pydantic import Field
 
+from ..data import EMBEDDED
 from ..errors import CheckpointError, ConfigError, NotFoundError
 from ..models.registry import check_model_options
 from ..options import (
     ROLE_INPUT,
+    ROLE_INPUT_TREE,
     ROLE_OUTPUT_DIR,
     Device,
     Fraction,
     ImageSize,
     Name,
     NonNegativeFloat,
-    NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     Workers,
@@ -57,7 +59,7 @@ class RunConfig:
     nesterov: bool = False
     weight_decay: NonNegativeFloat = 1e-4
     workers: Workers = 0
-    seed: NonNegativeInt = 0
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0  # numpy's and torch's seeds both take it
     output: Optional[Name] = Field(default=None, json_schema_extra=ROLE_OUTPUT_DIR)  # default: runs/<task's name>
     resume: bool = False
     amp: Literal[AMP_MODES] = "auto"  # auto (bf16/fp16 on CUDA, off on CPU), none, bf16, fp16
@@ -102,7 +104,7 @@ class TrainConfig(RunConfig):
 
     model: Name = "lesa_resnet_tiny"
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # pos_embed, impl, heads, ...
-    data: Optional[Name] = Field(default="digits", json_schema_extra=ROLE_INPUT)
+    data: Optional[Name] = Field(default="digits", json_schema_extra=ROLE_INPUT_TREE)
     img_size: Optional[ImageSize] = None  # default: the model's
     epochs: PositiveInt = 15
     batch_size: PositiveInt = 64
@@ -116,6 +118,14 @@ class TrainConfig(RunConfig):
     # fine-tune from a classification checkpoint: its weights (not its optimizer or epoch); build_config takes
     # the model from its run
     init: Optional[Name] = Field(default=None, json_schema_extra=ROLE_INPUT)
+
+    def __post_init__(self) -> None:
+        # a folder is stored absolute, so that eval / resume from another working directory find the same data
+        folder = Path(self.data).expanduser() if self.data and self.data not in EMBEDDED else None
+        with contextlib.suppress(OSError):  # a name too long to look up is refused where it is read
+            if folder is not None and folder.is_dir():
+                self.data = str(folder.resolve())
+        super().__post_init__()
 
     def problems(self) -> list[str]:
         problems = super().problems()
@@ -175,6 +185,8 @@ def merge_values(cls: type, config_file: Optional[str] = None, preset: Optional[
     """The options :func:`merge_config` builds, before validation, and where each was given."""
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
+    if config_file is not None and not str(config_file).strip():
+        raise ConfigError("--config is empty: pass a YAML file, or drop --config")
     file_values = _nest_layer_options(cls, load_yaml(config_file)) if config_file else {}
     preset = preset or file_values.get("preset")
     if preset:
@@ -199,6 +211,11 @@ def _nest_layer_options(cls: type, values: dict[str, Any]) -> dict[str, Any]:
         return values
     nested = {k: v for k, v in values.items() if k not in layer}
     kept = {k: v for k, v in layer.items() if v is not None}
+    given = nested.get("model_kwargs") if isinstance(nested.get("model_kwargs"), dict) else {}
+    clash = [k for k, v in kept.items() if k in given and given[k] != v]
+    if clash:
+        raise ConfigError(f"{clash[0]} is given twice, as {kept[clash[0]]!r} and as {given[clash[0]]!r} in "
+                          "model_kwargs; keep one")
     if kept:
         base = nested.get("model_kwargs")
         nested["model_kwargs"] = {**base, **kept} if isinstance(base, dict) else kept
