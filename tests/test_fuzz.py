@@ -21,7 +21,7 @@ import lesa.cli as cli_module
 from lesa import LESA2d, create_model
 from lesa.errors import LesaError
 
-FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SCRATCH = Path(tempfile.mkdtemp(prefix="lesa-fuzz-"))
 (SCRATCH / "afile.txt").write_text("not a checkpoint")
 (SCRATCH / "adir").mkdir(exist_ok=True)
@@ -126,7 +126,7 @@ def test_cheap_commands_run_for_real_on_fuzzed_options(command, capsys, tiny_run
              "data": st.sampled_from(["digits", *PATHS]), "workers": st.sampled_from(["0", "1", "-1", "x"]),
              "output": st.sampled_from([str(SCRATCH / "out.safetensors"), str(SCRATCH / "o.pt"), *PATHS])}
 
-    @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(command_lines(command, pools))
     def check(argv):
         run_main(argv, capsys, stub=False)
