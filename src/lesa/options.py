@@ -151,7 +151,8 @@ def _fix(error: dict[str, Any]) -> str:
         "string_too_short": "give a non-empty value",
         "literal_error": f"choose one of {ctx.get('expected', '')}",
     }
-    if kind == "float_type" and isinstance(error.get("input"), str) and _is_number(error["input"]):
+    text = error.get("input")
+    if kind == "float_type" and isinstance(text, str) and "e" in text.lower() and _is_number(text):
         return "YAML reads a number like 1e-3 as text: write 1.0e-3 or 0.001"
     if kind in fixes:
         return fixes[kind]
