@@ -69,8 +69,9 @@ def test_wrapped_model_weights_load_through_every_reader(tmp_path, prefix, suffi
 def test_eval_reads_a_training_checkpoint_of_a_compiled_ddp_model(tmp_path, capsys):
     torch.manual_seed(0)
     sd = create_model(MODEL).state_dict()
+    classes = ["ant", "bee", "cow", *(str(i) for i in range(7))]  # the run's ten; the folder holds three of them
     state = dict(model={"_orig_mod.module." + k: v for k, v in sd.items()}, epoch=1, kind="classification",
-                 config=dict(model=MODEL, model_kwargs={}, data="digits", img_size=32))
+                 config=dict(model=MODEL, model_kwargs={}, data="digits", img_size=32), classes=classes)
     torch.save(state, tmp_path / "best.pt")
     data = image_folder(tmp_path / "data")
     with pytest.warns(UserWarning, match="removed the key prefix '_orig_mod.module.'"):
