@@ -4,6 +4,7 @@ import copy
 import pytest
 import torch
 from naive_lesa import lesa as naive_lesa
+from same_step import assert_same_step
 
 import lesa
 from lesa import LESA2d, SelfAttention2d
@@ -17,16 +18,6 @@ from lesa.layers.rel2d_attention import (
     sdpa,
 )
 from lesa.models import attention_layers, create_model
-
-RTOL = {torch.float64: 1e-10, torch.float32: 1e-4}
-
-
-def assert_close(actual, expected, dtype, name=""):
-    """Relative agreement: elementwise to ``rtol`` of the tensor's scale (tiny entries are not judged
-    on their own relative error, which float32 rounding makes meaningless)."""
-    rtol = RTOL[dtype]
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * float(expected.detach().abs().max()),
-                               msg=lambda m: f"{name}: {m}")
 
 
 def pair(cls, dtype, pos_embed, size, block_elems=None, **kw):
@@ -44,24 +35,6 @@ def pair(cls, dtype, pos_embed, size, block_elems=None, **kw):
         if block_elems and hasattr(m, "block_elems"):
             m.block_elems = block_elems
     return ref, fused
-
-
-def assert_same_step(ref, fused, x, dtype):
-    """One forward/backward in the modules' current mode: outputs, all gradients, BN buffers."""
-    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ya, yb = ref(xa), fused(xb)
-    assert_close(yb, ya, dtype, "output")
-    grad = torch.randn_like(ya)
-    ya.backward(grad)
-    yb.backward(grad)
-    assert_close(xb.grad, xa.grad, dtype, "input gradient")
-    for (name, a), (_, b) in zip(ref.named_parameters(), fused.named_parameters()):
-        if name.endswith("bn_logits.bias"):  # softmax is shift invariant: zero up to rounding in both
-            assert max(a.grad.abs().max(), b.grad.abs().max()) < 1e-3 * ya.detach().abs().max()
-            continue
-        assert_close(b.grad, a.grad, dtype, name)
-    for (name, a), (_, b) in zip(ref.named_buffers(), fused.named_buffers()):
-        assert_close(b.to(a.dtype), a, dtype, name)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -7,6 +7,14 @@ statistics are frozen (``frozen_bn``: BNs stay in eval mode, their affine parame
 like torchvision's ``FrozenBatchNorm2d``; LESA's internal BNs then use their running statistics and the
 fused path skips the batch moments). The attention layers use the 2-D relative embedding, so images keep
 their aspect ratio and sizes may differ per batch.
+
+Padded batches: torchvision's transform pads the images of a batch to one size (at the bottom and right, to
+multiples of 32) and passes the backbone only the padded tensor. The detectors' transform
+(:class:`~lesa.detection.cascade.DetectionTransform`) records each image's size on that tensor
+(:func:`mark_image_sizes`); the backbone runs its body inside :func:`~lesa.layers.binary.batch_padding`, so
+every attention layer attends only to keys inside each image (its valid size at the layer's stride:
+``ceil(size / stride)``). A feature of an image then depends on what it is batched with only through the
+convolutions' view of the border, as in a convolutional backbone (``docs/detection.md``).
 """
 from __future__ import annotations
 
@@ -14,13 +22,26 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, Optional
 
+import torch
 from torch import Tensor, nn
+from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from ..errors import ConfigError
+from ..errors import ConfigError, InputError
+from ..layers.binary import BinaryAttention2d, batch_padding
 from ..models import create_model
 from ..models.resnet import ResNet
+
+# The attribute of a padded batch tensor that holds its images' (height, width): torchvision's detectors call
+# the backbone with the tensor alone. On the tensor, it cannot outlive or leave the batch (another thread's,
+# a later one), and torch.compile traces it without a graph break.
+IMAGE_SIZES_ATTR = "lesa_image_sizes"
+
+
+def mark_image_sizes(images: ImageList) -> None:
+    """Record ``images.image_sizes`` on ``images.tensors`` for :meth:`LesaFPNBackbone.forward`."""
+    setattr(images.tensors, IMAGE_SIZES_ATTR, [(int(h), int(w)) for h, w in images.image_sizes])
 
 
 class LesaFPNBackbone(nn.Module):
@@ -37,6 +58,7 @@ class LesaFPNBackbone(nn.Module):
         in_channels = [info["num_chs"] for info in body.feature_info]
         self.fpn = FeaturePyramidNetwork(in_channels, out_channels, extra_blocks=LastLevelMaxPool())
         self.out_channels = out_channels
+        self.attends = any(isinstance(m, BinaryAttention2d) for m in body.modules())  # has padding to mask
         trainable = ["layer4", "layer3", "layer2", "layer1", "stem"][:trainable_layers]
         for name, param in body.named_parameters():
             stage = name.split(".")[0] if name.startswith("layer") else "stem"
@@ -57,9 +79,37 @@ class LesaFPNBackbone(nn.Module):
                     module.eval()
         return self
 
-    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
-        features = self.body.forward_intermediates(x, intermediates_only=True)
+    def forward(self, x: Tensor, image_sizes: Optional[Sequence[tuple[int, int]]] = None) -> OrderedDict[str, Tensor]:
+        """FPN levels ``'0'``-``'3'``, ``'pool'`` of the padded batch ``x`` ``(N, 3, H, W)``.
+
+        ``image_sizes``: each image's ``(height, width)`` in the top-left of ``x``; default: those the
+        detector's transform recorded on ``x`` (:func:`mark_image_sizes`), else none (no padding masked).
+        """
+        sizes = image_sizes if image_sizes is not None else getattr(x, IMAGE_SIZES_ATTR, None)
+        if sizes is not None and self.attends and any(tuple(s) != tuple(x.shape[-2:]) for s in sizes):
+            features = self.padded_features(x, sizes)
+        else:  # nothing padded, or no attention layer to tell
+            features = self.body.forward_intermediates(x, intermediates_only=True)
         return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(features)))
+
+    def padded_features(self, x: Tensor, sizes: Sequence[tuple[int, int]]) -> list[Tensor]:
+        """The body's stage outputs with every attention layer masking the padding of ``sizes``.
+
+        Raises:
+            InputError: ``sizes`` does not give one ``(height, width)`` per image.
+            ConfigError: block-level gradient checkpointing in training (its recomputation in the backward
+                pass would run outside the padding context).
+        """
+        if len(sizes) != x.shape[0] or any(len(s) != 2 for s in sizes):
+            raise InputError(f"image_sizes must give one (height, width) per image of the batch ({x.shape[0]}), "
+                             f"got {len(sizes)} entries")
+        if self.training and torch.is_grad_enabled() and getattr(self.body, "grad_checkpointing", False):
+            raise ConfigError("padded batches cannot use block-level gradient checkpointing (set_grad_checkpointing)"
+                              ": build the detector with checkpoint=True, which recomputes the LESA terms with the"
+                              " padding mask")
+        valid = torch.tensor([[int(h), int(w)] for h, w in sizes], device=x.device)
+        with batch_padding(valid, x.shape[-2:]):
+            return self.body.forward_intermediates(x, intermediates_only=True)
 
 
 def build_backbone(

@@ -1,11 +1,11 @@
-"""Cascade Mask R-CNN and Hybrid Task Cascade (HTC) on torchvision's detection parts.
+"""Cascade R-CNN, Cascade Mask R-CNN and Hybrid Task Cascade (HTC) on torchvision's detection parts.
 
 Cascade R-CNN (Cai & Vasconcelos, CVPR 2018) refines boxes in 3 stages whose heads are trained at rising
 IoU thresholds (0.5 / 0.6 / 0.7) on the boxes the previous stage regressed; each stage has a 2-FC (1024)
 box head with class-agnostic regression, its own regression target scale ((0.1, 0.1, 0.2, 0.2), then
 halved, then thirded) and loss weight (1, 0.5, 0.25), and a mask head. At test time the class logits of
 the three stages are averaged, the boxes come from the last stage, and the masks of the three heads are
-averaged after their sigmoids.
+averaged after their sigmoids. Without mask heads the same cascade is Cascade R-CNN (boxes only).
 
 HTC (Chen et al., "Hybrid Task Cascade for Instance Segmentation", CVPR 2019, arXiv 1901.07518) changes
 three things, each a flag here: *interleaved* execution (each stage's mask head trains on the boxes its
@@ -35,6 +35,8 @@ from torchvision.models.detection.faster_rcnn import TwoMLPHead
 from torchvision.models.detection.roi_heads import maskrcnn_loss
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign, batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
+
+from .backbone import mark_image_sizes
 
 STAGE_IOUS = (0.5, 0.6, 0.7)
 STAGE_WEIGHTS = (1.0, 0.5, 0.25)
@@ -138,11 +140,11 @@ class Sample:
 
 
 class CascadeRoIHeads(nn.Module):
-    """Cascade RoI heads: Cascade Mask R-CNN, or HTC with ``interleaved``, ``mask_info_flow`` and a
-    ``semantic_head`` (see the module docstring). Called as torchvision's ``RoIHeads``."""
+    """Cascade RoI heads: Cascade R-CNN (no ``mask_heads``), Cascade Mask R-CNN, or HTC with ``interleaved``,
+    ``mask_info_flow`` and a ``semantic_head`` (see the module docstring). Called as torchvision's ``RoIHeads``."""
 
-    def __init__(self, box_heads: Sequence[CascadeBoxHead], mask_heads: Sequence[CascadeMaskHead], *,
-                 box_roi_pool: MultiScaleRoIAlign, mask_roi_pool: MultiScaleRoIAlign,
+    def __init__(self, box_heads: Sequence[CascadeBoxHead], mask_heads: Optional[Sequence[CascadeMaskHead]], *,
+                 box_roi_pool: MultiScaleRoIAlign, mask_roi_pool: Optional[MultiScaleRoIAlign],
                  semantic_head: Optional[FusedSemanticHead] = None, interleaved: bool = False,
                  mask_info_flow: bool = False, stage_ious: Sequence[float] = STAGE_IOUS,
                  stage_weights: Sequence[float] = STAGE_WEIGHTS,
@@ -150,9 +152,13 @@ class CascadeRoIHeads(nn.Module):
                  positive_fraction: float = 0.25, score_thresh: float = 0.05, nms_thresh: float = 0.5,
                  detections_per_img: int = 100) -> None:
         super().__init__()
-        if not len(box_heads) == len(mask_heads) == len(stage_ious) == len(stage_weights) == len(stage_stds):
-            raise ValueError("one box head, mask head, IoU threshold, loss weight and std per stage")
-        self.box_heads, self.mask_heads = nn.ModuleList(box_heads), nn.ModuleList(mask_heads)
+        heads = len(box_heads)
+        if not heads == len(mask_heads or box_heads) == len(stage_ious) == len(stage_weights) == len(stage_stds):
+            raise ValueError("one box head, mask head (if any), IoU threshold, loss weight and std per stage")
+        if (interleaved or mask_info_flow) and not mask_heads:
+            raise ValueError("interleaved execution and mask information flow need mask heads (HTC)")
+        self.box_heads = nn.ModuleList(box_heads)
+        self.mask_heads = nn.ModuleList(mask_heads) if mask_heads else None
         self.box_roi_pool, self.mask_roi_pool = box_roi_pool, mask_roi_pool
         self.semantic_head = semantic_head
         self.semantic_roi_pool = MultiScaleRoIAlign(["semantic"], 14, 2) if semantic_head is not None else None
@@ -166,6 +172,10 @@ class CascadeRoIHeads(nn.Module):
     @property
     def num_stages(self) -> int:
         return len(self.box_heads)
+
+    @property
+    def has_masks(self) -> bool:
+        return self.mask_heads is not None
 
     # -- features -------------------------------------------------------------------------------------
     def semantic_features(self, features: dict[str, Tensor]) -> tuple[Optional[Tensor], Optional[Tensor]]:
@@ -257,6 +267,8 @@ class CascadeRoIHeads(nn.Module):
             mask_samples = self.sample(stage, rois, targets) if self.interleaved else samples
             losses[f"s{stage}.loss_classifier"] = weight * loss_cls
             losses[f"s{stage}.loss_box_reg"] = weight * loss_box
+            if not self.has_masks:
+                continue
             losses[f"s{stage}.loss_mask"] = weight * self.mask_loss(stage, features, mask_samples, image_shapes,
                                                                     targets, semantic)
         return losses
@@ -284,6 +296,8 @@ class CascadeRoIHeads(nn.Module):
         boxes = self.decode(self.num_stages - 1, deltas, rois, image_shapes)
         scores = F.softmax(torch.stack(stage_logits).mean(0), -1)  # the stages' logits averaged
         results = self.postprocess(boxes, scores.split([len(r) for r in rois]), image_shapes)
+        if not self.has_masks:
+            return results
         detected = [r["boxes"] for r in results]
         if sum(len(b) for b in detected):
             probs = torch.stack([m.sigmoid() for m in self.mask_logits(self.num_stages - 1, features, detected,
@@ -359,6 +373,13 @@ class DetectionTransform(GeneralizedRCNNTransform):
         super().__init__(min_size, max_size, image_mean, image_std, **kwargs)
         self.train_scales = [tuple(s) for s in train_scales or []]
 
+    def forward(self, images: list[Tensor], targets: Optional[list[dict[str, Tensor]]] = None):
+        """torchvision's transform; the padded batch also carries its images' sizes, for the backbone
+        (:func:`~lesa.detection.backbone.mark_image_sizes`: LESA masks the padding)."""
+        image_list, targets = super().forward(images, targets)
+        mark_image_sizes(image_list)
+        return image_list, targets
+
     def draw_scale(self) -> int:
         weights = [p for p, _, _ in self.train_scales]
         _, low, high = random.choices(self.train_scales, weights=weights)[0]
@@ -381,14 +402,16 @@ class DetectionTransform(GeneralizedRCNNTransform):
         return image, target
 
 
-def build_cascade_heads(num_classes: int, *, htc: bool, semantic_classes: Optional[int] = None,
+def build_cascade_heads(num_classes: int, *, htc: bool, masks: bool = True, semantic_classes: Optional[int] = None,
                         out_channels: int = 256, num_levels: int = 5, **kwargs) -> CascadeRoIHeads:
-    """Cascade Mask R-CNN's RoI heads, or HTC's (``htc=True``; ``semantic_classes`` adds the branch)."""
+    """Cascade Mask R-CNN's RoI heads, Cascade R-CNN's (``masks=False``), or HTC's (``htc=True``;
+    ``semantic_classes`` adds the branch)."""
     box_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
-    mask_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], 14, 2)
+    mask_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], 14, 2) if masks else None
     stages = len(kwargs.get("stage_ious", STAGE_IOUS))
     box_heads = [CascadeBoxHead(out_channels, 7, num_classes) for _ in range(stages)]
-    mask_heads = [CascadeMaskHead(out_channels, num_classes, info_flow=htc and i > 0) for i in range(stages)]
+    mask_heads = [CascadeMaskHead(out_channels, num_classes, info_flow=htc and i > 0)
+                  for i in range(stages)] if masks else None
     semantic = FusedSemanticHead(num_levels, out_channels, semantic_classes) if semantic_classes else None
     return CascadeRoIHeads(box_heads, mask_heads, box_roi_pool=box_pool, mask_roi_pool=mask_pool,
                            semantic_head=semantic, interleaved=htc, mask_info_flow=htc, **kwargs)

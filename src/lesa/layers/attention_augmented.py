@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from .binary import IMPLS, Impl, resolve_auto, softmax_diagonal
+from .binary import IMPLS, Impl, resolve_auto, softmax_diagonal, softmax_f32
 from .checks import check_choice, check_divisible, check_input, check_int, check_optional_int, graph_mode
 from .rel2d_attention import augment_rel2d, rel2d_attention
 from .rel_pos import RelPosEmbed2d, Size2d
@@ -102,7 +102,7 @@ class AttentionAugmentedConv2d(nn.Module):
 
     def attend_reference(self, q: Tensor, k: Tensor, v: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
         logits = q @ k.transpose(-1, -2) + (rows.unsqueeze(-1) + cols.unsqueeze(-2)).flatten(-2)
-        return torch.softmax(logits, dim=-1) @ v
+        return softmax_f32(logits).to(v.dtype) @ v
 
     @torch.no_grad()
     def attention_diagonal(self, x: Tensor) -> Tensor:

@@ -34,30 +34,46 @@ function), with the input checks as ``torch._assert``; ``torch.compile`` and ``t
 chosen path, the fused one in forms they capture whole (``'flat'``: the dense kernel where one block
 holds all queries, except under export; checkpointed query blocks instead of :class:`FlatBlockedAttention`;
 ``'rel2d'`` under export: one public attention call, no private kernel).
+
+Padded batches (detection): torchvision pads the images of a batch to one size (at the bottom and right).
+Given each image's valid size on the map (``forward(x, valid_size)``, or the :func:`batch_padding` context
+the detection backbone opens), the term attends only to keys inside the image, and its BatchNorms count
+only what lies inside in their batch statistics (training): ``bn_qkv`` and ``bn_out`` the positions inside,
+``bn_logits`` the pairs (query inside, key inside) -- :mod:`lesa.layers.bn_moments`. Queries in the padding
+get finite outputs (attention over the image's keys) that no output inside depends on. The reference path
+sets the padded keys' logits to ``-inf``; the fused 'rel2d' path zeroes them and gives them a large negative
+row / column logit on the one-hot columns (:data:`~lesa.layers.rel2d_attention.MASKED_LOGIT`), so the flash
+kernels still serve. 'flat' (classification, one fixed map size) takes no mask. Without one, every path is as before.
 """
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import Callable, Literal, Optional
+from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Callable, Literal, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.checkpoint import checkpoint
 
-from ..errors import ConfigError
+from ..errors import ConfigError, InputError
 from .bn_moments import (
     bn_logit_affine,
     dot_product_moments,
+    masked_batch_norm,
+    masked_bn_logit_affine,
+    masked_dot_product_moments,
+    masked_separable_moments,
     running_affine,
     separable_moments,
     sliding_window_moments,
     stats_dtype,
     uses_batch_stats,
 )
-from .checks import check_choice, check_input, check_int, graph_mode
-from .rel2d_attention import augment_rel2d, exporting, rel2d_attention
+from .checks import check_choice, check_input, check_int, describe, graph_mode
+from .rel2d_attention import MASKED_LOGIT, augment_rel2d, exporting, rel2d_attention
 from .rel_pos import FlatRelPosEmbed, RelPosEmbed2d, Size2d
 
 PosEmbed = Literal["flat", "rel2d"]
@@ -104,6 +120,98 @@ def check_heads(in_channels: int, out_channels: int, heads: int) -> None:
         )
 
 
+class KeyMask(NamedTuple):
+    """The part of each image in a padded ``H x W`` map: the top-left ``h x w`` (torchvision pads at the bottom
+    and right). ``rows``: ``(N, H)`` and ``cols``: ``(N, W)`` bool, True for the rows / columns inside."""
+
+    rows: Tensor
+    cols: Tensor
+
+    @staticmethod
+    def from_valid_size(valid_size: Tensor, height: int, width: int) -> KeyMask:
+        """From ``(N, 2)`` valid ``(h, w)``, each at least 1 (an image has a pixel; larger: the whole map)."""
+        valid = valid_size.clamp(min=1)
+        rows = torch.arange(height, device=valid.device) < valid[:, :1]
+        cols = torch.arange(width, device=valid.device) < valid[:, 1:]
+        return KeyMask(rows, cols)
+
+    def positions(self) -> Tensor:
+        """``(N, H*W)`` bool in raster order: the positions (queries and keys) inside the image."""
+        return self.inside().flatten(1)
+
+    def inside(self) -> Tensor:
+        """``(N, H, W)`` bool: the map positions inside the image."""
+        return self.rows.unsqueeze(-1) & self.cols.unsqueeze(-2)
+
+    def zero_outside(self, x: Tensor) -> Tensor:
+        """``(N, C, H, W)`` with zeros outside the images (what a convolution sees beyond an image alone)."""
+        return x.masked_fill(~self.inside().unsqueeze(1), 0)
+
+
+@dataclass(frozen=True)
+class BatchPadding:
+    """Each image's size in a padded batch, for the layers inside :func:`batch_padding`.
+
+    ``sizes``: ``(N, 2)`` integer ``(height, width)`` of the images in input pixels, on the batch's device;
+    ``padded``: the padded batch's ``(H, W)``.
+    """
+
+    sizes: Tensor
+    padded: tuple[int, int]
+
+    def valid_size(self, height: int, width: int) -> Tensor:
+        """``(N, 2)`` valid size on a ``height x width`` map of the batch: ``ceil(h * height / H)``, which is
+        ``ceil(h / stride)`` where the stride divides ``H`` (torchvision pads to multiples of 32)."""
+        pad_h, pad_w = self.padded
+        return torch.stack([(self.sizes[:, 0] * height + pad_h - 1) // pad_h,
+                            (self.sizes[:, 1] * width + pad_w - 1) // pad_w], dim=1)
+
+
+# The padding of the batch being run, for layers whose callers (timm, torch.fx, export) pass only ``x``. A
+# context variable: each thread (and asyncio task) sees its own; torch.compile reads it and guards on it.
+_BATCH_PADDING: ContextVar[Optional[BatchPadding]] = ContextVar("lesa_batch_padding", default=None)
+
+
+@contextlib.contextmanager
+def batch_padding(image_sizes: Tensor, padded_size: Sequence[int]) -> Iterator[BatchPadding]:
+    """Within the block, every 'rel2d' attention layer run in this thread masks the padding of the batch
+    (see the module docstring): ``image_sizes`` ``(N, 2)`` integer ``(height, width)`` of the images in the
+    padded input of size ``padded_size`` ``(H, W)``; each layer converts them to its own map size
+    (:meth:`BatchPadding.valid_size`). Layers with ``checkpoint=True`` take the mask into their recomputation.
+    A 'flat' layer raises :class:`~lesa.errors.ConfigError`.
+    """
+    padding = BatchPadding(image_sizes, (int(padded_size[0]), int(padded_size[1])))
+    token = _BATCH_PADDING.set(padding)
+    try:
+        yield padding
+    finally:
+        _BATCH_PADDING.reset(token)
+
+
+def padding_valid_size(x: Tensor) -> Optional[Tensor]:
+    """The valid sizes ``(N, 2)`` on the map ``x`` ``(N, C, H, W)`` inside :func:`batch_padding` (on ``x``'s
+    device), else ``None``."""
+    padding = _BATCH_PADDING.get()
+    return None if padding is None else padding.valid_size(x.shape[-2], x.shape[-1]).to(x.device)
+
+
+def check_valid_size(valid_size: object, x: Tensor) -> Tensor:
+    """An ``(N, 2)`` integer tensor for the batch ``x``, on its device.
+
+    Raises:
+        InputError: anything else, naming the expected shape.
+    """
+    if not isinstance(valid_size, Tensor):
+        got = describe(valid_size)
+    elif valid_size.shape != (x.shape[0], 2) or valid_size.is_floating_point() or valid_size.is_complex() \
+            or valid_size.dtype == torch.bool:
+        got = f"a {valid_size.dtype} tensor of shape {tuple(valid_size.shape)}"
+    else:
+        return valid_size.to(x.device)
+    raise InputError(f"valid_size must be an integer tensor of shape ({x.shape[0]}, 2), each image's valid "
+                     f"(height, width) on the map, got {got}")
+
+
 def check_reference_memory(q: Tensor, terms: int) -> None:
     """Refuse, before allocating, a reference-path logit tensor ``(N, terms * G, HW, HW)`` larger than the
     memory that is free on its device, naming the fused path that needs none of it."""
@@ -134,6 +242,14 @@ def free_memory(device: torch.device) -> Optional[int]:
     except OSError:
         pass
     return None
+
+
+def masked_norm(bn: nn.Module, x: Tensor, mask: KeyMask) -> Tensor:
+    """``bn`` over an ``(N, C, H, W)`` map, batch statistics over the positions inside the images (a BN folded
+    for inference is an ``nn.Identity``)."""
+    if not isinstance(bn, nn.BatchNorm2d):
+        return bn(x)
+    return masked_batch_norm(bn, x, mask.inside().unsqueeze(1))
 
 
 class BinaryAttention2d(nn.Module):
@@ -186,8 +302,12 @@ class BinaryAttention2d(nn.Module):
 
     def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(N, C, H, W)`` -> ``q, k: (N, G, HW, d)`` and ``v: (N, G, HW, dv)``."""
-        n, _, h, w = x.shape
-        qkv = self.bn_qkv(self.qkv(x)).reshape(n, self.heads, 2 * self.qk_dim + self.v_dim, h * w)
+        return self.split_qkv(self.bn_qkv(self.qkv(x)))
+
+    def split_qkv(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The normalised projection ``(N, 2 * out_channels, H, W)`` -> per-head ``q, k, v``."""
+        n, _, h, w = qkv.shape
+        qkv = qkv.reshape(n, self.heads, 2 * self.qk_dim + self.v_dim, h * w)
         # one copy to position-major rows: every later product, reduction and row slice then reads
         # contiguous memory (as strided views they cost 5% of a lesa_resnet50 training step)
         q, k, v = torch.split(qkv.transpose(-1, -2).contiguous(), [self.qk_dim, self.qk_dim, self.v_dim], dim=-1)
@@ -244,14 +364,24 @@ class BinaryAttention2d(nn.Module):
         self.qkv, self.bn_qkv, self.bn_out = qkv, nn.Identity(), nn.Identity()
         self.folded = True
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, valid_size: Optional[Tensor] = None) -> Tensor:
+        """``(N, in_channels, H, W)`` -> ``(N, out_channels, H, W)``. ``valid_size``: ``(N, 2)`` integer
+        ``(h, w)`` of each image in the top-left of the padded map (see the module docstring); default: from
+        :func:`batch_padding` where one is open, else no padding."""
         check_input(x, self.in_channels, "BinaryAttention2d", self.qkv.weight)
         if torch.jit.is_scripting():
+            torch._assert(valid_size is None, "padding masks run in eager mode and under torch.compile / export")
             return self.forward_reference(x)
         if graph_mode(x) == "symbolic":
+            if valid_size is not None or _BATCH_PADDING.get() is not None:
+                raise InputError("padding masks run in eager mode and under torch.compile / torch.export, not in "
+                                 "torch.fx or torch.jit.trace graphs: run the padded batch without tracing")
             return self.forward_reference(x)
         height, width = x.shape[-2:]
         self.rel_pos.check_size(height, width)
+        mask = self.key_mask(x, valid_size)
+        if mask is not None:
+            return self.forward_masked(x, mask)
         q, k, v = self.project_qkv(x)
         impl = self.resolve_impl(height, width)
         if impl == "reference":
@@ -260,13 +390,44 @@ class BinaryAttention2d(nn.Module):
         else:
             values, value_embed = self.attend_fused(q, k, v, height, width, dense=impl == "dense")
         if self.ablate_unary:
-            if self.training:
-                raise RuntimeError("the unary ablation is an evaluation-time analysis; call model.eval()")
-            if self.folded:
-                raise ConfigError("the unary ablation needs the unfused model (its v carries bn_out's shift): "
-                                  "run it on a model not passed through fuse_for_inference")
             values, value_embed = self.remove_self_term(q, k, v, values, value_embed, height, width)
         return self.finish(values, value_embed, height, width)
+
+    def forward_masked(self, x: Tensor, mask: KeyMask) -> Tensor:
+        """:meth:`forward` of a padded 'rel2d' batch: keys outside the images masked, BatchNorm statistics over
+        what lies inside (see the module docstring)."""
+        height, width = x.shape[-2:]
+        q, k, v = self.split_qkv(masked_norm(self.bn_qkv, self.qkv(x), mask))
+        if self.resolve_impl(height, width) == "reference":
+            check_reference_memory(q, 2)
+            values = softmax_f32(self.masked_reference_logits(q, k, height, width, mask)).to(v.dtype) @ v
+        else:
+            values, _ = self.attend_fused(q, k, v, height, width, mask=mask)
+        if self.ablate_unary:
+            values, _ = self.remove_self_term(q, k, v, values, None, height, width, mask)
+        if self.folded:
+            return self.finish_folded(values, None, height, width)
+        out = values.transpose(-1, -2).reshape(x.shape[0], self.out_channels, height, width)
+        return masked_norm(self.bn_out, out, mask)
+
+    def key_mask(self, x: Tensor, valid_size: Optional[Tensor]) -> Optional[KeyMask]:
+        """The padding of ``x`` from ``valid_size`` or the open :func:`batch_padding`; ``None`` without either.
+
+        Raises:
+            ConfigError: a mask for a 'flat' layer (its tables fix the map size: nothing is padded).
+            InputError: a ``valid_size`` that is not an ``(N, 2)`` integer tensor.
+        """
+        height, width = x.shape[-2:]
+        if valid_size is None:
+            valid_size = padding_valid_size(x)
+            if valid_size is None:
+                return None
+        else:
+            valid_size = check_valid_size(valid_size, x)
+        if self.pos_embed == "flat":
+            raise ConfigError("pos_embed='flat' takes no padding mask (its tables fix one map size): build the "
+                              "model with pos_embed='rel2d' for padded batches, as the detection backbones are")
+        return KeyMask.from_valid_size(valid_size, height, width)
 
     def forward_reference(self, x: Tensor) -> Tensor:
         """The reference path alone, as TorchScript and torch.fx take it (the input is already checked)."""
@@ -284,15 +445,27 @@ class BinaryAttention2d(nn.Module):
         stacked = self.bn_logits(torch.cat(terms, dim=1))
         return stacked.view(n, len(terms), g, num, num).sum(1)
 
+    def masked_reference_logits(self, q: Tensor, k: Tensor, height: int, width: int, mask: KeyMask) -> Tensor:
+        """:meth:`reference_logits` of a padded batch: BN statistics over the pairs inside the images, ``-inf``
+        for the padded keys."""
+        n, g, num = q.shape[0], q.shape[1], q.shape[2]
+        terms = [q @ k.transpose(-1, -2)] + self.rel_pos.reference_logits(q, k, height, width)
+        inside = mask.positions()
+        pairs = (inside.unsqueeze(-1) & inside.unsqueeze(-2)).unsqueeze(1)  # (N, 1, HW, HW)
+        stacked = masked_batch_norm(self.bn_logits, torch.cat(terms, dim=1), pairs)
+        logits = stacked.view(n, len(terms), g, num, num).sum(1)
+        return logits.masked_fill(~inside[:, None, None, :], float("-inf"))
+
     def attend_reference(self, q: Tensor, k: Tensor, v: Tensor, height: int,
                          width: int) -> tuple[Tensor, Optional[Tensor]]:
-        attn = torch.softmax(self.reference_logits(q, k, height, width), dim=-1)
+        attn = softmax_f32(self.reference_logits(q, k, height, width)).to(v.dtype)
         return attn @ v, self.rel_pos.reference_values(attn)
 
     # -- fused: no (HW)^2 tensor ----------------------------------------------------------------------
-    def logit_affine(self, q: Tensor, k: Tensor, rel=None) -> tuple[Tensor, Tensor]:
+    def logit_affine(self, q: Tensor, k: Tensor, rel=None, mask: Optional[KeyMask] = None) -> tuple[Tensor, Tensor]:
         """The logit BN as per-term, per-head scales ``(terms, G)`` and one summed shift per head
-        ``(1, G, 1, 1)``; updates the BN's running statistics in training.
+        ``(1, G, 1, 1)``; updates the BN's running statistics in training (with a ``mask``: over the pairs
+        inside the images).
 
         The shift is constant along each softmax row, so it does not change the output; it is kept so
         that the fused path computes literally the reference's logits (and every parameter, the BN's
@@ -300,7 +473,9 @@ class BinaryAttention2d(nn.Module):
         """
         dtype = stats_dtype(q)
         terms = 3 if self.pos_embed == "flat" else 2
-        if uses_batch_stats(self.bn_logits):
+        if mask is not None and uses_batch_stats(self.bn_logits):
+            scale, shift = self.masked_logit_affine(q.to(dtype), k.to(dtype), rel, mask)
+        elif uses_batch_stats(self.bn_logits):
             qs, ks = q.to(dtype), k.to(dtype)
             moments = [dot_product_moments(qs, ks)]
             if self.pos_embed == "flat":
@@ -316,19 +491,40 @@ class BinaryAttention2d(nn.Module):
         shift = shift.view(terms, self.heads).sum(0).view(1, -1, 1, 1)
         return scale.view(terms, self.heads).to(q.dtype), shift.to(q.dtype)
 
-    def fused_operands(self, q: Tensor, k: Tensor, height: int, width: int) -> dict[str, Tensor]:
+    def masked_logit_affine(self, q: Tensor, k: Tensor, rel: tuple[Tensor, Tensor],
+                            mask: KeyMask) -> tuple[Tensor, Tensor]:
+        """The 'rel2d' logit BN's batch ``(scale, shift)`` over the pairs inside each image (``V^2`` of them)."""
+        rows, cols = (r.to(q.dtype) for r in rel)
+        inside = mask.positions().to(q.dtype)
+        count = inside.sum(-1, keepdim=True)  # (N, 1): V
+        moments = [masked_dot_product_moments(q, k, inside[:, None, :, None], count),
+                   masked_separable_moments(rows, cols, mask.rows.to(q.dtype)[:, None, None],
+                                            mask.cols.to(q.dtype)[:, None, None], inside.unsqueeze(1))]
+        return masked_bn_logit_affine(self.bn_logits, moments, count.square())
+
+    def fused_operands(self, q: Tensor, k: Tensor, height: int, width: int,
+                       mask: Optional[KeyMask] = None) -> dict[str, Tensor]:
         """What the fused path attends with: the BN-scaled, position-augmented queries and keys
-        (``'rel2d'``), or the scaled queries/keys, tables and shift (``'flat'``)."""
+        (``'rel2d'``; a ``mask`` zeroes the padded keys and puts their rows / columns at ``MASKED_LOGIT``), or
+        the scaled queries/keys, tables and shift (``'flat'``)."""
         if self.pos_embed == "flat":
             scale, shift = self.logit_affine(q, k)
             s_qk, s_qr, s_kr = (s.view(1, -1, 1, 1) for s in scale)
             tq, tk, tv = (t.to(q.dtype) for t in self.rel_pos.tables())
             return dict(q_k=q * s_qk, q_r=q * s_qr, k=k, k_r=k * s_kr, tq=tq, tk=tk, tv=tv, shift=shift)
         rows, cols = self.rel_pos.rel_logits(q, height, width)
-        scale, shift = self.logit_affine(q, k, rel=(rows, cols))
+        scale, shift = self.logit_affine(q, k, rel=(rows, cols), mask=mask)
         s_qk, s_rel = (s.view(1, -1, 1, 1) for s in scale)
         # every key lies in exactly one row, so the per-head shift rides on the row logits
-        return dict(q=q * s_qk, rows=rows * s_rel + shift, cols=cols * s_rel)
+        rows, cols = rows * s_rel + shift, cols * s_rel
+        if mask is None:
+            return dict(q=q * s_qk, k=k, rows=rows, cols=cols)
+        # a padded key lies in a padded row or column: MASKED_LOGIT there, and q.k = 0 (whatever the padding
+        # holds), so that exp() of its logit is 0
+        rows = rows.masked_fill(~mask.rows[:, None, None, :], MASKED_LOGIT)
+        cols = cols.masked_fill(~mask.cols[:, None, None, :], MASKED_LOGIT)
+        k = k.masked_fill(~mask.positions()[:, None, :, None], 0)
+        return dict(q=q * s_qk, k=k, rows=rows, cols=cols)
 
     def query_block(self, q: Tensor) -> int:
         n, g, num, _ = q.shape
@@ -336,11 +532,12 @@ class BinaryAttention2d(nn.Module):
             n = 1
         return max(1, min(num, self.block_elems // max(1, n * g * num)))
 
-    def attend_fused(self, q: Tensor, k: Tensor, v: Tensor, height: int, width: int, dense: bool = False):
+    def attend_fused(self, q: Tensor, k: Tensor, v: Tensor, height: int, width: int, dense: bool = False,
+                     mask: Optional[KeyMask] = None):
         """The fused path; ``dense``: the flat term in one block of all queries whatever its size."""
-        ops = self.fused_operands(q, k, height, width)
+        ops = self.fused_operands(q, k, height, width, mask)
         if self.pos_embed != "flat":
-            return rel2d_attention(ops["q"], k, v, ops["rows"], ops["cols"]), None
+            return rel2d_attention(ops["q"], ops["k"], v, ops["rows"], ops["cols"]), None
         args = (ops["q_k"], ops["q_r"], k, ops["k_r"], v, ops["tq"], ops["tk"], ops["tv"], ops["shift"],
                 q.shape[-2] if dense else self.query_block(q))
         if args[-1] >= q.shape[-2] and not exporting():  # one block: all logits at once, probabilities kept
@@ -350,12 +547,14 @@ class BinaryAttention2d(nn.Module):
         return FlatBlockedAttention.apply(*args)
 
     # -- looking inside: attention rows without the (HW)^2 matrix ---------------------------------------
-    def logit_rows(self, q: Tensor, k: Tensor, height: int, width: int) -> Callable[[int, int], Tensor]:
+    def logit_rows(self, q: Tensor, k: Tensor, height: int, width: int,
+                   mask: Optional[KeyMask] = None) -> Callable[[int, int], Tensor]:
         """``rows(start, stop)``: the BN-normalised logits ``(N, G, stop - start, HW)`` of those queries,
-        equal to rows of :meth:`reference_logits`. Use in eval mode (training would update the BN)."""
-        ops = self.fused_operands(q, k, height, width)
+        equal to rows of :meth:`reference_logits` (padded keys: ``MASKED_LOGIT`` instead of ``-inf``). Use in
+        eval mode (training would update the BN)."""
+        ops = self.fused_operands(q, k, height, width, mask)
         if self.pos_embed != "flat":
-            q_aug, k_aug = augment_rel2d(ops["q"], k, ops["rows"], ops["cols"])
+            q_aug, k_aug = augment_rel2d(ops["q"], ops["k"], ops["rows"], ops["cols"])
             return lambda start, stop: q_aug[:, :, start:stop] @ k_aug.transpose(-1, -2)
         num = q.shape[-2]
 
@@ -385,12 +584,17 @@ class BinaryAttention2d(nn.Module):
         """The attention weights of one query (raster index) over all keys, ``(N, heads, H*W)``."""
         q, k, _ = self._eval_qkv(x)
         logits = self.logit_rows(q, k, *x.shape[-2:])(query, query + 1)
-        return torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))[:, :, 0]
+        return softmax_f32(logits)[:, :, 0]
 
     def remove_self_term(self, q: Tensor, k: Tensor, v: Tensor, values: Tensor, value_embed: Optional[Tensor],
-                         height: int, width: int) -> tuple[Tensor, Optional[Tensor]]:
+                         height: int, width: int, mask: Optional[KeyMask] = None) -> tuple[Tensor, Optional[Tensor]]:
         """Table 1's ablation: drop each query's own term ``p_ii v_i`` (and ``p_ii r_v[0]``) from the sums."""
-        own = softmax_diagonal(self.logit_rows(q, k, height, width), q.shape[-2], self.query_block(q))
+        if self.training:
+            raise RuntimeError("the unary ablation is an evaluation-time analysis; call model.eval()")
+        if self.folded:
+            raise ConfigError("the unary ablation needs the unfused model (its v carries bn_out's shift): "
+                              "run it on a model not passed through fuse_for_inference")
+        own = softmax_diagonal(self.logit_rows(q, k, height, width, mask), q.shape[-2], self.query_block(q))
         own = own.unsqueeze(-1).to(values.dtype)
         values = values - own * v
         if value_embed is not None:
@@ -443,7 +647,7 @@ def flat_attention_block(
     Returns the block's ``sum_j p_ij v_j`` and ``sum_j p_ij r_v[i - j]``.
     """
     logits, skew = flat_block_logits(q_k, q_r, k, k_r, win_q, win_k, shift)
-    attn = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(v.dtype)
+    attn = softmax_f32(logits).to(v.dtype)
     values = attn @ v
     spread = attn.new_zeros(*attn.shape[:-1], win_v.shape[-1]).scatter(-1, skew, attn)
     return values, spread @ win_v.t()
@@ -470,6 +674,13 @@ def flat_blocked_attention(
         values.append(out)
         value_embeds.append(embed)
     return torch.cat(values, dim=2), torch.cat(value_embeds, dim=2)
+
+
+def softmax_f32(logits: Tensor) -> Tensor:
+    """Softmax over the last dim computed in at least float32: under autocast the logits may be bfloat16 /
+    float16, whose 8 / 11-bit mantissas lose the small weights of a long row (CPU autocast keeps softmax in
+    the input's dtype; CUDA autocast promotes it)."""
+    return torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
 
 
 def softmax_diagonal(rows: Callable[[int, int], Tensor], num: int, block: int) -> Tensor:
@@ -612,7 +823,7 @@ class FlatDenseAttention(torch.autograd.Function):
             key_term[..., rows, :] = skew(torch.matmul(k_r[..., rows, :], tk_f[:, win]))
         logits += key_term.transpose(-1, -2)
         del key_term
-        attn = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(v.dtype)
+        attn = softmax_f32(logits).to(v.dtype)
         del logits
         values = torch.matmul(attn, v)
         value_embed = v.new_empty(*v.shape[:-1], tv.shape[0])

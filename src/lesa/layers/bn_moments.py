@@ -7,6 +7,13 @@ variance over ``(N, HW, HW)``. The helpers here compute the mean and variance of
 moments of ``q``, ``k`` and the relative logits in ``O(HW d^2)`` instead of ``O((HW)^2)``, using centred
 sums (per sample, then combined with the law of total variance) so that no large moments are subtracted.
 They are computed in at least float32 (float64 for float64 inputs); the result is differentiable.
+
+Padded batches (:class:`~lesa.layers.binary.KeyMask`): the batch statistics count only what lies inside the
+images, the positions ``V_n`` of each image ``n`` for ``bn_qkv`` / ``bn_out`` and the pairs ``V_n x V_n``
+(valid query, valid key) for the logit BN. The ``masked_*`` helpers take 0/1 weights for that:
+:func:`masked_batch_norm` on materialised tensors, :func:`masked_dot_product_moments` and
+:func:`masked_separable_moments` for the fused path, whose per-image moments (over different counts)
+:func:`masked_bn_logit_affine` merges.
 """
 from __future__ import annotations
 
@@ -70,6 +77,25 @@ class DotProductMoments(torch.autograd.Function):
         return grad_q, grad_k
 
 
+def masked_dot_product_moments(q: Tensor, k: Tensor, weight: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`dot_product_moments` over the pairs ``(i, j)`` of positions inside each image.
+
+    ``q``, ``k``: ``(N, G, P, d)``; ``weight``: ``(N, 1, P, 1)``, 1 inside the image, 0 in its padding;
+    ``count``: ``(N, 1)`` positions inside, ``V``. With means ``q_bar``, ``k_bar`` over those positions the
+    centred parts sum to zero over them, so the same orthogonal split holds with ``P`` replaced by ``V`` and
+    ``Q'``, ``K'`` zero outside: ``M2 = <Q'^T Q', K'^T K'> + V k_bar^T Q'^T Q' k_bar + V q_bar^T K'^T K' q_bar``
+    (``(N, G)`` each, over ``V^2`` pairs; autograd differentiates it).
+    """
+    per_image = count[..., None, None]
+    q_bar = (q * weight).sum(-2, keepdim=True) / per_image
+    k_bar = (k * weight).sum(-2, keepdim=True) / per_image
+    qc, kc = (q - q_bar) * weight, (k - k_bar) * weight
+    gram_q, gram_k = qc.transpose(-1, -2) @ qc, kc.transpose(-1, -2) @ kc
+    cross = k_bar @ gram_q @ k_bar.transpose(-1, -2) + q_bar @ gram_k @ q_bar.transpose(-1, -2)
+    m2 = (gram_q * gram_k).sum((-1, -2)) + count * cross[..., 0, 0]
+    return (q_bar * k_bar).sum(-1)[..., 0], m2
+
+
 def separable_moments(rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
     """Per-sample moments of ``rows[i, y] + cols[i, x]`` over queries ``i`` and keys ``(y, x)``.
 
@@ -80,6 +106,26 @@ def separable_moments(rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
     r_bar, c_bar = rows.mean(-1, keepdim=True), cols.mean(-1, keepdim=True)
     within = width * (rows - r_bar).square().sum(-1) + height * (cols - c_bar).square().sum(-1)
     return _merge_rows(r_bar.squeeze(-1) + c_bar.squeeze(-1), within, rows.shape[-2])
+
+
+def masked_separable_moments(rows: Tensor, cols: Tensor, row_weight: Tensor, col_weight: Tensor,
+                             query_weight: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`separable_moments` over the queries and keys inside each image.
+
+    ``row_weight``: ``(N, 1, 1, H)`` and ``col_weight``: ``(N, 1, 1, W)``, 1 for the ``h`` rows and ``w``
+    columns inside; ``query_weight``: ``(N, 1, P)``, 1 for the ``V = h w`` positions inside. Per query the
+    keys inside are the ``h x w`` grid of those rows and columns, so the split holds with ``H, W`` replaced
+    by ``h, w``; the queries then merge over ``V`` (each over ``h w`` keys): ``(N, G)`` moments over ``V^2``.
+    """
+    height, width = row_weight.sum(-1), col_weight.sum(-1)  # (N, 1, 1)
+    r_bar = (rows * row_weight).sum(-1) / height
+    c_bar = (cols * col_weight).sum(-1) / width
+    within = (width * ((rows - r_bar.unsqueeze(-1)).square() * row_weight).sum(-1)
+              + height * ((cols - c_bar.unsqueeze(-1)).square() * col_weight).sum(-1))
+    row_mean = r_bar + c_bar  # (N, G, P)
+    mean = (row_mean * query_weight).sum(-1) / query_weight.sum(-1)
+    spread = ((row_mean - mean.unsqueeze(-1)).square() * query_weight).sum(-1)
+    return mean, (within * query_weight).sum(-1) + (height * width)[..., 0] * spread
 
 
 def sliding_window_moments(x: Tensor, table: Tensor) -> tuple[Tensor, Tensor]:
@@ -190,18 +236,58 @@ def bn_logit_affine(bn: nn.BatchNorm2d, moments: list[tuple[Tensor, Tensor]], co
     return _affine(bn, mean, torch.rsqrt(var + bn.eps))
 
 
-def update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, n: int) -> None:
+def masked_bn_logit_affine(bn: nn.BatchNorm2d, moments: list[tuple[Tensor, Tensor]],
+                           counts: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`bn_logit_affine` where sample ``n``'s moments are over ``counts[n]`` values (``(N, 1)``: the
+    pairs inside each image of a padded batch). Per-image means and centred sums merge weighted by their
+    counts; the running statistics are updated with the total count (a tensor: no host synchronisation)."""
+    means = torch.cat([m for m, _ in moments], dim=1)
+    if means.shape[0] == 0:
+        return bn_logit_affine(bn, moments, 0)
+    m2s = torch.cat([v for _, v in moments], dim=1)
+    total = counts.sum()
+    mean = (counts * means).sum(0) / total
+    var = (m2s.sum(0) + (counts * (means - mean).square()).sum(0)) / total
+    if bn.training and bn.running_mean is not None:
+        update_running_stats(bn, mean.detach(), var.detach(), total.detach())
+    return _affine(bn, mean, torch.rsqrt(var + bn.eps))
+
+
+def masked_batch_norm(bn: nn.BatchNorm2d, x: Tensor, weight: Tensor) -> Tensor:
+    """``bn(x)``, its batch statistics over the entries where ``weight`` is 1 (what lies inside the images of
+    a padded batch); with running statistics (eval) the weight changes nothing.
+
+    ``x``: ``(N, C, ...)``; ``weight``: 0/1, ``(N, 1, ...)`` (one weight per entry of a channel). In training
+    the running statistics are updated as :class:`torch.nn.BatchNorm2d` would over the weighted entries alone.
+    """
+    if not uses_batch_stats(bn) or x.shape[0] == 0:
+        return bn(x)
+    dtype = stats_dtype(x)
+    xs, weight = x.to(dtype), weight.to(dtype)
+    dims = [0, *range(2, x.dim())]
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    count = weight.sum()
+    mean = (xs * weight).sum(dims) / count
+    var = ((xs - mean.view(shape)).square() * weight).sum(dims) / count
+    if bn.training and bn.running_mean is not None:
+        update_running_stats(bn, mean.detach(), var.detach(), count.detach())
+    scale, shift = _affine(bn, mean, torch.rsqrt(var + bn.eps))
+    return (xs * scale.view(shape) + shift.view(shape)).to(x.dtype)
+
+
+def update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, n: int | Tensor) -> None:
     """Fold a batch's ``mean`` and biased ``var`` over ``n`` values into ``bn``'s running statistics, as
-    :class:`torch.nn.BatchNorm2d` does in training (unbiased variance, momentum or cumulative average)."""
+    :class:`torch.nn.BatchNorm2d` does in training (unbiased variance, momentum or cumulative average).
+    ``n``: an int, or a tensor where it is counted on the device (padding masks)."""
     factor = 0.0
     if bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
         factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    if n == 0:  # an empty batch counts in num_batches_tracked but has no statistics (nn.BatchNorm2d's rule)
+    if not isinstance(n, Tensor) and n == 0:  # an empty batch counts but has no statistics (nn.BatchNorm2d)
         return
     with torch.no_grad():
         bn.running_mean.mul_(1 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
-        unbiased = var * (n / max(n - 1, 1))
+        unbiased = var * (n / (n - 1).clamp(min=1) if isinstance(n, Tensor) else n / max(n - 1, 1))
         bn.running_var.mul_(1 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
 
 

@@ -7,7 +7,9 @@
 * the dynamic fusion gate ``omega`` (:class:`~lesa.layers.fusion.DynamicFusionGate`, Eq. 7), or by 1
   with ``fusion='static'`` (the paper's "static LESA", Table 6).
 
-With ``stride > 1`` the output is average-pooled, as in the authors' code.
+With ``stride > 1`` the output is average-pooled, as in the authors' code. In a padded batch (inside
+:func:`~lesa.layers.binary.batch_padding`) the binary term attends only to keys inside each image and both
+terms see the input as zero outside it (:meth:`LESA2d.terms`).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .binary import BinaryAttention2d, Impl, PosEmbed
+from .binary import BinaryAttention2d, Impl, KeyMask, PosEmbed, padding_valid_size
 from .checkpointing import checkpointed
 from .checks import check_bool, check_choice, check_input, check_int, graph_mode
 from .fusion import DynamicFusionGate
@@ -76,11 +78,23 @@ class LESA2d(nn.Module):
                 part.reset_parameters()
 
     def terms(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """The unary and binary terms ``(m, b)`` at the input resolution."""
+        """The unary and binary terms ``(m, b)`` at the input resolution.
+
+        In a padded batch (:func:`~lesa.layers.binary.batch_padding`) the input is zeroed outside each image:
+        the unary convolution then sees at an image's border what it sees around the image alone (zero
+        padding), and the layer's output over the image and its margin does not depend on the batch.
+        """
         check_input(x, self.in_channels, "LESA2d", self.binary.qkv.weight)
         if not torch.jit.is_scripting():
-            if self.checkpoint and self.training and graph_mode(x) != "symbolic" and x.requires_grad:
-                return checkpointed(self.unary, self.unary, x), checkpointed(self.binary, self.binary, x)
+            symbolic = graph_mode(x) == "symbolic"  # graphs take no padding (the binary term refuses it there)
+            valid = None if symbolic else padding_valid_size(x)
+            if valid is not None:
+                x = KeyMask.from_valid_size(valid, x.shape[-2], x.shape[-1]).zero_outside(x)
+            if self.checkpoint and self.training and not symbolic and x.requires_grad:
+                # the recomputation runs in backward, outside the batch's padding context: its mask goes along
+                return checkpointed(self.unary, self.unary, x), checkpointed(self.binary, self.binary, x, valid)
+            if valid is not None:
+                return self.unary(x), self.binary(x, valid)
         return self.unary(x), self.binary(x)
 
     def forward(self, x: Tensor) -> Tensor:

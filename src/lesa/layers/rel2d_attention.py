@@ -15,6 +15,14 @@ log-sum-exps, as in flash attention's own blocking. The backward pass calls the 
 group with the merged output and log-sum-exp, which yields exactly each group's share of the
 gradients. It uses PyTorch's CPU flash kernel directly; where that is missing, and under ``torch.export``,
 :func:`sdpa` serves. ``torch.compile`` captures both whole.
+
+Padded keys ride the same columns: a key in a padded row or column gets :data:`MASKED_LOGIT` as its row
+(or column) logit and a zero key vector (so that no ``q.k`` offsets it, whatever the padding holds), so the
+kernels need no ``(HW)^2`` mask. It is finite because the one-hot product multiplies it by the zeros of every
+other key (``-inf * 0`` would be NaN), and large enough that its ``exp`` is exactly 0 beside any key inside
+the image in every dtype (``exp(-745)`` underflows float64), so a masked key adds nothing, in the forward or
+the backward; a group of the key-row split whose rows are all padding merges with weight 0. Every row holds
+at least one key inside (each image has at least one pixel).
 """
 from __future__ import annotations
 
@@ -30,6 +38,8 @@ from torch.autograd.function import once_differentiable
 # call at 64x64, benchmarks/bench_layer.py).
 ROWS_PER_GROUP = 16
 _CPU_FLASH = "_scaled_dot_product_flash_attention_for_cpu"
+# A padded key's row / column logit: finite (float16 too, twice over) and exp() of it is 0 in every dtype.
+MASKED_LOGIT = -1.0e4
 
 
 def augment_rel2d(q: Tensor, k: Tensor, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .binary import BinaryAttention2d, Impl, PosEmbed
+from .binary import BinaryAttention2d, Impl, PosEmbed, padding_valid_size
 from .checkpointing import checkpointed
 from .checks import check_bool, check_input, check_int, graph_mode
 from .rel_pos import Size2d
@@ -41,5 +41,7 @@ class SelfAttention2d(nn.Module):
         check_input(x, self.in_channels, "SelfAttention2d", self.binary.qkv.weight)
         if not torch.jit.is_scripting():
             if self.checkpoint and self.training and graph_mode(x) != "symbolic" and x.requires_grad:
-                return self.pool(checkpointed(self.binary, self.binary, x))
+                # the recomputation runs in backward, outside the batch's padding context: its mask goes along
+                valid = padding_valid_size(x)
+                return self.pool(checkpointed(self.binary, self.binary, x, valid))
         return self.pool(self.binary(x))
