@@ -62,6 +62,25 @@ def test_every_loss_is_finite_and_gradients_reach_every_stage(kind, semantic):
     assert model.backbone.body.conv1.weight.grad is not None and model.rpn.head.conv[0][0].weight.grad is not None
 
 
+@pytest.mark.parametrize("kind", ["fasterrcnn", "cascade_rcnn"])
+def test_box_only_detectors_train_and_detect_without_masks(kind):
+    """Faster R-CNN and Cascade R-CNN learn from targets without masks and predict boxes only."""
+    model = detector(kind)
+    box_targets = [{k: v for k, v in t.items() if k != "masks"} for t in targets()]
+    losses = model(images(), box_targets)
+    heads = ("loss_classifier", "loss_box_reg")
+    expected = heads if kind == "fasterrcnn" else tuple(f"s{i}.{n}" for i in range(3) for n in heads)
+    assert set(losses) == {*expected, "loss_objectness", "loss_rpn_box_reg"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert not any("mask" in name for name, _ in model.named_parameters())
+    model.eval()
+    model.roi_heads.score_thresh = 0.0
+    with torch.no_grad():
+        outputs = model(images())
+    assert all(set(o) == {"boxes", "labels", "scores"} and len(o["boxes"]) for o in outputs)
+
+
 @pytest.mark.parametrize("kind", ["cascade_maskrcnn", "htc"])
 def test_later_stages_train_on_the_boxes_the_previous_stage_refined(kind):
     model = detector(kind)

@@ -256,15 +256,15 @@ def test_stats_are_none_exactly_where_a_size_range_has_no_ground_truth(tmp_path)
 
 # -- the commands ---------------------------------------------------------------------------------------------
 def coco_root(tmp_path):
-    """train: 3 images (one EXIF-rotated, one 16-bit) and 3 categories; val: 2 of them, in another order."""
+    """train: 3 images (an EXIF-rotated JPEG, a 16-bit PNG) and 3 categories; val: 2 of them, in another order."""
     root = tmp_path / "data"
     rng = np.random.default_rng(0)
-    write_image(root / "train" / "a.png", (48, 32), orientation=6)  # upright 32x48
+    write_image(root / "train" / "a.jpg", (48, 32), orientation=6)  # upright 32x48
     Image.fromarray((rng.random((32, 32)) * 60000).astype(np.uint16)).save(root / "train" / "b.png")
     write_image(root / "train" / "c.png")
     write_image(root / "val" / "v.png")
     masks = dict(segmentation=square(4, 4, 12))
-    train = dict(images=[dict(id=1, file_name="a.png", width=32, height=48),
+    train = dict(images=[dict(id=1, file_name="a.jpg", width=32, height=48),
                          dict(id=2, file_name="b.png", width=32, height=32),
                          dict(id=3, file_name="c.png", width=32, height=32)],
                  annotations=[box(i, image_id=1 + i % 3, category_id=(3, 7, 9)[i % 3], bbox=(4, 4, 12, 12), **masks)
@@ -324,12 +324,40 @@ def test_det_commands_keep_the_epoch_map_categories_and_skip_bad_inputs(tmp_path
     assert "has another category mapping than" in err and "(9 'nine' -> 10 'nine')" in err
 
 
-def test_box_only_training_data_is_refused_by_the_mask_detectors(tmp_path, capsys):
-    root = coco_root(tmp_path)
-    train = json.loads((root / "train.json").read_text())
-    for ann in train["annotations"]:
-        del ann["segmentation"]
-    (root / "train.json").write_text(json.dumps(train))
-    assert main(["det", "train", "--data", str(root), "--output", str(tmp_path / "run"), "--quiet"]) == 2
-    err = capsys.readouterr().err
-    assert "train.json is box-only (no annotation has a 'segmentation'); Mask R-CNN learns instance masks" in err
+def test_box_only_data_trains_the_box_only_detectors_end_to_end(tmp_path, capsys):
+    """det train / eval / predict on box-only annotations over an EXIF-rotated JPEG and a 16-bit PNG, with a
+    val file listing a subset of the categories: the mask detector asked for trains as its box-only form."""
+    root, out = coco_root(tmp_path), tmp_path / "run"
+    for name in ("train.json", "val.json"):
+        data = json.loads((root / name).read_text())
+        for ann in data["annotations"]:
+            del ann["segmentation"]
+        (root / name).write_text(json.dumps(data))
+    train = ["det", "train", "--data", str(root), "--config", str(tmp_path / "small.yaml"), "--batch-size", "3",
+             "--min-size", "64", "--max-size", "96", "--output", str(out)]
+    assert main([*train, "--epochs", "1"]) == 0
+    captured = capsys.readouterr()
+    assert "train.json has boxes only (no 'segmentation'): training Faster R-CNN, Mask R-CNN without its mask " \
+           "heads (box AP only)" in captured.err
+    assert "Faster R-CNN + lesa_resnet_tiny: box AP" in captured.out and "mask AP" not in captured.out
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert state["config"]["detector"] == "fasterrcnn" and not any("mask" in k for k in state["model"])
+    header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "bbox_AP" in header and not any("segm" in c or "mask" in c for c in header)
+    assert main([*train, "--epochs", "2", "--resume", "--quiet"]) == 0  # resumes under the detector asked for
+
+    assert main(["det", "eval", "--checkpoint", str(out)]) == 0
+    result = json.loads((out / "coco_eval.json").read_text())
+    assert "bbox" in result and "segm" not in result
+    assert [c["id"] for c in result["categories"]] == [3, 7, 9]
+    code = main(["det", "predict", str(root / "train" / "a.jpg"), str(root / "train" / "b.png"),
+                 "--checkpoint", str(out), "--output", str(tmp_path / "pred"), "--score-threshold", "0"])
+    assert code == 0 and Image.open(tmp_path / "pred" / "a.png").size == (32, 48)  # drawn upright
+
+    for name, (height, width) in (("a", (48, 32)), ("b", (32, 32)), ("c", (32, 32))):  # COCO-stuff-like maps
+        (root / "train2017").mkdir(exist_ok=True)
+        Image.fromarray(np.zeros((height, width), np.uint8)).save(root / "train2017" / f"{name}.png")
+    with_semantic = ["--detector", "htc", "--semantic-root", str(root), "--output", str(tmp_path / "htc"), "--quiet"]
+    assert main([*train[:-2], *with_semantic, "--epochs", "1"]) == 2
+    assert "box-only (no annotation has a 'segmentation'): HTC with the semantic branch needs instance masks" \
+        in capsys.readouterr().err

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Callable, Literal, Optional
 from pydantic import AfterValidator, Field
 
 from .data import EMBEDDED
+from .detection.detectors import DETECTORS
 from .engine.config import PRESETS
 from .options import (
     ROLE_INPUT,
@@ -346,7 +347,8 @@ def _det_args(p: argparse.ArgumentParser) -> None:
     t = sub.add_parser("train", help="train a detector (default: Mask R-CNN on the embedded digit scenes)")
     t.add_argument("--config", help="YAML file with any of the options below")
     t.add_argument("--preset", choices=["htc", "htc_1280"], help="the paper's HTC recipe (Table 4)")
-    t.add_argument("--detector", choices=["maskrcnn", "cascade_maskrcnn", "htc"], help="default maskrcnn")
+    t.add_argument("--detector", choices=DETECTORS, help="default maskrcnn; on box-only data (no 'segmentation') a "
+                   "mask detector trains as its box-only form: fasterrcnn, cascade_rcnn")
     t.add_argument("--semantic", action=argparse.BooleanOptionalAction, default=None,
                    help="HTC's semantic branch (default: on where maps exist: digit scenes, --semantic-root)")
     t.add_argument("--semantic-root", help="COCO-stuff stuffthingmaps folder (with train2017/, val2017/), or "
@@ -437,13 +439,13 @@ def run_det(args: Any) -> int:
         return _det_eval(args)
     if isinstance(args, DetPredictOptions):
         return _det_predict(args)
-    from .detection.train import NAMES, train_detector
+    from .detection.train import NAMES, has_masks, train_detector
 
     summary = train_detector(args)
     if not args.quiet:
-        print(f"{NAMES[args.detector]} + {summary['backbone']}: box AP {_ap(summary['bbox_AP'])}, mask AP "
-              f"{_ap(summary['segm_AP'])} after {summary['epochs']} epochs ({summary['wall_time_s']:.0f}s) "
-              f"-> {summary['output']}")
+        mask = f", mask AP {_ap(summary['segm_AP'])}" if has_masks(summary["detector"]) else ""
+        print(f"{NAMES[summary['detector']]} + {summary['backbone']}: box AP {_ap(summary['bbox_AP'])}{mask} after "
+              f"{summary['epochs']} epochs ({summary['wall_time_s']:.0f}s) -> {summary['output']}")
     return 0
 
 

@@ -1,12 +1,13 @@
 """The detectors over lesa backbones: Mask R-CNN (torchvision's), Cascade Mask R-CNN and HTC (ours, on
-torchvision's parts), the paper's Tables 3-4 settings. One builder, :func:`build_detector`."""
+torchvision's parts), the paper's Tables 3-4 settings, and their box-only forms for data without masks:
+Faster R-CNN (torchvision's) and Cascade R-CNN. One builder, :func:`build_detector`."""
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
-from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.faster_rcnn import _default_anchorgen
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
@@ -21,7 +22,10 @@ from ..weights import model_state_dict, read_checkpoint
 from .backbone import LesaFPNBackbone, build_backbone
 from .cascade import DetectionTransform, build_cascade_heads
 
-DETECTORS = ("maskrcnn", "cascade_maskrcnn", "htc")
+DETECTORS = ("maskrcnn", "cascade_maskrcnn", "htc", "fasterrcnn", "cascade_rcnn")
+# Each mask detector's box-only form (HTC's box part is Cascade R-CNN: interleaving and mask information flow
+# act through the mask heads).
+BOX_ONLY = {"maskrcnn": "fasterrcnn", "cascade_maskrcnn": "cascade_rcnn", "htc": "cascade_rcnn"}
 POS_INIT = ("reinit", "interpolate")
 
 
@@ -46,12 +50,13 @@ def build_detector(
     box_batch_size_per_image: int = 512,
     rpn_post_nms_top_n_train: int = 2000,
 ) -> GeneralizedRCNN:
-    """A detector (``kind`` in ``'maskrcnn'``, ``'cascade_maskrcnn'``, ``'htc'``) over a lesa backbone
-    with an FPN; torchvision's forward contract (``model(images, targets)`` -> losses in training, one
-    dict of boxes, labels, scores, masks per image in evaluation).
+    """A detector (``kind`` in ``'maskrcnn'``, ``'cascade_maskrcnn'``, ``'htc'``, or the box-only
+    ``'fasterrcnn'``, ``'cascade_rcnn'``) over a lesa backbone with an FPN; torchvision's forward contract
+    (``model(images, targets)`` -> losses in training, one dict of boxes, labels, scores and, for the mask
+    detectors, masks per image in evaluation).
 
     Args:
-        kind: the detector.
+        kind: the detector (:data:`BOX_ONLY` maps each mask detector to its box-only form).
         backbone: any lesa model name (``lesa_resnet50``, ``resnet50``, ``sa_wide_resnet50_2``, ...).
         num_classes: object classes *including* the background (torchvision's convention).
         pretrained_backbone: a classification checkpoint of the same backbone (a lesa run directory or
@@ -105,15 +110,17 @@ def build_detector(
     fpn = build_backbone(backbone, dcn_stages, deform_unary, trainable, frozen, int(table), checkpoint, impl)
     report = load_backbone_weights(fpn, pretrained_backbone, pos_init) if pretrained else None
     transform = DetectionTransform(min_size, max_size, list(IMAGENET_MEAN), list(IMAGENET_STD), train_scales)
-    if kind == "maskrcnn":
-        model = MaskRCNN(fpn, num_classes=num_classes, box_batch_size_per_image=box_batch_size_per_image,
-                         rpn_post_nms_top_n_train=rpn_post_nms_top_n_train)
+    if kind in ("maskrcnn", "fasterrcnn"):
+        model = (MaskRCNN if kind == "maskrcnn" else FasterRCNN)(
+            fpn, num_classes=num_classes, box_batch_size_per_image=box_batch_size_per_image,
+            rpn_post_nms_top_n_train=rpn_post_nms_top_n_train)
         model.transform = transform
     else:
         rpn = RegionProposalNetwork(
             _default_anchorgen(), RPNHead(fpn.out_channels, 3), 0.7, 0.3, 256, 0.5,
             dict(training=2000, testing=1000), dict(training=rpn_post_nms_top_n_train, testing=1000), 0.7)
-        heads = build_cascade_heads(num_classes, htc=kind == "htc", semantic_classes=semantic_classes,
+        heads = build_cascade_heads(num_classes, htc=kind == "htc", masks=kind != "cascade_rcnn",
+                                    semantic_classes=semantic_classes,
                                     out_channels=fpn.out_channels, batch_size_per_image=box_batch_size_per_image)
         model = GeneralizedRCNN(fpn, rpn, heads, transform)
     model.detector_kind = kind
@@ -143,7 +150,7 @@ def load_backbone_weights(backbone: LesaFPNBackbone, source: str | Path, pos_ini
     if isinstance(state, dict) and isinstance(state.get("model"), dict) and run_kind(state) == "detection":
         raise CheckpointError(f"{source} is a detection run: --pretrained-backbone takes a classification checkpoint "
                               "(a lesa run or weights file, or the authors' converted one)")
-    sd = model_state_dict(state)
+    sd = model_state_dict(state, source)
     body = backbone.body
     own = body.state_dict()
     tables = [k for k in sd if ".rel_pos." in k]

@@ -69,23 +69,35 @@ from ..options import (
     PositiveInt,
     schema,
 )
-from .detectors import DETECTORS, POS_INIT, build_detector, describe_init
+from .detectors import BOX_ONLY, DETECTORS, POS_INIT, build_detector, describe_init
 from .visualize import draw_prediction, load_image
 
 SCHEDULES = {"1x": (12, (8, 11)), "20e": (20, (16, 19))}
 RPN_LOSSES = ["loss_objectness", "loss_rpn_box_reg"]
 HEAD_LOSSES = ["loss_classifier", "loss_box_reg", "loss_mask"]
-NAMES = {"maskrcnn": "Mask R-CNN", "cascade_maskrcnn": "Cascade Mask R-CNN", "htc": "HTC"}
+NAMES = {"maskrcnn": "Mask R-CNN", "cascade_maskrcnn": "Cascade Mask R-CNN", "htc": "HTC",
+         "fasterrcnn": "Faster R-CNN", "cascade_rcnn": "Cascade R-CNN"}
 DET_PRESETS = ("htc", "htc_1280")
-EVAL_COLUMNS = [f"{iou_type}_{stat}" for iou_type in ("bbox", "segm") for stat in ("AP", "AP50")]
+
+
+def has_masks(detector: str) -> bool:
+    """Whether ``detector`` predicts instance masks (the box-only ones are :data:`BOX_ONLY`'s values)."""
+    return detector not in BOX_ONLY.values()
 
 
 def loss_names(detector: str, semantic: bool) -> list[str]:
     """The loss terms a detector reports, in the order of ``metrics.csv``."""
-    if detector == "maskrcnn":
-        return HEAD_LOSSES + RPN_LOSSES
-    stages = [f"s{i}.{name}" for i in range(3) for name in HEAD_LOSSES]
+    head = HEAD_LOSSES if has_masks(detector) else HEAD_LOSSES[:2]
+    if detector in ("maskrcnn", "fasterrcnn"):
+        return head + RPN_LOSSES
+    stages = [f"s{i}.{name}" for i in range(3) for name in head]
     return stages + RPN_LOSSES + (["loss_semantic"] if semantic else [])
+
+
+def eval_column_names(detector: str) -> list[str]:
+    """The AP columns of ``metrics.csv``: box AP / AP50, and mask AP / AP50 for the mask detectors."""
+    iou_types = ("bbox", "segm") if has_masks(detector) else ("bbox",)
+    return [f"{iou_type}_{stat}" for iou_type in iou_types for stat in ("AP", "AP50")]
 EMBEDDED = "digit-scenes"
 # Options left unset take these by data: CPU-sized for the embedded digit scenes; torchvision's and
 # mmdetection's usual COCO settings (800-1333 px, 2 images per GPU, 512 RoIs, 2000 proposals) otherwise.
@@ -101,6 +113,7 @@ DATA_DEFAULTS = {
 class DetConfig(RunConfig):
     """A detection run; the defaults train the CPU-sized LESA backbone on the embedded digit scenes."""
 
+    # on box-only training data a mask detector becomes its box-only form (BOX_ONLY), said in one line
     detector: Literal[tuple(DETECTORS)] = "maskrcnn"
     backbone: Name = "lesa_resnet_tiny"
     data: Name = Field(default=EMBEDDED, json_schema_extra=ROLE_INPUT)
@@ -228,13 +241,19 @@ class DetectionTask(Task):
         splits = coco_splits(cfg.data)
         self.train_set = CocoDetection(*splits["train"], train=True, semantic=cfg.semantic_source("train"),
                                        semantic_classes=cfg.semantic_classes)
-        require_masks(cfg.detector, self.train_set)
+        self.choice = choose_detector(cfg, self.train_set)
         self.val_set = CocoDetection(*splits["val"], train=False, categories=self.train_set.categories)
         self.model = detector_of(cfg, self.train_set.classes)
         self.losses = loss_names(cfg.detector, cfg.with_semantic)
-        self.columns = ["epoch", "loss", *self.losses, *EVAL_COLUMNS, "lr", "epoch_time_s"]
+        self.eval_columns = eval_column_names(cfg.detector)
+        self.columns = ["epoch", "loss", *self.losses, *self.eval_columns, "lr", "epoch_time_s"]
         self.evaluation: dict[str, Any] = {}
         self.failure: Optional[Exception] = None
+
+    @classmethod
+    def same_setting(cls, key: str, saved: Any, current: Any) -> bool:
+        """A box-only run resumes under the mask detector it was asked as (``detector``, see :data:`BOX_ONLY`)."""
+        return saved == current or (key == "detector" and saved == BOX_ONLY.get(current))
 
     def collate(self, batch: list) -> Any:
         return collate_detection(batch)
@@ -266,11 +285,12 @@ class DetectionTask(Task):
                                                 runtime.quiet)
         except Exception as err:  # whatever failed (a bug too), the epoch is saved first
             self.evaluation, self.failure = {}, err
-        return eval_columns(self.evaluation)
+        return eval_columns(self.evaluation, self.eval_columns)
 
     def describe(self, params: int) -> str:
         semantic = " with the semantic branch" if self.cfg.with_semantic else ""
         notes = [d.summary for d in (self.train_set, self.val_set) if d.repairs.annotations or d.stored]
+        notes += [self.choice] if self.choice else []
         return "; ".join([f"{NAMES[self.cfg.detector]}{semantic} + {self.cfg.backbone}-FPN: {params / 1e6:.2f}M "
                           f"parameters, {len(self.train_set)} training images; "
                           f"{describe_init(self.model.backbone_init)}", *notes])
@@ -280,6 +300,8 @@ class DetectionTask(Task):
         :class:`LesaError` naming the saved checkpoint and how to re-run the evaluation."""
         if self.failure is not None:
             raise evaluation_failed(self.failure, int(row["epoch"]), Path(self.cfg.output_dir)) from self.failure
+        if "segm_AP" not in row:
+            return f"loss {row['loss']:.3f}, box AP {row['bbox_AP']:.1f} ({row['epoch_time_s']:.0f}s)"
         mask = sum(row[name] for name in self.losses if name.endswith("loss_mask"))
         return (f"loss {row['loss']:.3f} (mask {mask:.3f}), box AP {row['bbox_AP']:.1f}, "
                 f"mask AP {row['segm_AP']:.1f} ({row['epoch_time_s']:.0f}s)")
@@ -307,26 +329,37 @@ class DetectionTask(Task):
             write_json(out_dir / "coco_eval.json", self.evaluation)
 
     def summary(self, last: dict[str, float]) -> dict[str, Any]:
-        return dict(backbone=self.cfg.backbone, data=self.cfg.data, bbox_AP=finite(last.get("bbox_AP")),
+        return dict(detector=self.cfg.detector, backbone=self.cfg.backbone, data=self.cfg.data,
+                    bbox_AP=finite(last.get("bbox_AP")),
                     segm_AP=finite(last.get("segm_AP")))
 
 
-def require_masks(detector: str, data: CocoDetection) -> None:
-    """Raises DataError when ``data`` is box-only: every detector here learns masks."""
-    if not data.has_masks:
-        raise DataError(f"{data.annotation_file} is box-only (no annotation has a 'segmentation'); "
-                        f"{NAMES[detector]} learns instance masks: add polygon or RLE masks to the annotations")
+def choose_detector(cfg: DetConfig, data: CocoDetection) -> Optional[str]:
+    """On box-only training ``data``, turn ``cfg.detector`` into its box-only form (:data:`BOX_ONLY`) and
+    return the one line that says so; None when nothing changes.
+
+    Raises:
+        DataError: box-only data with HTC's semantic branch asked for (its maps come with masked data).
+    """
+    if data.has_masks or not has_masks(cfg.detector):
+        return None
+    if cfg.with_semantic:
+        raise DataError(f"{data.annotation_file} is box-only (no annotation has a 'segmentation'): HTC with the "
+                        "semantic branch needs instance masks; add masks, or drop --semantic-root / --semantic")
+    asked, cfg.detector = cfg.detector, BOX_ONLY[cfg.detector]
+    return (f"{data.annotation_file.name} has boxes only (no 'segmentation'): training {NAMES[cfg.detector]}, "
+            f"{NAMES[asked]} without its mask heads (box AP only)")
 
 
-def eval_columns(evaluation: dict[str, Any]) -> dict[str, float]:
-    """The epoch row's AP columns from a :func:`evaluate_detector` result; NaN where undefined (no ground
+def eval_columns(evaluation: dict[str, Any], columns: list[str]) -> dict[str, float]:
+    """The epoch row's AP ``columns`` from a :func:`evaluate_detector` result; NaN where undefined (no ground
     truth, box-only data, a failed evaluation)."""
     def value(column: str) -> float:
         iou_type, stat = column.split("_")
         found = evaluation.get(iou_type, {}).get(stat)
         return math.nan if found is None else found
 
-    return {column: value(column) for column in EVAL_COLUMNS}
+    return {column: value(column) for column in columns}
 
 
 def finite(value: Optional[float]) -> Optional[float]:

@@ -174,6 +174,11 @@ class Task(ABC):
     model: nn.Module
     train_set: Dataset
 
+    @classmethod
+    def same_setting(cls, key: str, saved: Any, current: Any) -> bool:
+        """Whether a resumed run's saved ``key`` (one of ``resume_keys``) agrees with this command's value."""
+        return saved == current
+
     def collate(self, batch: list) -> Any:
         return default_collate(batch)
 
@@ -400,7 +405,7 @@ def check_resume(state: dict[str, Any], cfg: RunConfig, task_cls: type[Task]) ->
                               "run; choose another --output")
     saved = state.get("config", {})
     for key in task_cls.resume_keys:
-        if key in saved and saved[key] != getattr(cfg, key):
+        if key in saved and not task_cls.same_setting(key, saved[key], getattr(cfg, key)):
             raise ConfigError(f"--resume: the run in {cfg.output_dir} has {key}={saved[key]!r}, this command "
                               f"{getattr(cfg, key)!r}; resume with the run's settings")
 
