@@ -8,7 +8,7 @@ from same_step import assert_same_step
 
 import lesa
 from lesa import LESA2d, SelfAttention2d
-from lesa.layers import binary
+from lesa.layers import flat_attention
 from lesa.layers.binary import resolve_auto
 from lesa.layers.rel2d_attention import (
     ROWS_PER_GROUP,
@@ -60,20 +60,20 @@ def test_dense_flat_kernel_equals_reference(block_elems, blocks, monkeypatch):
     in one row block, in blocks of one query/key (the table windows and skewed views at every offset), or
     in blocks of 4 rows and a last one of 3 (the reused zeroed buffers of ``Unskewed``)."""
     if block_elems:
-        monkeypatch.setattr(binary, "DENSE_BLOCK_ELEMS", block_elems)
+        monkeypatch.setattr(flat_attention, "DENSE_BLOCK_ELEMS", block_elems)
     dtype = torch.float64
     ref, dense = pair(LESA2d, dtype, "flat", (5, 7))
     dense.binary.impl = "auto"
     assert resolve_auto("flat", 35) == "dense"
     calls = []
-    monkeypatch.setattr(binary.FlatDenseAttention, "forward",
-                        lambda ctx, *a, f=binary.FlatDenseAttention.forward: calls.append(1) or f(ctx, *a))
+    monkeypatch.setattr(flat_attention.FlatDenseAttention, "forward",
+                        lambda ctx, *a, f=flat_attention.FlatDenseAttention.forward: calls.append(1) or f(ctx, *a))
     x = torch.randn(3, 32, 5, 7, dtype=dtype) * 1.5 + 0.3
     for _ in range(2):
         assert_same_step(ref.train(), dense.train(), x, dtype)
     assert_same_step(ref.eval(), dense.eval(), x, dtype)
     assert len(calls) == 3
-    assert len(binary.dense_blocks(35, 12)) == blocks
+    assert len(flat_attention.dense_blocks(35, 12)) == blocks
 
 
 @pytest.mark.parametrize("height,width", [(ROWS_PER_GROUP + 3, 4), (2 * ROWS_PER_GROUP, 3), (3, 5)])

@@ -16,8 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from .binary import IMPLS, Impl, resolve_auto, softmax_diagonal, softmax_f32
+from .binary import IMPLS, Impl, resolve_auto, softmax_diagonal
 from .checks import check_choice, check_divisible, check_input, check_int, check_optional_int, graph_mode
+from .flat_attention import softmax_f32
 from .rel2d_attention import augment_rel2d, rel2d_attention
 from .rel_pos import RelPosEmbed2d, Size2d
 
