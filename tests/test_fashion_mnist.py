@@ -133,3 +133,35 @@ def test_lesa_trains_a_few_steps_on_the_real_files(tmp_path):
                  "--output", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["classes"][0] == "T-shirt/top" and 0 <= summary["val_top1"] <= 100
+
+
+def test_the_test_split_is_reported_apart_by_train_eval_and_compare(tmp_path, no_system_copy, capsys):
+    """--data-root finds the files; training reports the test split once, at the end, with best.pt; eval and
+    compare read it through the run's data root; data without a test split or files to find says so."""
+    from lesa.cli import main
+
+    write_set(tmp_path / "fm", n_train=60, n_test=20)
+    out, source = tmp_path / "run", ["--data", "fashion-mnist", "--data-root", str(tmp_path / "fm")]
+    assert main(["train", *source, "--preset", "fashion_mnist", "--model", "resnet_tiny", "--epochs", "2",
+                 "--batch-size", "16", "--output", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    history = [float(line.split(",")[4]) for line in (out / "metrics.csv").read_text().splitlines()[1:]]
+    assert summary["test_images"] == 20 and summary["test_epoch"] == 1 + int(np.argmax(history))
+    assert "test split (20 images, best.pt = epoch" in capsys.readouterr().out
+
+    assert main(["eval", "--checkpoint", str(out), "--split", "test"]) == 0
+    printed = capsys.readouterr().out
+    assert "on fashion-mnist (test): top-1 " in printed and f"top-1 {summary['test_top1']:.2f}%" in printed
+    assert main(["eval", "--checkpoint", str(out), "--split", "test", "--data", "digits"]) == 2
+    assert "digits has no test split (fashion-mnist has one); evaluate with --split val" in capsys.readouterr().err
+    assert main(["train", "--data", "digits", "--data-root", str(tmp_path / "fm"), "--output", str(tmp_path / "d")]) == 2
+    assert "--data-root / --download tell where a named set's files are (fashion-mnist); digits has none" in \
+        capsys.readouterr().err
+
+    compare = tmp_path / "compare"
+    assert main(["compare", "--quick", *source, "--ops", "conv", "--seeds", "1", "--epochs", "1", "--batch-size", "16",
+                 "--output", str(compare), "--quiet"]) == 0
+    table = (compare / "compare.md").read_text()
+    assert "## Test split (reported once per run, with best.pt chosen by validation top-1)" in table
+    row = json.loads((compare / "compare.json").read_text())["rows"][0]
+    assert row["gmacs"] > 0 and 0 <= row["test_top1"] <= 100 and row["runs"][0]["wall_time_min"] > 0

@@ -153,12 +153,22 @@ def _run_args(p: argparse.ArgumentParser, default_output: str) -> None:
     p.add_argument("--quiet", action="store_true", default=None, help="no progress bars or epoch lines")
 
 
+def _source_args(p: argparse.ArgumentParser, unset: Optional[bool] = None) -> None:
+    """Where a named set read from files (fashion-mnist) finds them; ``unset``: ``--download``'s default (None
+    where a config file may set it)."""
+    p.add_argument("--data-root", metavar="DIR", help="fashion-mnist: the folder with its four IDX files, looked in "
+                   "before $LESA_DATA_DIR and Debian's /usr/share/datasets/fashion-mnist")
+    p.add_argument("--download", action="store_true", default=unset,
+                   help="fashion-mnist: download the files through torchvision if not found (needs internet)")
+
+
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file with any of the options below (the command line overrides it)")
     p.add_argument("--preset", choices=list(PRESETS), help="start from a shipped recipe")
     p.add_argument("--model", help="model name (lesa models); default lesa_resnet_tiny")
-    p.add_argument("--data", help="'digits', 'cluttered-digits' (embedded) or an ImageFolder root with train/ "
-                                  "and val/")
+    p.add_argument("--data", help="'digits', 'cluttered-digits' (embedded), 'fashion-mnist' (apt-get install "
+                                  "dataset-fashion-mnist) or an ImageFolder root with train/ and val/")
+    _source_args(p)
     p.add_argument("--img-size", type=int, help="input size (default: the model's, 224 or 32)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="images per process")
@@ -194,6 +204,9 @@ def run_train(cfg: Any) -> int:
     if not cfg.quiet and summary:
         print(f"{summary['model']}: val top-1 {summary['val_top1']:.2f}%, top-5 {summary['val_top5']:.2f}% "
               f"after {summary['epochs']} epochs ({summary['wall_time_s']:.0f}s) -> {summary['output']}")
+        if "test_top1" in summary:
+            print(f"test split ({summary['test_images']} images, best.pt = epoch {summary['test_epoch']} by val "
+                  f"top-1): top-1 {summary['test_top1']:.2f}%, top-5 {summary['test_top5']:.2f}%")
     return 0
 
 
@@ -207,6 +220,9 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--ablate-unary", action="store_true",
                    help="remove each query's own attention term S_ii v_i (the paper's Table 1 ablation)")
+    p.add_argument("--split", choices=["val", "test"], default="val",
+                   help="the validation split (default), or the test split of data that has one (fashion-mnist)")
+    _source_args(p, unset=False)
     p.add_argument("--quiet", action="store_true")
 
 
@@ -214,6 +230,9 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 class EvalOptions:
     checkpoint: Name = Field(json_schema_extra=ROLE_INPUT)
     data: Optional[Name] = Field(default=None, json_schema_extra=ROLE_INPUT)
+    split: Literal["val", "test"] = "val"
+    data_root: Optional[Name] = Field(default=None, json_schema_extra=ROLE_INPUT)
+    download: bool = False
     model: Optional[Name] = None
     batch_size: PositiveInt = 128
     workers: Workers = 0
@@ -228,9 +247,10 @@ def run_eval(args: EvalOptions) -> int:
     else:
         from .engine import evaluate_checkpoint as evaluate
 
-    result = evaluate(args.checkpoint, args.data, args.batch_size, args.device, args.workers, args.quiet, args.model)
+    result = evaluate(args.checkpoint, args.data, args.batch_size, args.device, args.workers, args.quiet, args.model,
+                      split=args.split, root=args.data_root, download=args.download)
     what = " without the unary term" if args.ablate_unary else ""
-    print(f"{result['model']}{what} on {result['data']}: top-1 {result['top1']:.2f}%, "
+    print(f"{result['model']}{what} on {result['data']} ({result['split']}): top-1 {result['top1']:.2f}%, "
           f"top-5 {result['top5']:.2f}%, loss {result['loss']:.4f} ({result['n']} images)")
     return 0
 
@@ -244,6 +264,7 @@ def _analyze_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--query", type=int, nargs=2, metavar=("Y", "X"), help="query of the attention map")
     p.add_argument("--image-index", type=int, default=0, help="validation image of the per-image figures")
     p.add_argument("--max-batches", type=int, help="measure the shares on this many batches only")
+    _source_args(p, unset=False)
 
 
 @schema
@@ -255,6 +276,8 @@ class AnalyzeOptions:
     query: Optional[Annotated[list[NonNegativeInt], Field(min_length=2, max_length=2)]] = None
     image_index: NonNegativeInt = 0
     max_batches: Optional[PositiveInt] = None
+    data_root: Optional[Name] = Field(default=None, json_schema_extra=ROLE_INPUT)
+    download: bool = False
 
     def default_outputs(self) -> dict[str, str]:
         run = Path(self.run)
@@ -265,7 +288,7 @@ def run_analyze(args: AnalyzeOptions) -> int:
     from .analysis.report import analyze_run
 
     result = analyze_run(args.run, args.data, args.output, args.layer, tuple(args.query) if args.query else None,
-                         args.image_index, args.max_batches)
+                         args.image_index, args.max_batches, root=args.data_root, download=args.download)
     shares = result["shares"]
     print(f"{result['model']}: unary {shares['unary_pct']:.2f}% / binary {shares['binary_pct']:.2f}% "
           f"(mean over {len(shares['layers'])} layers)")
@@ -282,7 +305,8 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
                         "cores with --data cluttered-digits")
     p.add_argument("--arch", choices=["resnet_tiny", "resnet50", "wide_resnet50_2"],
                    help="default resnet_tiny with --quick")
-    p.add_argument("--data", help="'digits', 'cluttered-digits' (embedded) or an ImageFolder root")
+    p.add_argument("--data", help="'digits', 'cluttered-digits' (embedded), 'fashion-mnist' or an ImageFolder root")
+    _source_args(p)
     p.add_argument("--output", default="runs/compare", help="runs go to OUTPUT/<op>/seed<k>")
     p.add_argument("--ops", nargs="+", choices=OPS)
     p.add_argument("--preset", choices=PRESETS,
@@ -304,6 +328,8 @@ class CompareOptions:
     quick: bool = False
     arch: Optional[Literal["resnet_tiny", "resnet50", "wide_resnet50_2"]] = None
     data: Optional[Name] = Field(default=None, json_schema_extra=ROLE_INPUT)
+    data_root: Optional[Name] = Field(default=None, json_schema_extra=ROLE_INPUT)
+    download: Optional[bool] = None
     output: Name = Field(default="runs/compare", json_schema_extra=ROLE_OUTPUT_DIR)
     ops: Optional[Annotated[list[Literal[OPS]], Field(min_length=1)]] = None
     preset: Optional[Literal[PRESETS]] = None
@@ -332,8 +358,8 @@ def run_compare(args: CompareOptions) -> int:
         arch, data = args.arch, args.data
         preset, n_seeds = args.preset or embedded_presets.get(data), args.seeds or 1
     first = args.seed if args.seed is not None else 0
-    options = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "workers", "max_steps_per_epoch")
-               if getattr(args, k) is not None}
+    options = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "workers", "max_steps_per_epoch",
+                                             "data_root", "download") if getattr(args, k) is not None}
     rows = compare(arch, data, args.output, tuple(args.ops or COMPARE_OPS), preset, args.quiet,
                    seeds=tuple(range(first, first + n_seeds)), **options)
     print(format_tables(rows, f"{arch} on {data}"))

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader
 
 from ..data import build_classification_data
@@ -33,21 +34,26 @@ COMPARE_OPS = ("conv", "sa", "aa", "static_lesa", "lesa")
 OP_LABELS = {"conv": "Convolution", "sa": "Self-Attention", "aa": "AA", "static_lesa": "Static LESA",
              "lesa": "LESA", "sa_minus_unary": "SA - unary term"}
 SEED_METRICS = ("val_top1", "val_top5", "val_loss", "unary_pct", "binary_pct")
+TEST_METRICS = ("test_top1", "test_top5", "wall_time_min")  # where the data has a test split
 
 
 def analyze_run(run: str | Path, data: Optional[str] = None, output: Optional[str | Path] = None,
                 layer: Optional[str] = None, query: Optional[tuple[int, int]] = None, image_index: int = 0,
-                max_batches: Optional[int] = None, batch_size: int = 128) -> dict[str, Any]:
+                max_batches: Optional[int] = None, batch_size: int = 128, root: Optional[str] = None,
+                download: bool = False) -> dict[str, Any]:
     """Shares (``shares.json``) and figures (``shares.png``, ``gate_maps.png``, ``attention_map.png``,
-    ``curves.png``) of a trained run, in ``output`` (default ``RUN/analysis``)."""
+    ``curves.png``) of a trained run on the validation split of ``data`` (default: the run's, found where the
+    run found it; ``root`` / ``download`` as :func:`lesa.data.build_classification_data`), in ``output``
+    (default ``RUN/analysis``)."""
     run = Path(run)
     model, cfg = load_trained_model(run)
-    data = data or cfg.get("data")
-    if not data:
+    if not (data or cfg.get("data")):
         raise ConfigError("no data: pass --data PATH or --data digits")
+    if data is None or data == cfg.get("data"):
+        data, root = cfg.get("data"), root or cfg.get("data_root")
     out = Path(output) if output else (run if run.is_dir() else run.parent) / "analysis"
     out.mkdir(parents=True, exist_ok=True)
-    val = build_classification_data(data, cfg["img_size"], train=False)
+    val = build_classification_data(data, cfg["img_size"], train=False, root=root, download=download)
     class_map(cfg.get("classes"), val.classes, str(run))  # refuses data of other classes
     dataset = val.val
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=val.collate)
@@ -75,9 +81,23 @@ def analyze_run(run: str | Path, data: Optional[str] = None, output: Optional[st
 
 def evaluate_without_unary(checkpoint: str | Path, data: Optional[str] = None, batch_size: int = 128,
                            device: str = "auto", workers: int = 0, quiet: bool = False,
-                           model_name: Optional[str] = None) -> dict[str, Any]:
-    """Table 1's ablation: a trained classifier evaluated with each query's own attention term removed."""
-    return evaluate_checkpoint(checkpoint, data, batch_size, device, workers, quiet, model_name, within=ablate_unary)
+                           model_name: Optional[str] = None, **source: Any) -> dict[str, Any]:
+    """Table 1's ablation: a trained classifier evaluated with each query's own attention term removed
+    (``source``: ``split``, ``root``, ``download`` of :func:`lesa.engine.evaluate_checkpoint`)."""
+    return evaluate_checkpoint(checkpoint, data, batch_size, device, workers, quiet, model_name, within=ablate_unary,
+                               **source)
+
+
+def model_gmacs(model: torch.nn.Module, img_size: int) -> float:
+    """Multiply-accumulates of one ``img_size`` image through ``model`` in eval mode, in billions (PyTorch's
+    FlopCounterMode counts 2 FLOPs per MAC of its matmul / convolution / attention formulas)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.zeros(1, 3, img_size, img_size))
+    return counter.get_total_flops() / 2e9
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -131,13 +151,16 @@ def compare(arch: str = "resnet_tiny", data: str = "digits", output: str | Path 
                 train(cfg)
             summary = json.loads((run / "summary.json").read_text())
             model, cfg = load_trained_model(run / "last.pt")
-            val = build_classification_data(data, cfg["img_size"], train=False)
+            val = build_classification_data(data, cfg["img_size"], train=False, root=cfg.get("data_root"))
             shares = unary_binary_shares(model, DataLoader(val.val, batch_size=128, collate_fn=val.collate))
             shares_runs.append(shares)
             histories.append(read_metrics_csv(run / "metrics.csv"))
             runs.append(dict(seed=seed, run=str(run), params=summary["params"], val_top1=summary["val_top1"],
                              val_top5=summary["val_top5"], val_loss=summary["val_loss"],
-                             unary_pct=shares["unary_pct"], binary_pct=shares["binary_pct"]))
+                             unary_pct=shares["unary_pct"], binary_pct=shares["binary_pct"],
+                             gmacs=model_gmacs(model, cfg["img_size"]),
+                             wall_time_min=summary["wall_time_s"] / 60,
+                             **{k: summary[k] for k in TEST_METRICS if k in summary}))
             if op == "sa":
                 ablated = evaluate_without_unary(run / "last.pt", data, quiet=True)
                 ablated_runs.append(dict(
@@ -147,7 +170,9 @@ def compare(arch: str = "resnet_tiny", data: str = "digits", output: str | Path 
                     loss_increase=ablated["loss"] - summary["val_loss"]))
         shares_by_op[OP_LABELS[op]] = _mean_shares(shares_runs)
         curves[OP_LABELS[op]] = histories
-        rows.append(_aggregate(dict(operation=op, model=name, params=runs[0]["params"]), runs, SEED_METRICS))
+        tested = TEST_METRICS if all("test_top1" in r for r in runs) else ()
+        rows.append(_aggregate(dict(operation=op, model=name, params=runs[0]["params"], gmacs=runs[0]["gmacs"]),
+                               runs, SEED_METRICS + tested))
         if op in ("sa", "lesa"):
             analyze_run(out / op / f"seed{seeds[0]}", data, out / f"analysis_{op}")
         if op == "sa":
@@ -213,6 +238,16 @@ def format_tables(rows: list[dict[str, Any]], title: str) -> str:
             lines.append(f"| {OP_LABELS[op]} | {params(r)} | {_pm(r, 'val_top1', 2)} | {_pm(r, 'val_top5', 2)} | "
                          f"{_pm(r, 'val_loss', 4) if 'val_loss' in r else '-'} | {_pm(r, 'unary_pct', 1)} | "
                          f"{_pm(r, 'binary_pct', 1)} |")
+        lines.append("")
+    tested = [op for op in COMPARE_OPS if "test_top1" in by_op.get(op, {})]
+    if tested:
+        lines += ["## Test split (reported once per run, with best.pt chosen by validation top-1)", "",
+                  "| Operations | Params (M) | GMACs | Test top-1 (%) | Test top-5 (%) | Wall time per run (min) |",
+                  "|---|---|---|---|---|---|"]
+        for op in tested:
+            r = by_op[op]
+            lines.append(f"| {OP_LABELS[op]} | {params(r)} | {r['gmacs']:.4f} | {_pm(r, 'test_top1', 2)} | "
+                         f"{_pm(r, 'test_top5', 2)} | {_pm(r, 'wall_time_min', 1)} |")
         lines.append("")
     table6 = [op for op in COMPARE_OPS if op in by_op]
     lines += ["## Table 6: parallel connection methods and ablation", "",

@@ -9,6 +9,7 @@ from typing import Callable, Optional
 
 from torch.utils.data import Dataset, default_collate
 
+from ..errors import ConfigError
 from .cluttered_digits import ClutteredDigitsDataset
 from .digits import DigitsDataset
 from .fashion_mnist import FashionMNISTDataset
@@ -23,10 +24,19 @@ from .imagefolder import (
 from .images import image_extensions, read_image, read_label_map
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, imagenet_train_transform, imagenet_val_transform
 
-# The embedded classification sets: name -> dataset class taking ``(split, img_size, augment=...)`` and
-# carrying ``classes``. Each is generated from packaged data, nothing is downloaded.
+# The named classification sets: name -> dataset class taking ``(split, img_size, augment=...)`` and carrying
+# ``classes``, ``splits`` (``test`` where the set has one, reported apart) and ``reads_files`` (whether it
+# reads files from a folder, ``root=`` / ``download=``; the others are generated from packaged data).
 EMBEDDED: dict[str, type[Dataset]] = {"digits": DigitsDataset, "cluttered-digits": ClutteredDigitsDataset,
                                       "fashion-mnist": FashionMNISTDataset}
+
+
+def check_source(data: str, root: Optional[str | Path], download: bool) -> None:
+    """Raises ConfigError when ``root`` / ``download`` are given for data other than a named set read from files."""
+    if (root or download) and not (data in EMBEDDED and EMBEDDED[data].reads_files):
+        readers = ", ".join(name for name, cls in EMBEDDED.items() if cls.reads_files)
+        raise ConfigError(f"--data-root / --download tell where a named set's files are ({readers}); {data} has "
+                          "none to find: drop them")
 
 
 @dataclass
@@ -36,19 +46,29 @@ class ClassificationData:
     classes: list[str]
     collate: Callable = default_collate
     may_skip: bool = False  # the collate returns (images, targets, n_skipped)
+    test: Optional[Callable[[], Dataset]] = None  # the test split, built when asked for (reported apart)
 
 
 def build_classification_data(data: str, img_size: int, train: bool = True, mean: Sequence[float] = IMAGENET_MEAN,
-                              std: Sequence[float] = IMAGENET_STD, crop_pct: float = 0.875) -> ClassificationData:
-    """An embedded set (:data:`EMBEDDED`, e.g. ``'digits'``; normalised by the set itself) or an ImageFolder
-    root with ``train/`` and ``val/`` (normalised with ``mean`` / ``std``, validation centre crop ``crop_pct``;
-    the model's :func:`lesa.models.default_cfg` gives them)."""
+                              std: Sequence[float] = IMAGENET_STD, crop_pct: float = 0.875,
+                              root: Optional[str | Path] = None, download: bool = False) -> ClassificationData:
+    """A named set (:data:`EMBEDDED`, e.g. ``'digits'``, ``'fashion-mnist'``; normalised by the set itself) or
+    an ImageFolder root with ``train/`` and ``val/`` (normalised with ``mean`` / ``std``, validation centre
+    crop ``crop_pct``; the model's :func:`lesa.models.default_cfg` gives them). ``root`` / ``download``: where
+    a set that reads files (``reads_files``) looks first, and whether it may download them.
+
+    Raises:
+        ConfigError: ``root`` or ``download`` for data that reads no such files.
+    """
+    check_source(data, root, download)
     if data in EMBEDDED:
         cls = EMBEDDED[data]
+        source = dict(root=root, download=download) if cls.reads_files else {}
         return ClassificationData(
-            train=cls("train", img_size, augment=True) if train else None,
-            val=cls("val", img_size),
+            train=cls("train", img_size, augment=True, **source) if train else None,
+            val=cls("val", img_size, **source),
             classes=list(cls.classes),
+            test=(lambda: cls("test", img_size, **source)) if "test" in cls.splits else None,
         )
     listings = scan_image_folders(data)  # the datasets read exactly what was checked
     root = Path(data)
@@ -65,6 +85,7 @@ __all__ = [
     "FolderListing",
     "TolerantImageFolder",
     "build_classification_data",
+    "check_source",
     "check_image_folder",
     "collate_skipping_bad",
     "image_extensions",

@@ -45,6 +45,8 @@ class GreyImages(Dataset):
     channels, each through ``augment`` when given: the embedded classification sets."""
 
     classes = CLASSES
+    splits: tuple[str, ...] = ("train", "val")
+    reads_files = False  # generated from packaged data (no root / download)
 
     def __init__(self, images: Tensor, targets: Tensor, img_size: int,
                  augment: Optional[Callable[[Tensor], Tensor]] = None) -> None:

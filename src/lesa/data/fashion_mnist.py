@@ -143,6 +143,8 @@ class FashionMNISTDataset(GreyImages):
     crops (padding 2) and horizontal flips: clothes are left-right symmetric, unlike digits."""
 
     classes = CLASSES
+    splits = ("train", "val", "test")
+    reads_files = True
 
     def __init__(self, split: str = "train", img_size: int = 32, augment: bool = False,
                  root: Optional[str | Path] = None, download: bool = False) -> None:

@@ -24,7 +24,7 @@ from ..data import build_classification_data
 from ..errors import CheckpointError, ConfigError, DataError, NotFoundError
 from ..models import create_model, default_cfg, resize_pos_embed
 from ..weights import load_state, model_state_dict, read_checkpoint
-from .checkpoint import COMMANDS_OF, run_kind
+from .checkpoint import COMMANDS_OF, load_checkpoint, run_kind
 from .config import TrainConfig, flag
 from .distributed import DistContext, cleanup_distributed, setup_distributed
 from .loop import Precision, Runtime, ShardSampler, Step, Task, run_task, warmup_cosine
@@ -37,10 +37,11 @@ def model_img_size(model: str, img_size: Optional[int] = None) -> int:
     return img_size or default_cfg(model)["input_size"][-1]
 
 
-def classification_data(model: str, data: str, img_size: int, train: bool = True):
+def classification_data(model: str, data: str, img_size: int, train: bool = True, root: Optional[str] = None,
+                        download: bool = False):
     inputs = default_cfg(model)
     return build_classification_data(data, img_size, train=train, mean=inputs["mean"], std=inputs["std"],
-                                     crop_pct=inputs["crop_pct"])
+                                     crop_pct=inputs["crop_pct"], root=root, download=download)
 
 
 class ClassificationTask(Task):
@@ -52,7 +53,7 @@ class ClassificationTask(Task):
     def __init__(self, cfg: TrainConfig, ctx: DistContext) -> None:
         self.cfg, self.ctx = cfg, ctx
         self.img_size = model_img_size(cfg.model, cfg.img_size)
-        self.data = classification_data(cfg.model, cfg.data, self.img_size)
+        self.data = classification_data(cfg.model, cfg.data, self.img_size, root=cfg.data_root, download=cfg.download)
         self.model = (init_model(cfg, len(self.data.classes), self.img_size) if cfg.init else
                       create_model(cfg.model, num_classes=len(self.data.classes), img_size=self.img_size,
                                    **cfg.model_kwargs))
@@ -99,6 +100,22 @@ class ClassificationTask(Task):
         val = evaluate(net, self.val_loader, runtime.ctx, runtime.precision, self.data.may_skip, runtime.quiet,
                        runtime.channels_last)
         return dict(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"])
+
+    def finish(self, net: nn.Module, runtime: Runtime) -> dict[str, Any]:
+        """The test split (where the data has one), once, with ``best.pt``'s weights: the epoch chosen by
+        validation top-1. ``{}`` for data without a test split."""
+        if self.data.test is None:
+            return {}
+        state = load_checkpoint(Path(self.cfg.output_dir) / "best.pt", kind=self.kind)
+        self.model.load_state_dict(state["model"])
+        test = self.data.test()
+        loader = DataLoader(test, batch_size=self.cfg.val_batch_size or self.cfg.batch_size,
+                            collate_fn=self.data.collate, sampler=ShardSampler(len(test), self.ctx.rank,
+                                                                              self.ctx.world_size))
+        metrics = evaluate(net, loader, runtime.ctx, runtime.precision, self.data.may_skip, runtime.quiet,
+                           runtime.channels_last)
+        return dict(test_top1=metrics["top1"], test_top5=metrics["top5"], test_loss=metrics["loss"],
+                    test_images=metrics["n"], test_epoch=int(state["epoch"]))
 
     def describe(self, params: int) -> str:
         return f"{self.cfg.model}: {params / 1e6:.2f}M parameters, {len(self.train_set)} training images"
@@ -265,14 +282,23 @@ def class_map(model_classes: Optional[list[str]], data_classes: list[str], sourc
 
 def evaluate_model(model: nn.Module, data: str, img_size: int, batch_size: int = 128, device: str = "auto",
                    workers: int = 0, quiet: bool = False, model_name: Optional[str] = None,
-                   classes: Optional[list[str]] = None) -> dict[str, Any]:
-    """Loss, top-1 and top-5 of a classifier on the validation split of ``data`` (one process or torchrun);
-    ``model_name`` gives the normalisation of ImageFolder data (default: ImageNet's); ``classes`` (the
-    model's, by name) map the data's labels when its classes come in another order or are a subset."""
+                   classes: Optional[list[str]] = None, split: str = "val", root: Optional[str] = None,
+                   download: bool = False) -> dict[str, Any]:
+    """Loss, top-1 and top-5 of a classifier on the ``split`` (``'val'``, or ``'test'`` where the data has one)
+    of ``data`` (one process or torchrun); ``model_name`` gives the normalisation of ImageFolder data
+    (default: ImageNet's); ``classes`` (the model's, by name) map the data's labels when its classes come in
+    another order or are a subset; ``root`` / ``download`` as :func:`lesa.data.build_classification_data`.
+
+    Raises:
+        ConfigError: ``split='test'`` for data without a test split.
+    """
     ctx = setup_distributed(device)
     try:
-        dataset = (classification_data(model_name, data, img_size, train=False) if model_name
-                   else build_classification_data(data, img_size, train=False))
+        dataset = (classification_data(model_name, data, img_size, False, root, download) if model_name
+                   else build_classification_data(data, img_size, train=False, root=root, download=download))
+        if split == "test" and dataset.test is None:
+            raise ConfigError(f"{data} has no test split (fashion-mnist has one); evaluate with --split val")
+        images = dataset.test() if split == "test" else dataset.val
         label_map = class_map(classes, dataset.classes, model_name or "the model")
         outputs = getattr(getattr(model, "fc", None), "out_features", None)
         if classes is None and outputs is not None and outputs != len(dataset.classes):
@@ -280,8 +306,8 @@ def evaluate_model(model: nn.Module, data: str, img_size: int, batch_size: int =
                             "file does not say which are which; evaluate its run directory or training checkpoint "
                             "(they store the class names), or data with the model's classes")
         model.to(ctx.device)
-        loader = DataLoader(dataset.val, batch_size=batch_size, num_workers=workers, collate_fn=dataset.collate,
-                            sampler=ShardSampler(len(dataset.val), ctx.rank, ctx.world_size))
+        loader = DataLoader(images, batch_size=batch_size, num_workers=workers, collate_fn=dataset.collate,
+                            sampler=ShardSampler(len(images), ctx.rank, ctx.world_size))
         return evaluate(model, loader, ctx, None, dataset.may_skip, quiet or not ctx.is_main, label_map=label_map)
     finally:
         cleanup_distributed()
@@ -291,14 +317,16 @@ def evaluate_checkpoint(checkpoint: str | Path, data: Optional[str] = None, batc
                         device: str = "auto", workers: int = 0, quiet: bool = False,
                         model_name: Optional[str] = None,
                         within: Optional[Callable[[nn.Module], contextlib.AbstractContextManager]] = None,
-                        ) -> dict[str, Any]:
-    """Evaluate a run directory (its best.pt), a training checkpoint or a weights file; ``within(model)``
-    is a context to evaluate in (an analysis changing the model for the evaluation, say)."""
+                        split: str = "val", root: Optional[str] = None, download: bool = False) -> dict[str, Any]:
+    """Evaluate a run directory (its best.pt), a training checkpoint or a weights file on ``split`` of ``data``
+    (default: the run's data, found where the run found it); ``within(model)`` is a context to evaluate in (an
+    analysis changing the model for the evaluation, say)."""
     model, cfg = load_trained_model(checkpoint, model_name)
-    data = data or cfg.get("data")
-    if not data:
+    if not (data or cfg.get("data")):
         raise ConfigError("no data to evaluate on: pass --data PATH or --data digits")
+    if data is None or data == cfg.get("data"):
+        data, root = cfg.get("data"), root or cfg.get("data_root")
     with within(model) if within else contextlib.nullcontext():
         metrics = evaluate_model(model, data, cfg["img_size"], batch_size, device, workers, quiet, cfg["model"],
-                                 cfg.get("classes"))
-    return dict(model=cfg["model"], data=data, checkpoint=str(checkpoint), **metrics)
+                                 cfg.get("classes"), split, root, download)
+    return dict(model=cfg["model"], data=data, split=split, checkpoint=str(checkpoint), **metrics)

@@ -18,7 +18,7 @@ from typing import Annotated, Any, ClassVar, Literal, Optional, TypeVar
 import yaml
 from pydantic import Field
 
-from ..data import EMBEDDED
+from ..data import EMBEDDED, check_source
 from ..errors import CheckpointError, ConfigError, NotFoundError
 from ..models.registry import check_model_options
 from ..options import (
@@ -105,6 +105,9 @@ class TrainConfig(RunConfig):
     model: Name = "lesa_resnet_tiny"
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # pos_embed, impl, heads, ...
     data: Optional[Name] = Field(default="digits", json_schema_extra=ROLE_INPUT_TREE)
+    # where a named set read from files (fashion-mnist) looks first, and whether it may download them
+    data_root: Optional[Name] = Field(default=None, json_schema_extra=ROLE_INPUT)
+    download: bool = False
     img_size: Optional[ImageSize] = None  # default: the model's
     epochs: PositiveInt = 15
     batch_size: PositiveInt = 64
@@ -125,12 +128,18 @@ class TrainConfig(RunConfig):
         with contextlib.suppress(OSError):  # a name too long to look up is refused where it is read
             if folder is not None and folder.is_dir():
                 self.data = str(folder.resolve())
+            if self.data_root and Path(self.data_root).expanduser().is_dir():
+                self.data_root = str(Path(self.data_root).expanduser().resolve())
         super().__post_init__()
 
     def problems(self) -> list[str]:
         problems = super().problems()
         if not self.data:
             problems.append("no data: pass --data PATH (ImageFolder root with train/ and val/) or --data digits")
+        try:
+            check_source(self.data or "", self.data_root, self.download)
+        except ConfigError as err:
+            problems.append(str(err))
         if self.init and self.resume:
             problems.append("--init and --resume exclude each other: --init starts a new run from a checkpoint's "
                             "weights, --resume continues the run in --output; drop one")

@@ -206,6 +206,11 @@ class Task(ABC):
         """The task's own entries of ``summary.json``."""
         return {}
 
+    def finish(self, net: nn.Module, runtime: Runtime) -> dict[str, Any]:
+        """Once training is over (every process): final measurements for ``summary.json``, e.g. a test split
+        reported only at the end. ``best.pt`` is written by then."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         """The task's entries of each checkpoint (e.g. class names) besides the engine's."""
         return {}
@@ -312,7 +317,8 @@ class Engine:
             for epoch in tqdm(range(self.start_epoch, self.epochs), desc="epochs", disable=self.quiet or None,
                               initial=self.start_epoch, total=self.epochs):
                 self.end_epoch(epoch, self.train_epoch(epoch), tb)
-            summary = self.summary(time.time() - started)
+            wall_time = time.time() - started
+            summary = {**self.summary(wall_time), **self.task.finish(self.net, self.runtime)}
             if self.ctx.is_main:
                 write_json(self.out / "summary.json", summary)
             return summary
