@@ -77,6 +77,28 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
             assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-6), key
 
 
+def test_an_epoch_is_saved_before_its_evaluation_and_evaluated_on_resume(tmp_path, monkeypatch):
+    """last.pt holds a trained epoch before evaluation starts; a run stopped during the evaluation resumes by
+    evaluating that epoch, so its row and best.pt are as if nothing happened."""
+    from lesa.engine.classification import ClassificationTask
+
+    out = tmp_path / "run"
+
+    def interrupted(self, net, runtime):
+        raise KeyboardInterrupt  # a Ctrl-C (or a kill) while the validation set is read
+
+    monkeypatch.setattr(ClassificationTask, "evaluate", interrupted)
+    assert main(["train", *QUICK, "--epochs", "2", "--output", str(out)]) == 130  # lesa's exit code for Ctrl-C
+    saved = torch.load(out / "last.pt", weights_only=True)
+    assert saved["epoch"] == 1 and saved["history"] == [] and saved["unevaluated"]["epoch"] == 1
+    assert not (out / "best.pt").exists()
+    monkeypatch.undo()
+    assert main(["train", *QUICK, "--epochs", "2", "--output", str(out), "--resume"]) == 0
+    rows = read_metrics_csv(out / "metrics.csv")
+    assert [r["epoch"] for r in rows] == [1, 2] and all(0 <= r["val_top1"] <= 100 for r in rows)
+    assert "unevaluated" not in torch.load(out / "last.pt", weights_only=True)
+
+
 def test_ddp_two_cpu_processes(tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lesa",

@@ -272,6 +272,8 @@ class Engine:
             self.net = DistributedDataParallel(self.net, device_ids=[ctx.device.index] if ctx.device.type == "cuda"
                                                else None)
         self.start_epoch, self.history, self.best = 0, [], -math.inf
+        self.unevaluated: Optional[dict[str, float]] = None  # a resumed epoch whose evaluation did not finish
+        self.config_written = False
         if resume_state is not None:
             self._restore(resume_state)
 
@@ -291,6 +293,7 @@ class Engine:
         self.start_epoch = int(state["epoch"])
         self.history = list(state["history"])
         self.best = float(state.get("best", -math.inf))
+        self.unevaluated = state.get("unevaluated")
         self.task.load_state_dict(state)
         rngs = state.get("rng") or []
         if self.ctx.rank < len(rngs):
@@ -314,9 +317,13 @@ class Engine:
             self.log(self.task.describe(self.params) + f"; {self.ctx.world_size} process(es) on {self.ctx.device}, "
                      f"{self.epochs} epochs, lr {self.lr:g}")
             started = time.time()
+            if self.unevaluated is not None:  # the run stopped during the evaluation of its last epoch
+                self.end_epoch(self.start_epoch - 1, self.evaluated(self.unevaluated), tb)
             for epoch in tqdm(range(self.start_epoch, self.epochs), desc="epochs", disable=self.quiet or None,
                               initial=self.start_epoch, total=self.epochs):
-                self.end_epoch(epoch, self.train_epoch(epoch), tb)
+                row = self.train_epoch(epoch)
+                self.save_trained(epoch, row)  # nothing evaluation does can lose the trained epoch
+                self.end_epoch(epoch, self.evaluated(row), tb)
             wall_time = time.time() - started
             summary = {**self.summary(wall_time), **self.task.finish(self.net, self.runtime)}
             if self.ctx.is_main:
@@ -354,7 +361,6 @@ class Engine:
         totals = self.ctx.all_reduce_sum([sums[k] for k in keys] + [weight])
         row: dict[str, float] = {"epoch": epoch + 1}
         row.update({k: total / totals[-1] for k, total in zip(keys, totals)})
-        row.update(self.task.evaluate(self.net, self.runtime))
         row.update(lr=self.optimizer.param_groups[0]["lr"], epoch_time_s=time.time() - t0)
         return row
 
@@ -373,17 +379,11 @@ class Engine:
         self.best = max(self.best, row[self.task.best_metric])
         rngs = self.ctx.gather(rng_state())  # every process's, so a resumed multi-process run restores each
         if self.ctx.is_main:
-            scaler = self.runtime.precision.scaler
-            state = dict(
-                kind=self.task.kind, model=self.task.model.state_dict(), optimizer=self.optimizer.state_dict(),
-                scheduler=self.scheduler.state_dict(), scaler=scaler.state_dict() if scaler else None,
-                epoch=epoch + 1, history=self.history, best=self.best, best_metric=self.task.best_metric,
-                config=self.cfg.to_dict(), rng=rngs, params=self.params, **self.task.state_dict(),
-            )
+            state = self.checkpoint_state(epoch, rngs)
             save_checkpoint(self.out / "last.pt", state)
             if improved:
                 save_checkpoint(self.out / "best.pt", state)
-            if epoch == self.start_epoch:
+            if not self.config_written:
                 self.write_config()  # a resumed run's options only once its first checkpoint holds them
             write_metrics_csv(self.out / "metrics.csv", self.history, self.task.columns)
             tb.scalars({k: v for k, v in row.items() if k != "epoch"}, epoch + 1)
@@ -391,9 +391,34 @@ class Engine:
         self.log(f"epoch {epoch + 1}: " + self.task.format_row(row))
         self.ctx.barrier()
 
+    def checkpoint_state(self, epoch: int, rngs: list[Any], **extra: Any) -> dict[str, Any]:
+        """What ``last.pt`` / ``best.pt`` hold after ``epoch`` (0-based) was trained."""
+        scaler = self.runtime.precision.scaler
+        return dict(
+            kind=self.task.kind, model=self.task.model.state_dict(), optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(), scaler=scaler.state_dict() if scaler else None,
+            epoch=epoch + 1, history=self.history, best=self.best, best_metric=self.task.best_metric,
+            config=self.cfg.to_dict(), rng=rngs, params=self.params, **self.task.state_dict(), **extra,
+        )
+
+    def save_trained(self, epoch: int, row: dict[str, float]) -> None:
+        """``last.pt`` once ``epoch`` is trained, before it is evaluated: its row (training columns) waits in
+        ``unevaluated``; a run resumed from it evaluates that epoch first (:meth:`run`)."""
+        rngs = self.ctx.gather(rng_state())
+        if self.ctx.is_main:
+            save_checkpoint(self.out / "last.pt", self.checkpoint_state(epoch, rngs, unevaluated=row))
+
+    def evaluated(self, row: dict[str, float]) -> dict[str, float]:
+        """The epoch's row with the validation columns; ``epoch_time_s`` counts training and evaluation."""
+        t0 = time.time()
+        row = {**row, **self.task.evaluate(self.net, self.runtime)}
+        row["epoch_time_s"] = row.get("epoch_time_s", 0.0) + time.time() - t0
+        return row
+
     def write_config(self) -> None:
         text = yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
         atomic_write(self.out / "config.yaml", lambda tmp: Path(tmp).write_text(text))
+        self.config_written = True
 
     def summary(self, wall_time: float) -> dict[str, Any]:
         last = self.history[-1] if self.history else {}
