@@ -7,13 +7,15 @@ projection to a 1x1 conv, drops the derived ``flatten_index`` buffer, and unwrap
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
 from .errors import CheckpointError
+from .utils import PathLike
 
 # Leading path components of an official LESA parameter -> our module path.
 _RENAMES: dict[tuple[str, ...], str] = {
@@ -38,8 +40,8 @@ _WRAPPERS = ("state_dict", "net", "model", "module")
 
 
 def unwrap_state_dict(obj: Any) -> dict[str, Tensor]:
-    """The tensor dict inside a checkpoint: ``{'net': ...}``, ``{'state_dict': ...}``, ... or bare,
-    with DataParallel's ``module.`` prefix removed."""
+    """The tensor dict inside a checkpoint: ``{'net': ...}``, ``{'state_dict': ...}``, ... or bare (keys as
+    saved: :func:`strip_wrapper_prefixes` removes a wrapped model's prefixes)."""
     while isinstance(obj, Mapping) and not _is_tensor_dict(obj):
         inner = next((obj[k] for k in _WRAPPERS if k in obj and isinstance(obj[k], Mapping)), None)
         if inner is None:
@@ -50,10 +52,28 @@ def unwrap_state_dict(obj: Any) -> dict[str, Tensor]:
         obj = inner
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"a checkpoint must hold a dict of tensors, got {type(obj).__name__}")
-    out = {}
-    for key, value in obj.items():
-        out[key[len("module.") :] if key.startswith("module.") else key] = value
-    return out
+    return dict(obj)
+
+
+# The key prefixes a wrapped model adds: DistributedDataParallel / DataParallel 'module.', torch.compile
+# '_orig_mod.' (nested wrappers stack them: torch.compile(DDP(model)) saves '_orig_mod.module.').
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def strip_wrapper_prefixes(sd: Mapping[str, Tensor], source: Optional[PathLike] = None) -> dict[str, Tensor]:
+    """``sd`` without the key prefixes that every key has from a wrapped model (:data:`WRAPPER_PREFIXES`, in
+    any combination and order: ``module._orig_mod.``, ``_orig_mod.module.``); a warning says what was removed.
+
+    Only prefixes shared by every key are removed: a model's own module named ``module`` keeps its keys.
+    """
+    prefix = ""
+    while sd and (found := next((p for p in WRAPPER_PREFIXES if all(k.startswith(prefix + p) for k in sd)), None)):
+        prefix += found
+    if not prefix:
+        return dict(sd)
+    warnings.warn(f"{source or 'the checkpoint'}: removed the key prefix {prefix!r} of a wrapped model (torch.compile, "
+                  "DataParallel / DistributedDataParallel) from its weights", stacklevel=3)
+    return {k[len(prefix):]: v for k, v in sd.items()}
 
 
 def _is_tensor_dict(obj: Mapping) -> bool:
@@ -83,7 +103,7 @@ def convert_official_state_dict(sd: Any, backbone_only: bool = True) -> dict[str
     kept (prefix removed) and the neck and heads are dropped when ``backbone_only``. The result loads with
     ``load_state_dict(strict=True)`` into the matching ``lesa`` model or :class:`~lesa.LESA2d`.
     """
-    sd = unwrap_state_dict(sd)
+    sd = strip_wrapper_prefixes(unwrap_state_dict(sd))
     if backbone_only and any(k.startswith("backbone.") for k in sd):
         sd = {k[len("backbone.") :]: v for k, v in sd.items() if k.startswith("backbone.")}
     out: dict[str, Tensor] = {}

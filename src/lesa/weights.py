@@ -11,13 +11,14 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from .convert import _is_tensor_dict, convert_official_state_dict, is_official_state_dict, unwrap_state_dict
+from .convert import (
+    convert_official_state_dict,
+    is_official_state_dict,
+    strip_wrapper_prefixes,
+    unwrap_state_dict,
+)
 from .errors import CheckpointError, NotFoundError
 from .utils import PathLike
-
-# The key prefixes a wrapped model adds: DistributedDataParallel / DataParallel 'module.', torch.compile
-# '_orig_mod.' (nested wrappers stack them: torch.compile(DDP(model)) saves '_orig_mod.module.').
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 def read_checkpoint(path: PathLike) -> Any:
@@ -110,27 +111,8 @@ def model_state_dict(obj: Any, source: Optional[PathLike] = None) -> dict[str, T
     """
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
         obj = obj["model"]
-    # a bare state dict is stripped here, not by unwrap_state_dict, which drops a leading 'module.' without a
-    # word; a container's ({'state_dict': ...}) after unwrapping
-    is_state_dict = isinstance(obj, Mapping) and _is_tensor_dict(obj)
-    sd = strip_wrapper_prefixes(obj if is_state_dict else unwrap_state_dict(obj), source)
+    sd = strip_wrapper_prefixes(unwrap_state_dict(obj), source)
     return convert_official_state_dict(sd) if is_official_state_dict(sd) else sd
-
-
-def strip_wrapper_prefixes(sd: Mapping[str, Tensor], source: Optional[PathLike] = None) -> dict[str, Tensor]:
-    """``sd`` without the key prefixes that every key has from a wrapped model (:data:`WRAPPER_PREFIXES`, in
-    any combination and order: ``module._orig_mod.``, ``_orig_mod.module.``); a warning says what was removed.
-
-    Only prefixes shared by every key are removed: a model's own module named ``module`` keeps its keys.
-    """
-    prefix = ""
-    while sd and (found := next((p for p in WRAPPER_PREFIXES if all(k.startswith(prefix + p) for k in sd)), None)):
-        prefix += found
-    if not prefix:
-        return dict(sd)
-    warnings.warn(f"{source or 'the checkpoint'}: removed the key prefix {prefix!r} of a torch.compile / "
-                  "DistributedDataParallel model from its weights", stacklevel=3)
-    return {k[len(prefix):]: v for k, v in sd.items()}
 
 
 def check_state_dict(model: nn.Module, sd: Mapping[str, Tensor], ignore: tuple[str, ...] = (),
