@@ -11,6 +11,7 @@ from lesa.data.digit_scenes import ensure_digit_scenes
 from lesa.detection import DetectionTransform, FusedSemanticHead, build_detector, build_maskrcnn
 from lesa.detection.train import build_det_config, output_names
 from lesa.engine import read_metrics_csv
+from lesa.errors import ConfigError
 
 pytest.importorskip("pycocotools")
 
@@ -223,6 +224,17 @@ def test_builders_decide_freezing_from_the_weights(tmp_path):
     assert not trained.backbone.body.conv1.weight.requires_grad
     with pytest.raises(TypeError):
         build_detector("htc", "lesa_resnet_tiny", 3, None)  # keyword-only after num_classes
+
+
+@pytest.mark.parametrize("backbone", [None, 3, torch.nn.Conv2d(3, 8, 3)])
+def test_a_backbone_that_is_not_a_name_is_one_config_error(backbone):
+    """build_detector("fasterrcnn", None, 3) or a module as backbone (was: AttributeError) is the ConfigError its
+    docstring promises, naming the valid names."""
+    with pytest.raises(ConfigError, match=r"^backbone must be a lesa model name \(a string\), got .*; choose one "
+                                          r"of .*lesa_resnet50, lesa_resnet_tiny") as info:
+        build_detector("fasterrcnn", backbone, 3)
+    assert "\n" not in str(info.value)
+    assert ("a module is not taken" in str(info.value)) == isinstance(backbone, torch.nn.Module)
 
 
 def test_multi_scale_resize_keeps_the_aspect_and_resizes_semantic_maps():

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
+from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.faster_rcnn import _default_anchorgen
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
@@ -18,6 +19,7 @@ from ..errors import CheckpointError, ConfigError
 from ..layers.binary import IMPLS
 from ..layers.checks import check_bool, check_choice, check_int, check_ints, check_optional_int, describe
 from ..layers.rel_pos import resize_rel_table
+from ..models import list_models
 from ..weights import model_state_dict, read_checkpoint
 from .backbone import LesaFPNBackbone, build_backbone
 from .cascade import DetectionTransform, build_cascade_heads
@@ -81,10 +83,12 @@ def build_detector(
         rpn_post_nms_top_n_train: proposals kept in training.
 
     Raises:
-        ConfigError: an argument of the wrong type, out of range or not among its choices (one line naming it),
-            a backbone that cannot be built as asked, or pretrained weights that do not fit.
+        ConfigError: an argument of the wrong type, out of range or not among its choices (one line naming it;
+            ``backbone`` a model name, not a module), a backbone that cannot be built as asked, or pretrained
+            weights that do not fit.
     """
     check_choice("kind", kind, DETECTORS)
+    check_backbone(backbone)
     check_choice("pos_init", pos_init, POS_INIT)
     check_choice("impl", impl, IMPLS)
     check_int("num_classes", num_classes, minimum=2, hint="the object classes plus 1 for the background")
@@ -126,6 +130,16 @@ def build_detector(
     model.detector_kind = kind
     model.backbone_init = report
     return model
+
+
+def check_backbone(backbone: object) -> None:
+    """Raises :class:`ConfigError` unless ``backbone`` is a string (a name :func:`lesa.create_model` knows: it
+    names an unknown one with the closest names)."""
+    if not isinstance(backbone, str):
+        module = " (a module is not taken: the detector builds its backbone from the name)" \
+            if isinstance(backbone, nn.Module) else ""
+        raise ConfigError(f"backbone must be a lesa model name (a string), got {type(backbone).__name__} "
+                          f"{describe(backbone)}{module}; choose one of {', '.join(list_models())}")
 
 
 def check_train_scales(train_scales: Optional[Sequence[Sequence[float]]]) -> None:
