@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from lesa.cli import main
-from lesa.data.coco import CocoDetection, coco_evaluate, encode_mask, hflip, to_coco_results
+from lesa.data.coco import CocoDetection, coco_evaluate, encode_mask, hflip, rle_counts, to_coco_results
 from lesa.errors import BadImageError, DataError
 
 pytest.importorskip("pycocotools")
@@ -104,6 +104,18 @@ def test_box_only_annotations_load_without_masks(tmp_path):
     refused(tmp_path, [box(1), box(2, segmentation=square(1, 1))], match="1 of 2 annotations have no 'segmentation'")
 
 
+@pytest.mark.parametrize("empty", [[], None])
+def test_empty_or_null_segmentations_are_box_only(tmp_path, empty):
+    """``segmentation: []`` / ``null`` on every annotation (VOC / YOLO converters) is box-only data; a mixture of
+    such annotations with masked ones is refused."""
+    data = load(tmp_path, [box(1, segmentation=empty), box(2, image_id=2, segmentation=empty)], train=True)
+    assert not data.has_masks and "(box-only)" in data.summary and not data.repairs.counts
+    assert "masks" not in data[0][1] and len(data.coco.getAnnIds()) == 2
+    message = refused(tmp_path, [box(1, segmentation=square(4, 4)), box(7, image_id=2, segmentation=empty)])
+    assert "1 of 2 annotations have no 'segmentation' (or an empty one: null or []; e.g. annotation 7 (image 2)" \
+        in message and "give every annotation a mask, or none" in message
+
+
 def test_short_polygons_are_dropped_and_counted(tmp_path):
     anns = [box(1, segmentation=square(4, 4) + [[1, 1, 5, 5]]),  # a good square and a 2-point polygon: kept
             box(2, segmentation=[[1, 1]]),  # a 1-point polygon only: the annotation goes
@@ -123,6 +135,66 @@ def test_an_rle_of_another_size_is_refused(tmp_path):
     message = refused(tmp_path, [box(1, segmentation=encode_mask(np.zeros((32, 32), np.uint8))),
                                  box(4, image_id=2, segmentation=encode_mask(mask))])
     assert "annotation 4 (image 2): its RLE mask has size [20, 32]" in message and "32x32" in message
+
+
+def test_compressed_rles_are_decoded_when_loaded(tmp_path):
+    """A compressed RLE that is not valid, or decodes to fewer or more pixels than its image, is refused when the
+    file loads, naming the annotation (was: pycocotools' ValueError in training, or a mask of uninitialised
+    memory); a valid one loads as the mask it encodes."""
+    rng = np.random.default_rng(0)
+    for shape in [(32, 32), (7, 5), (48, 64), (1, 1)]:  # the parser agrees with pycocotools' encoder
+        for fill in (0.0, 0.3, 1.0):
+            mask = (rng.random(shape) < fill).astype(np.uint8)
+            counts = rle_counts(encode_mask(mask)["counts"])
+            assert sum(counts) == mask.size and counts == runs(mask)
+    mask = np.zeros((32, 32), np.uint8)
+    mask[4:12, 4:14] = 1
+    data = load(tmp_path, [box(1, segmentation=encode_mask(mask))])
+    assert torch.equal(data[0][1]["masks"][0], torch.from_numpy(mask))
+    too_many = encode_mask(np.ones((32, 33), np.uint8))["counts"]
+    for counts, expected in [("@@bad", "its RLE counts '@@bad' are not COCO's compressed RLE (run 0 is negative"),
+                             ("ab~~", "(character '~' is outside '0'..'o')"),
+                             ("0", "its compressed RLE decodes to 0 pixels, not the image's 32 x 32 = 1024"),
+                             (too_many, "its compressed RLE decodes to 1056 pixels"),
+                             ("1b", "(it ends inside a number)")]:
+        message = refused(tmp_path, [box(1, segmentation=square(4, 4)),
+                                     box(4, image_id=2, segmentation=dict(size=[32, 32], counts=counts))],
+                          max_repaired=1.0)
+        assert "annotation 4 (image 2): " in message and expected in message, message
+
+
+def runs(mask):
+    """The column-major run lengths of a binary mask, starting with zeros (COCO's RLE)."""
+    flat = mask.flatten(order="F")
+    edges = np.flatnonzero(np.diff(flat)) + 1
+    lengths = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
+    return [0, *lengths] if flat[0] else lengths
+
+
+def test_polygons_far_outside_are_clipped_or_dropped_and_counted(tmp_path):
+    """Coordinates of 1e9 / -1e12 (was: a segfault / memory exhausted in pycocotools) are clipped to the image;
+    a polygon wholly outside (was: a 0-pixel mask, trained silently) is dropped and counted, with its annotation
+    when nothing is left; an absurd coordinate drops its polygon."""
+    anns = [box(1, bbox=(0, 0, 32, 32), segmentation=[[0, 0, 1e9, 0, 1e9, 1e9]]),  # the triangle below the diagonal
+            box(2, bbox=(0, 0, 16, 16), segmentation=[[-1e12, -1e12, 16, 0, 0, 16]]),
+            box(3, bbox=(4, 4, 8, 8), segmentation=square(4, 4) + square(40, 40)),  # one of two outside
+            box(4, image_id=2, bbox=(4, 4, 8, 8), segmentation=square(100, 4)),  # its only polygon outside
+            box(5, image_id=2, bbox=(4, 4, 8, 8), segmentation=square(4, 4) + [[0, 0, 8, 0, 4, 1e13]])]
+    data = load(tmp_path, anns, max_repaired=1.0)
+    assert data.repairs.counts == {"polygons_outside": 2, "no_polygon_left": 1, "polygons_absurd": 1}
+    assert "2 polygon(s) wholly outside their image dropped" in data.summary
+    assert "1 polygon(s) with a coordinate beyond 1e+12 pixels dropped" in data.summary
+    assert [a["id"] for a in data.coco.loadAnns(data.coco.getAnnIds())] == [1, 2, 3, 5]
+    masks = data[0][1]["masks"]
+    assert abs(int(masks[0].sum()) - 32 * 33 // 2) <= 32 and masks[0][20, 30] and not masks[0][30, 20]
+    assert abs(int(masks[1].sum()) - 16 * 16 // 2) <= 16
+    assert int(masks[2].sum()) >= 64
+    assert max(abs(v) for polygon in data.coco.anns[1]["segmentation"] for v in polygon) <= 32
+    message = refused(tmp_path, anns[3:4] + [box(i, image_id=2, segmentation=square(4, 4)) for i in range(6, 10)])
+    assert "1 of 5 annotations (20.0%) needed repair (1 polygon(s) wholly outside their image dropped, 1 " \
+        "annotation(s) left without a polygon dropped; e.g. annotation 4 (image 2): polygon 0 spans x 100..108" \
+        in message
+    assert "allow more with --max-repaired FRACTION" in message
 
 
 # -- boxes ---------------------------------------------------------------------------------------------------
@@ -181,6 +253,25 @@ def test_an_image_of_neither_size_is_refused(tmp_path):
     assert "is 32x20 (20x32 upright, by its EXIF orientation) but 30x30 in the JSON (width x height)" in message
 
 
+@pytest.mark.parametrize("file_name,expected", [
+    ("sub", "image 2: file_name 'sub' is a folder in {img}, not an image file"),
+    ("train/2.png", "e.g. image 2: 'train/2.png'); file_names are relative to that image folder; '2.png' exists "
+                    "there: strip the prefix 'train/' in every file_name"),
+    ("sub\\2.png", "'sub/2.png' exists there: write '/' for '\\' in every file_name"),
+    ("none.png", "1 image file(s) listed there are missing from {img} (e.g. image 2: 'none.png'); file_names are "
+                 "relative to that image folder; otherwise copy the files there"),
+])
+def test_a_missing_image_file_says_why(tmp_path, file_name, expected):
+    write_image(tmp_path / "img" / "2.png")
+    write_image(tmp_path / "img" / "sub" / "2.png")
+    write_image(tmp_path / "img" / "1.png")
+    images = [dict(id=1, file_name="1.png", width=32, height=32), dict(id=2, file_name=file_name, width=32, height=32)]
+    path = tmp_path / "ann.json"  # not write_coco, which would write the missing file
+    path.write_text(json.dumps(dict(images=images, annotations=[box(1)], categories=CATEGORIES)))
+    message = refused(tmp_path, path=path)
+    assert expected.format(img=tmp_path / "img") in message, message
+
+
 def test_an_undecodable_image_is_named_at_load(tmp_path):
     path = write_coco(tmp_path, [box(1)])
     (tmp_path / "img" / "2.png").write_bytes(b"not an image")
@@ -208,6 +299,29 @@ def test_semantic_labels_are_in_range_or_ignored(tmp_path, labels, classes, matc
     Image.new("RGB", (32, 32)).save(tmp_path / "sem" / "1.png")
     with pytest.raises(DataError, match="has 3 channels"):
         data[0]
+
+
+def test_semantic_maps_follow_the_image_paths(tmp_path):
+    """Images ``a/x.png`` and ``b/x.png`` read ``MAPS/a/x.png`` and ``MAPS/b/x.png`` (was: both ``MAPS/x.png``); a
+    missing map is an error when the file loads, naming the image and the map; maps that would collide too."""
+    images = [dict(id=1, file_name="a/x.png", width=32, height=32), dict(id=2, file_name="b/x.png", width=32,
+                                                                         height=32)]
+    path = write_coco(tmp_path, [box(1), box(2, image_id=2)], images=images)
+    for folder, label in (("a", 1), ("b", 2)):
+        (tmp_path / "sem" / folder).mkdir(parents=True)
+        Image.fromarray(np.full((32, 32), label, np.uint8)).save(tmp_path / "sem" / folder / "x.png")
+    data = CocoDetection(path, tmp_path / "img", semantic=tmp_path / "sem", semantic_classes=3)
+    assert [data[i][1]["semantic"].unique().tolist() for i in (0, 1)] == [[1], [2]]
+    (tmp_path / "sem" / "b" / "x.png").unlink()
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "sem" / "x.png")  # the old, flat match
+    message = refused(tmp_path, path=path, semantic=tmp_path / "sem")
+    assert f"1 of 2 semantic map(s) are missing from {tmp_path / 'sem'} (e.g. image 2 ('b/x.png'): " \
+           f"{tmp_path / 'sem' / 'b' / 'x.png'}); each image's map is its path relative to" in message
+    write_image(tmp_path / "img" / "a" / "x.jpg")
+    images[1]["file_name"] = "a/x.jpg"
+    message = refused(tmp_path, path=write_coco(tmp_path, [box(1), box(2, image_id=2)], images=images),
+                      semantic=tmp_path / "sem")
+    assert "images 1 ('a/x.png') and 2 ('a/x.jpg') would read the same semantic map" in message
 
 
 def test_the_semantic_classes_flag(tmp_path, capsys):
@@ -241,6 +355,19 @@ def test_other_files_are_read_through_the_run_categories(tmp_path):
         path = write_coco(tmp_path, [box(1, category_id=categories[0]["id"])], categories=categories, name="ann.json")
         message = refused(tmp_path, path=path, categories=run)
         assert match in message and "3 'three', 7 'seven', 9 'nine'" in message
+
+
+def test_a_category_no_annotation_uses_is_ignored(tmp_path):
+    """A val file listing a category the run does not know is fine while no annotation uses it (said in the
+    summary); once one does, it is refused."""
+    run = load(tmp_path, [box(1), box(2, category_id=7)]).categories
+    listed = [*CATEGORIES, dict(id=4, name="four")]
+    path = write_coco(tmp_path, [box(1, category_id=7)], categories=listed, name="val.json")
+    val = CocoDetection(path, tmp_path / "img", categories=run)
+    assert val.categories == run and val[0][1]["labels"].tolist() == [2]
+    assert "ignored 1 category(ies) that the run does not know and no annotation uses (4 'four')" in val.summary
+    path = write_coco(tmp_path, [box(1, category_id=4)], categories=listed)
+    assert "category 4 'four' is not one of the run's" in refused(tmp_path, path=path, categories=run)
 
 
 def test_stats_are_none_exactly_where_a_size_range_has_no_ground_truth(tmp_path):
@@ -361,3 +488,51 @@ def test_box_only_data_trains_the_box_only_detectors_end_to_end(tmp_path, capsys
     assert main([*train[:-2], *with_semantic, "--epochs", "1"]) == 2
     assert "box-only (no annotation has a 'segmentation'): HTC with the semantic branch needs instance masks" \
         in capsys.readouterr().err
+
+
+def test_det_resume_keeps_the_run_detector_and_eval_needs_only_val(tmp_path, capsys):
+    """A Faster R-CNN run on masked data resumes without --detector as Faster R-CNN (was: Mask R-CNN built, a
+    load_state_dict traceback), and a --detector that cannot continue it is one line; --max-repaired lifts the
+    1% limit; det eval reads a folder with val.json + val/ alone (was: "no train annotations"); --data given a
+    file, and det predict given a folder, say so; a mask model on box-only val shows "mask AP -"."""
+    root, out = coco_root(tmp_path), tmp_path / "run"
+    data = json.loads((root / "train.json").read_text())  # a box 5 px out of its image: 1 of 7 repaired
+    data["annotations"].append(box(7, image_id=3, bbox=(-5, 4, 12, 12), segmentation=square(0, 4, 12)))
+    (root / "train.json").write_text(json.dumps(data))
+    train = ["det", "train", "--data", str(root), "--config", str(tmp_path / "small.yaml"), "--batch-size", "3",
+             "--min-size", "64", "--max-size", "96", "--output", str(out), "--quiet"]
+    assert main([*train, "--epochs", "1", "--detector", "fasterrcnn"]) == 2
+    assert "1 of 7 annotations (14.3%) needed repair (1 box(es) clipped to their image; e.g. annotation 7 (image 3)" \
+        in capsys.readouterr().err
+    assert main([*train, "--epochs", "1", "--detector", "fasterrcnn", "--max-repaired", "0.2"]) == 0
+    assert main([*train, "--epochs", "2", "--max-repaired", "0.2", "--resume"]) == 0
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert state["epoch"] == 2 and state["config"]["detector"] == "fasterrcnn"
+    capsys.readouterr()
+    assert main([*train, "--epochs", "3", "--max-repaired", "0.2", "--resume", "--detector", "maskrcnn"]) == 2
+    err = capsys.readouterr().err
+    assert f"--resume: the run in {out} is a Faster R-CNN run (fasterrcnn); --detector maskrcnn builds Mask R-CNN " \
+           "on train.json (masks), which cannot continue it: pass --detector fasterrcnn, or leave --detector out" in err
+    assert err.count("\n") == 1
+
+    val_only = tmp_path / "val_only"
+    (val_only / "val").mkdir(parents=True)
+    (val_only / "val.json").write_text((root / "val.json").read_text())
+    (val_only / "val" / "v.png").write_bytes((root / "val" / "v.png").read_bytes())
+    assert main(["det", "eval", "--checkpoint", str(out), "--data", str(val_only), "--output", str(tmp_path)]) == 0
+    assert "bbox" in json.loads((tmp_path / "coco_eval.json").read_text())
+    capsys.readouterr()
+    assert main(["det", "eval", "--checkpoint", str(out), "--data", str(root / "val.json")]) == 2
+    assert f"detection data '{root / 'val.json'}' is a file, not a COCO root folder: pass the folder that holds " \
+           "train.json + train/ and val.json + val/" in capsys.readouterr().err
+    code = main(["det", "predict", str(root / "val"), str(root / "val" / "v.png"), "--checkpoint", str(out),
+                 "--output", str(tmp_path / "pred")])
+    assert code == 2 and f"image {root / 'val'} cannot be read: it is a folder, not an image; pass the images in " \
+        f"it, e.g. {root / 'val' / '*.png'}" in capsys.readouterr().err
+
+    data = json.loads((root / "val.json").read_text())  # box-only val for a mask model
+    for ann in data["annotations"]:
+        del ann["segmentation"]
+    (root / "val.json").write_text(json.dumps(data))
+    assert main([*train[:-3], "--output", str(tmp_path / "mask"), "--epochs", "1", "--max-repaired", "0.2"]) == 0
+    assert ", mask AP - (" in capsys.readouterr().err

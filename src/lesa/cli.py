@@ -373,8 +373,8 @@ def _det_args(p: argparse.ArgumentParser) -> None:
     t = sub.add_parser("train", help="train a detector (default: Mask R-CNN on the embedded digit scenes)")
     t.add_argument("--config", help="YAML file with any of the options below")
     t.add_argument("--preset", choices=["htc", "htc_1280"], help="the paper's HTC recipe (Table 4)")
-    t.add_argument("--detector", choices=DETECTORS, help="default maskrcnn; on box-only data (no 'segmentation') a "
-                   "mask detector trains as its box-only form: fasterrcnn, cascade_rcnn")
+    t.add_argument("--detector", choices=DETECTORS, help="default maskrcnn (with --resume: the run's); on box-only "
+                   "data (no 'segmentation') a mask detector trains as its box-only form: fasterrcnn, cascade_rcnn")
     t.add_argument("--semantic", action=argparse.BooleanOptionalAction, default=None,
                    help="HTC's semantic branch (default: on where maps exist: digit scenes, --semantic-root)")
     t.add_argument("--semantic-root", help="COCO-stuff stuffthingmaps folder (with train2017/, val2017/), or "
@@ -404,6 +404,9 @@ def _det_args(p: argparse.ArgumentParser) -> None:
                    help="gradient checkpointing of the LESA terms")
     t.add_argument("--impl", choices=["reference", "fused", "auto"])
     t.add_argument("--max-eval-images", type=int, help="evaluate on the first N validation images only")
+    t.add_argument("--max-repaired", type=float, metavar="FRACTION",
+                   help="share of a COCO file's annotations that may be repaired (boxes clipped, boxes or polygons "
+                   "outside the image dropped, ...) before the file is refused (default 0.01)")
     _run_args(t, "runs/det-<backbone>-<data>")
     e = sub.add_parser("eval", help="COCO box and mask AP of a trained detector (the run's categories)")
     e.add_argument("--checkpoint", required=True, help="run directory (best.pt) or checkpoint")

@@ -18,16 +18,22 @@ Policies of :class:`CocoDetection`, the same for every file it loads (training, 
   entry (``annotation 12 (image 3)``) and the fix. Validating and repairing cost about as much time again
   as parsing the JSON (a 48 MB file of 86k polygon annotations: 6.6 s to parse, 6.5 s to validate, 1-3 s
   to check and repair, on a busy 2-core machine).
-* **Masks.** ``segmentation`` is optional: a file where no annotation has one is box-only (``has_masks``
-  is False and targets carry no ``masks``); a file where some annotations have one and others not is
-  refused, and so is an empty list (``segmentation: []``). Polygons with fewer than 3 points (6 numbers;
-  COCO itself has a few) are dropped and counted; an annotation left without a polygon is dropped with
-  them. An RLE mask must have its image's size.
+* **Masks.** ``segmentation`` is optional: a file where no annotation has one (no key, or ``null`` or ``[]``,
+  as many VOC / YOLO converters write) is box-only (``has_masks`` is False and targets carry no ``masks``);
+  a file where some annotations have one and others not is refused. Polygons with fewer than 3 points (6
+  numbers; COCO itself has a few) are dropped and counted; so are polygons with no area inside their image
+  and polygons with a coordinate beyond :data:`MAX_COORDINATE`; a polygon reaching more than 1 pixel out of
+  its image is clipped to it (exactly: not counted), so pycocotools never rasterises far outside (a
+  coordinate of 1e9 crashed it). An annotation left without a polygon is dropped with them. An RLE mask
+  must have its image's size and cover it exactly: a compressed one (``counts`` a string) is decoded to its
+  run lengths when loaded (:func:`rle_counts`), so that a malformed or short one is an error naming the
+  annotation, not a crash or uninitialised memory in training.
 * **Boxes.** Clipped to the image: an overshoot of up to 1 pixel (rounding) silently, a larger one is
   counted; a box wholly outside the image, or narrower or lower than 1 pixel after clipping, is dropped
   with its annotation and counted. Dropped annotations are gone from the ground truth of evaluation too.
-  When more than :data:`MAX_REPAIRED` (1%) of a file's annotations needed any of these repairs, the file is
-  refused instead: that many suggests boxes in other units or images that are not the annotated ones.
+  When more than ``max_repaired`` (:data:`MAX_REPAIRED`, 1%; ``lesa det train --max-repaired``) of a file's
+  annotations needed any of these repairs (boxes, polygons), the file is refused instead: that many suggests
+  boxes in other units or images that are not the annotated ones.
   A missing ``area`` is the (clipped) box's.
 * **Image sizes.** Every image's header (size and EXIF orientation, no pixels decoded) is read up front, 8
   files at a time: about 0.1-0.2 ms an image from a warm page cache (20 s for COCO's 118k training
@@ -37,11 +43,20 @@ Policies of :class:`CocoDetection`, the same for every file it loads (training, 
   and the image is read without its EXIF rotation (counted); when neither matches, :class:`DataError`
   names the image and both sizes. Where the two sizes are equal (flips, 180°, square images) the image is
   read upright. A file PIL cannot identify, or one over the reader's pixel limit, stops the load with
-  :class:`BadImageError` naming it; each decoded image's size is checked again when it is read.
+  :class:`BadImageError` naming it; each decoded image's size is checked again when it is read (a file
+  truncated after its header is found then, not when loading). ``file_name`` is relative to the image
+  folder: a missing file is named with that folder and, where one exists, the spelling that finds it (a
+  ``train/`` prefix to strip, ``/`` for ``\\``); a ``file_name`` that is a folder is said to be one.
+* **Categories.** Read through the run's mapping (``categories=``): a category the run does not know that an
+  annotation uses is refused; one that no annotation uses is ignored and said in the summary.
 * **Report.** ``summary`` is one line with the counts (the training command prints it when something was
   repaired); ``repairs`` has the numbers.
-* **Semantic maps** (HTC): single-channel, the image's size, labels in ``[0, semantic_classes)`` or 255
-  (ignored); otherwise a one-line :class:`DataError` naming the map.
+* **Semantic maps** (HTC): an image's map is its ``file_name`` relative to the image folder with ``.png``, in
+  the map folder (``a/x.jpg`` -> ``MAPS/a/x.png``; COCO-stuff's flat layout is the case of flat names). Each
+  map of an image read is checked to exist when loaded (not decoded: an undecodable map, like an undecodable
+  image, is found when read); two images whose maps would be one file are refused. When read: single-channel,
+  the image's size, labels in ``[0, semantic_classes)`` or 255 (ignored); otherwise a one-line
+  :class:`DataError` naming the map.
 """
 from __future__ import annotations
 
@@ -73,6 +88,7 @@ from .images import DECODE_ERRORS, read_image, read_label_map
 MAX_REPAIRED = 0.01  # share of a file's annotations that may be repaired (clipped or dropped) before it is refused
 CLIP_TOLERANCE = 1.0  # pixels a box may overshoot its image without being counted (rounding in converters)
 MIN_BOX_SIDE = 1.0  # pixels; a thinner box after clipping is empty
+MAX_COORDINATE = 1e12  # pixels; a polygon coordinate beyond is a unit or parsing error (and clips imprecisely)
 INSTANCE_SEMANTIC = "instances"
 COCO_STUFF_CLASSES = 183  # COCO-stuff's stuffthingmaps: 182 labels and 0, 255 unlabeled (mmdetection's HTC)
 IGNORE_LABEL = 255  # a semantic map's "unlabeled"
@@ -119,7 +135,7 @@ class CocoAnnotation(TypedDict):
     image_id: int
     category_id: int
     bbox: Annotated[list[float], Field(min_length=4, max_length=4)]
-    segmentation: NotRequired[Segmentation]
+    segmentation: NotRequired[Optional[Segmentation]]  # null or [] in every annotation: box-only
     area: NotRequired[NonNegativeFloat]
     iscrowd: NotRequired[Literal[0, 1]]
 
@@ -221,27 +237,34 @@ def _check_unique(values: list[Any], what: str, path: Path) -> None:
                         f"each {what} must be unique")
 
 
+def without_mask(ann: dict[str, Any]) -> bool:
+    """No ``segmentation``, or an empty one (``null``, ``[]``: what many VOC / YOLO converters write)."""
+    return ann.get("segmentation") in (None, [])
+
+
 def has_masks(annotations: list[dict[str, Any]], path: Path) -> bool:
-    """Whether the annotations carry masks: all of them (True) or none (False, box-only).
+    """Whether the annotations carry masks: all of them (True) or none (False, box-only). An annotation
+    without a ``segmentation`` key, or with ``null`` or ``[]`` there, has none.
 
     Raises:
-        DataError: some have a ``segmentation`` and others not, or one is an empty list.
+        DataError: some have a mask and others not.
     """
-    without = [ann for ann in annotations if "segmentation" not in ann]
-    for ann in annotations:
-        if ann.get("segmentation") == []:
-            raise DataError(f"{path}: annotation {ann['id']} (image {ann['image_id']}) has an empty polygon list "
-                            "(segmentation []); give it polygons or an RLE mask, or leave 'segmentation' out of "
-                            "every annotation of a box-only file")
+    without = [ann for ann in annotations if without_mask(ann)]
     if without and len(without) < len(annotations):
-        raise DataError(f"{path}: {len(without)} of {len(annotations)} annotations have no 'segmentation' (e.g. "
-                        f"annotation {without[0]['id']}); give every annotation a mask, or none (box-only data)")
+        example = without[0]
+        shown = f"segmentation {json.dumps(example['segmentation'])}" if "segmentation" in example else "no such key"
+        raise DataError(f"{path}: {len(without)} of {len(annotations)} annotations have no 'segmentation' (or an "
+                        f"empty one: null or []; e.g. annotation {example['id']} (image {example['image_id']}): "
+                        f"{shown}) while the others have masks; give every annotation a mask, or none (box-only "
+                        "data)")
     return bool(annotations) and not without
 
 
 # -- repairs ------------------------------------------------------------------------------------------------
 REPAIR_NAMES = {
     "polygons_dropped": "polygon(s) with fewer than 3 points dropped",
+    "polygons_outside": "polygon(s) wholly outside their image dropped",
+    "polygons_absurd": f"polygon(s) with a coordinate beyond {MAX_COORDINATE:g} pixels dropped",
     "no_polygon_left": "annotation(s) left without a polygon dropped",
     "boxes_clipped": "box(es) clipped to their image",
     "boxes_outside": "box(es) wholly outside their image dropped",
@@ -272,17 +295,18 @@ class Repairs:
         kind = next(k for k in REPAIR_NAMES if self.counts[k])
         raise DataError(f"{path}: {len(self.annotations)} of {total} annotations ({len(self.annotations) / total:.1%}) "
                         f"needed repair ({self.text()}; e.g. {self.examples[kind]}), more than the "
-                        f"{limit:.0%} allowed: boxes in other units, or images that are not the annotated ones? "
-                        "Fix the file")
+                        f"{limit * 100:g}% allowed: boxes in other units, or images that are not the annotated "
+                        "ones? Fix the file, or allow more with --max-repaired FRACTION (lesa det train; "
+                        "max_repaired= in the API)")
 
 
 def clean_annotation(ann: dict[str, Any], image: dict[str, Any], path: Path, repairs: Repairs) -> Optional[dict]:
-    """``ann`` with its box clipped, degenerate polygons dropped and ``area`` and ``iscrowd`` filled in; ``None``
-    when it is dropped (counted in ``repairs``).
+    """``ann`` with its box clipped, its polygons clipped to the image (degenerate ones and those outside
+    dropped) and ``area`` and ``iscrowd`` filled in; ``None`` when it is dropped (counted in ``repairs``).
 
     Raises:
-        DataError: a negative box side, a polygon with an odd number of coordinates, or an RLE mask (or its run
-            lengths) of another size than the image.
+        DataError: a negative box side, a polygon with an odd number of coordinates, or an RLE mask that is not
+            valid or not the image's size.
     """
     box = clip_box(ann, image, path, repairs)
     if box is None:
@@ -293,9 +317,9 @@ def clean_annotation(ann: dict[str, Any], image: dict[str, Any], path: Path, rep
     if isinstance(segmentation, dict):
         check_rle(segmentation, image, path, ann)
     elif segmentation is not None:
-        polygons = check_polygons(segmentation, path, ann, repairs)
+        polygons = check_polygons(segmentation, image, path, ann, repairs)
         if not polygons:
-            repairs.add("no_polygon_left", ann, "every polygon had fewer than 3 points")
+            repairs.add("no_polygon_left", ann, "no polygon of 3 points or more inside the image")
             return None
         ann["segmentation"] = polygons
     return ann
@@ -326,28 +350,132 @@ def clip_box(ann: dict[str, Any], image: dict[str, Any], path: Path, repairs: Re
     return [x1, y1, x2 - x1, y2 - y1] if kind == "boxes_clipped" else None
 
 
-def check_polygons(polygons: list[list[float]], path: Path, ann: dict[str, Any], repairs: Repairs) -> list:
-    """The polygons with at least 3 points (the others counted). Raises DataError for an odd coordinate count."""
-    kept = [polygon for polygon in polygons if len(polygon) >= 6]
+def check_polygons(polygons: list[list[float]], image: dict[str, Any], path: Path, ann: dict[str, Any],
+                   repairs: Repairs) -> list[list[float]]:
+    """The polygons with at least 3 points, clipped to the image; those with fewer points, with no area inside
+    the image or with a coordinate beyond :data:`MAX_COORDINATE` dropped and counted.
+
+    Clipping is exact (Sutherland-Hodgman against the image rectangle), so it is not counted: the mask keeps its
+    pixels up to pycocotools' rasterisation along the border (a pixel or two); it keeps pycocotools from
+    rasterising coordinates far outside the image (1e9 crashes it, -1e12 exhausts the memory).
+
+    Raises:
+        DataError: a polygon with an odd number of coordinates.
+    """
+    width, height = image["width"], image["height"]
+    kept = []
     for i, polygon in enumerate(polygons):
         if len(polygon) % 2:
             raise DataError(f"{where(path, ann)}: polygon {i} has {len(polygon)} numbers, an odd count; a polygon "
                             "is [x1, y1, x2, y2, ...]")
-    if len(kept) < len(polygons):
-        short = next(len(p) // 2 for p in polygons if len(p) < 6)
-        repairs.add("polygons_dropped", ann, f"a polygon of {short} point(s)", len(polygons) - len(kept))
+        if len(polygon) < 6:
+            repairs.add("polygons_dropped", ann, f"a polygon of {len(polygon) // 2} point(s)")
+            continue
+        xs, ys = polygon[0::2], polygon[1::2]
+        if max(map(abs, polygon)) > MAX_COORDINATE:
+            repairs.add("polygons_absurd", ann, f"polygon {i} has coordinate {max(polygon, key=abs):g}")
+            continue
+        clipped = clip_polygon(polygon, width, height)
+        if clipped is None:
+            repairs.add("polygons_outside", ann, f"polygon {i} spans x {min(xs):g}..{max(xs):g}, y {min(ys):g}.."
+                                                 f"{max(ys):g} on a {width}x{height} image")
+            continue
+        kept.append(clipped)
     return kept
 
 
+def clip_polygon(polygon: list[float], width: float, height: float) -> Optional[list[float]]:
+    """``[x1, y1, x2, y2, ...]`` clipped to ``[0, width] x [0, height]``; None when nothing of it with an area is
+    left. A polygon within :data:`CLIP_TOLERANCE` of the image is returned as it is (COCO's own overshoot by
+    rounding: its ground truth stays pycocotools')."""
+    xs, ys = polygon[0::2], polygon[1::2]
+    if min(xs) >= width or max(xs) <= 0 or min(ys) >= height or max(ys) <= 0:
+        return None
+    tol = CLIP_TOLERANCE
+    if min(xs) >= -tol and min(ys) >= -tol and max(xs) <= width + tol and max(ys) <= height + tol:
+        return polygon
+    points = list(zip(xs, ys))
+    for axis, bound, upper in ((0, 0.0, False), (0, float(width), True), (1, 0.0, False), (1, float(height), True)):
+        points = clip_half_plane(points, axis, bound, upper)
+        if len(points) < 3:
+            return None
+    area = sum(x1 * y2 - x2 * y1 for (x1, y1), (x2, y2) in zip(points, points[1:] + points[:1]))
+    return [c for point in points for c in point] if area else None
+
+
+def clip_half_plane(points: list[tuple[float, float]], axis: int, bound: float, upper: bool
+                    ) -> list[tuple[float, float]]:
+    """One Sutherland-Hodgman step: the part of a closed polygon where ``point[axis] <= bound`` (``upper``) or
+    ``>= bound``."""
+    def inside(point: tuple[float, float]) -> bool:
+        return point[axis] <= bound if upper else point[axis] >= bound
+
+    def crossing(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
+        t = (bound - a[axis]) / (b[axis] - a[axis])
+        other = a[1 - axis] + t * (b[1 - axis] - a[1 - axis])
+        return (bound, other) if axis == 0 else (other, bound)
+
+    out = []
+    for previous, point in zip(points[-1:] + points[:-1], points):
+        if inside(point):
+            if not inside(previous):
+                out.append(crossing(previous, point))
+            out.append(point)
+        elif inside(previous):
+            out.append(crossing(previous, point))
+    return out
+
+
 def check_rle(rle: dict[str, Any], image: dict[str, Any], path: Path, ann: dict[str, Any]) -> None:
-    """Raises DataError when the RLE mask (or its uncompressed run lengths) is not the image's size."""
+    """Raises DataError when the RLE mask is not the image's size, or its run lengths (uncompressed, or decoded
+    from COCO's compressed string) are not valid or do not cover the image exactly: pycocotools refuses too many
+    pixels only when it decodes (in training) and leaves too few as uninitialised memory."""
     size = [image["height"], image["width"]]
     if rle["size"] != size:
         raise DataError(f"{where(path, ann)}: its RLE mask has size {rle['size']} (height, width) but the image is "
                         f"{size[0]}x{size[1]} (height x width); encode the mask at the image's size")
-    if isinstance(rle["counts"], list) and sum(rle["counts"]) != size[0] * size[1]:
-        raise DataError(f"{where(path, ann)}: its RLE run lengths add up to {sum(rle['counts'])} pixels, not the "
-                        f"image's {size[0]} x {size[1]} = {size[0] * size[1]}; re-encode the mask")
+    counts = rle["counts"]
+    if isinstance(counts, str):
+        try:
+            counts = rle_counts(counts)
+        except ValueError as err:
+            raise DataError(f"{where(path, ann)}: its RLE counts {counts!r:.40} are not COCO's compressed RLE "
+                            f"({err}); re-encode the mask (pycocotools.mask.encode)") from None
+    if sum(counts) != size[0] * size[1]:
+        kind = "compressed RLE decodes to" if isinstance(rle["counts"], str) else "RLE run lengths add up to"
+        raise DataError(f"{where(path, ann)}: its {kind} {sum(counts)} pixels, not the image's {size[0]} x "
+                        f"{size[1]} = {size[0] * size[1]}; re-encode the mask")
+
+
+def rle_counts(text: str) -> list[int]:
+    """The run lengths of COCO's compressed RLE string (pycocotools' ``rleFrString``: 5 bits a character from
+    '0', a continuation bit, the sign on the last; from the third run on, each is stored as the difference to the
+    run two before it).
+
+    Raises:
+        ValueError: a character outside '0'..'o', a string that ends inside a number, or a negative run.
+    """
+    counts: list[int] = []
+    value = shift = 0
+    for char in text:
+        code = ord(char) - 48
+        if not 0 <= code < 64:
+            raise ValueError(f"character {char!r} is outside '0'..'o'")
+        value |= (code & 0x1F) << shift
+        shift += 5
+        if code & 0x20:
+            continue
+        if code & 0x10:
+            value -= 1 << shift
+        if len(counts) > 2:
+            value += counts[-2]
+        if value < 0:
+            raise ValueError(f"run {len(counts)} is negative ({value})")
+        counts.append(value)
+        value = shift = 0
+    if shift:
+        raise ValueError("it ends inside a number")
+    return counts
 
 
 # -- image files --------------------------------------------------------------------------------------------
@@ -390,10 +518,9 @@ def check_image_files(images: list[dict[str, Any]], image_dir: Path, path: Path)
         BadImageError: a file that is not an image, or too large.
     """
     files = [image_dir / info["file_name"] for info in images]
-    missing = [info["file_name"] for info, file in zip(images, files) if not file.is_file()]
+    missing = [(info, file) for info, file in zip(images, files) if not file.is_file()]
     if missing:
-        raise DataError(f"{path}: {len(missing)} image file(s) listed there are missing from {image_dir} "
-                        f"(e.g. {missing[0]}); copy them there or remove them from the annotations")
+        raise DataError(f"{path}: {missing_files(missing, image_dir)}")
     with ThreadPoolExecutor(HEADER_THREADS) as pool:
         headers = list(pool.map(image_header, files))
     stored = {}
@@ -411,21 +538,60 @@ def check_image_files(images: list[dict[str, Any]], image_dir: Path, path: Path)
     return stored
 
 
+def missing_files(missing: list[tuple[dict[str, Any], Path]], image_dir: Path) -> str:
+    """What is wrong with the first of the image files that are not there: a folder, or a name that is not
+    relative to the image folder (with the name that would find it)."""
+    info, file = missing[0]
+    name = info["file_name"]
+    if file.is_dir():
+        return (f"image {info['id']}: file_name {name!r} is a folder in {image_dir}, not an image file ({len(missing)} "
+                "image file(s) not found); file_name names the image file, relative to that folder")
+    found = found_as(name, image_dir)
+    hint = f"; {found!r} exists there: {fix_hint(name, found)}" if found else ""
+    return (f"{len(missing)} image file(s) listed there are missing from {image_dir} (e.g. image {info['id']}: "
+            f"{name!r}); file_names are relative to that image folder{hint}; otherwise copy the files there or "
+            "remove them from the annotations")
+
+
+def found_as(name: str, image_dir: Path) -> Optional[str]:
+    """The spelling of ``name`` that exists in ``image_dir``: with '/' for '\\', without leading folders."""
+    parts = [part for part in name.replace("\\", "/").split("/") if part]
+    for start in range(len(parts)):
+        candidate = "/".join(parts[start:])
+        if candidate != name and (image_dir / candidate).is_file():
+            return candidate
+    return None
+
+
+def fix_hint(name: str, found: str) -> str:
+    posix = name.replace("\\", "/")
+    steps = ["write '/' for '\\'"] if posix != name else []
+    if posix != found:
+        steps.append(f"strip the prefix {posix[: len(posix) - len(found)]!r}")
+    return " and ".join(steps) + " in every file_name (or pass the image folder that file_names start from)"
+
+
 # -- categories ---------------------------------------------------------------------------------------------
-def run_categories(file_categories: list[dict[str, Any]], run: Optional[list[dict[str, Any]]],
-                   path: Path) -> list[dict[str, Any]]:
-    """The run's categories (``[{id, name}]`` by id): the file's own when ``run`` is None (a training file),
-    else ``run``, which must know each of the file's categories by id and name (a subset, in any order).
+def run_categories(file_categories: list[dict[str, Any]], run: Optional[list[dict[str, Any]]], path: Path,
+                   used: Optional[set[int]] = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The run's categories (``[{id, name}]`` by id) and the file's categories that are ignored: the file's own
+    when ``run`` is None (a training file), else ``run``, which must know by id and name each of the file's
+    categories that an annotation uses (``used``: their ids; default: all). The file may list a subset, in any
+    order; a category the run does not know and no annotation uses is ignored (returned second).
 
     Raises:
-        DataError: a category of the file that the run does not have.
+        DataError: a category of the file that an annotation uses and the run does not have.
     """
     if run is None:
-        return sorted(({"id": c["id"], "name": c["name"]} for c in file_categories), key=lambda c: c["id"])
+        return sorted(({"id": c["id"], "name": c["name"]} for c in file_categories), key=lambda c: c["id"]), []
     names = {c["id"]: c["name"] for c in run}
+    ignored = []
     for category in file_categories:
         cid, name = category["id"], category["name"]
         if names.get(cid) == name:
+            continue
+        if used is not None and cid not in used:
+            ignored.append({"id": cid, "name": name})
             continue
         if cid in names:
             problem = f"category {cid} is {name!r} there but {names[cid]!r} in the run"
@@ -436,7 +602,7 @@ def run_categories(file_categories: list[dict[str, Any]], run: Optional[list[dic
         raise DataError(f"{path}: {problem}; the run was trained on {len(run)} categories "
                         f"({', '.join(f'{i} {n!r}' for i, n in list(names.items())[:10])}"
                         f"{', ...' if len(run) > 10 else ''}): use those ids and names, or train on this file")
-    return list(run)
+    return list(run), ignored
 
 
 def semantic_class_count(semantic: Optional[str | Path], num_classes: int, given: Optional[int] = None) -> int:
@@ -495,6 +661,31 @@ class CocoDetection(Dataset):
         if not ids:
             raise DataError(f"{self.annotation_file} has no {'annotated ' if train else ''}images")
         self.ids = ids
+        self.semantic_files = self._semantic_files() if isinstance(self.semantic, Path) else {}
+
+    def _semantic_files(self) -> dict[int, Path]:
+        """``{image id: map}`` of the images read (see :meth:`semantic_map`), each checked to exist (not decoded).
+
+        Raises:
+            DataError: maps missing, or two images whose maps would be one file.
+        """
+        files = {i: self.semantic / Path(self.coco.imgs[i]["file_name"]).with_suffix(".png") for i in self.ids}
+        first: dict[Path, int] = {}
+        for image_id, file in files.items():
+            other = first.setdefault(file, image_id)
+            if other != image_id:
+                names = [self.coco.imgs[i]["file_name"] for i in (other, image_id)]
+                raise DataError(f"{self.annotation_file}: images {other} ({names[0]!r}) and {image_id} ({names[1]!r}) "
+                                f"would read the same semantic map {file} (a map is named by its image's path with "
+                                ".png); give the images distinct names")
+        missing = [i for i, file in files.items() if not file.is_file()]
+        if missing:
+            info = self.coco.imgs[missing[0]]
+            raise DataError(f"{self.annotation_file}: {len(missing)} of {len(files)} semantic map(s) are missing from "
+                            f"{self.semantic} (e.g. image {info['id']} ({info['file_name']!r}): "
+                            f"{files[missing[0]]}); each image's map is its path relative to {self.image_dir} "
+                            "with .png, in that folder: add them, or train without the semantic branch")
+        return files
 
     def _load(self, categories: Optional[list[dict[str, Any]]], max_repaired: float) -> None:
         """Validate, map the categories, check the image files, repair; sets ``categories``, ``coco``,
@@ -504,9 +695,13 @@ class CocoDetection(Dataset):
         path = self.annotation_file
         data = read_coco_file(path)
         check_references(data, path)
-        self.categories = run_categories(data["categories"], categories, path)
         annotations = data.get("annotations", [])
+        self.categories, self.ignored_categories = run_categories(
+            data["categories"], categories, path, used={ann["category_id"] for ann in annotations})
         self.has_masks = has_masks(annotations, path)
+        if not self.has_masks:  # null or [] in every annotation: as if the key were not there
+            for ann in annotations:
+                ann.pop("segmentation", None)
         self.stored = check_image_files(data["images"], self.image_dir, path)
         images = {info["id"]: info for info in data["images"]}
         self.repairs = Repairs()
@@ -528,6 +723,10 @@ class CocoDetection(Dataset):
         if self.stored:
             parts.append(f"{len(self.stored)} image(s) read as stored, without their EXIF rotation (their JSON size "
                          "is the stored one)")
+        if self.ignored_categories:
+            shown = ", ".join(f"{c['id']} {c['name']!r}" for c in self.ignored_categories[:5])
+            parts.append(f"ignored {len(self.ignored_categories)} category(ies) that the run does not know and no "
+                         f"annotation uses ({shown}{', ...' if len(self.ignored_categories) > 5 else ''})")
         return f"{self.annotation_file}: " + "; ".join(parts)
 
     def __len__(self) -> int:
@@ -593,7 +792,7 @@ class CocoDetection(Dataset):
                 semantic[mask.bool()] = label
             name = f"the semantic map drawn from {self.annotation_file}'s masks (image {info['id']})"
         else:
-            path = self.semantic / f"{Path(info['file_name']).stem}.png"
+            path = self.semantic_files[info["id"]]
             if not path.is_file():
                 raise NotFoundError(f"semantic map {path} is missing (one PNG per image of {self.image_dir})")
             semantic = torch.from_numpy(read_label_map(path))

@@ -17,11 +17,17 @@ Policies:
 * **No epoch is lost to evaluation.** A failing evaluation is held back until the engine has written the
   epoch's ``last.pt`` (its metrics NaN), then stops the run with one line naming that checkpoint and the
   ``det eval`` command that re-runs it.
-* **Box-only training data** (no ``segmentation``) is refused: the mask detectors need masks.
-* ``det predict`` names each input it cannot read on stderr, skips it and does the others.
+* **Box-only training data** (no ``segmentation``, or ``null`` / ``[]`` in every annotation) trains the asked
+  mask detector's box-only form (Faster R-CNN, Cascade R-CNN; :func:`choose_detector`), said in one line;
+  evaluation reports box AP only.
+* **A resumed run keeps its detector.** Without ``--detector`` (command line, YAML or preset) ``--resume``
+  builds the detector the run saved; a ``--detector`` that would build another one (on this data) is one
+  line naming the run's.
+* ``det predict`` names each input it cannot read (a folder too) on stderr, skips it and does the others.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import field
@@ -36,6 +42,7 @@ from tqdm.auto import tqdm
 
 from ..data.coco import (
     INSTANCE_SEMANTIC,
+    MAX_REPAIRED,
     CocoDetection,
     coco_evaluate,
     collate_detection,
@@ -113,8 +120,9 @@ DATA_DEFAULTS = {
 class DetConfig(RunConfig):
     """A detection run; the defaults train the CPU-sized LESA backbone on the embedded digit scenes."""
 
-    # on box-only training data a mask detector becomes its box-only form (BOX_ONLY), said in one line
-    detector: Literal[tuple(DETECTORS)] = "maskrcnn"
+    # default: maskrcnn, or with --resume the run's detector; on box-only training data a mask detector becomes
+    # its box-only form (BOX_ONLY), said in one line
+    detector: Optional[Literal[tuple(DETECTORS)]] = None
     backbone: Name = "lesa_resnet_tiny"
     data: Name = Field(default=EMBEDDED, json_schema_extra=ROLE_INPUT)
     preset: Optional[Literal[DET_PRESETS]] = None
@@ -142,11 +150,19 @@ class DetConfig(RunConfig):
     rpn_post_nms_top_n_train: Optional[PositiveInt] = None  # proposals kept in training
     impl: Literal["reference", "fused", "auto"] = "auto"
     max_eval_images: Optional[PositiveInt] = None
+    # share of a COCO file's annotations that may be repaired (clipped or dropped) before it is refused
+    max_repaired: Annotated[float, Field(ge=0, le=1)] = MAX_REPAIRED
 
     def __post_init__(self) -> None:
         for name, value in DATA_DEFAULTS["embedded" if self.data == EMBEDDED else "coco"].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
+        # The run's folder is named by the detector asked for, before it is resolved here or turned into its
+        # box-only form by the data (choose_detector): it stays where the command found it.
+        if self.output is None:
+            self.output = str(self.output_dir)
+        if self.detector is None:
+            self.detector = (run_detector(self.output_dir) if self.resume else None) or "maskrcnn"
         super().__post_init__()
 
     def problems(self) -> list[str]:
@@ -172,7 +188,7 @@ class DetConfig(RunConfig):
         return problems
 
     def default_run_name(self) -> str:
-        kind = "" if self.detector == "maskrcnn" else f"{self.detector}-"
+        kind = "" if self.detector in (None, "maskrcnn") else f"{self.detector}-"
         return f"det-{kind}{self.backbone}-{Path(self.data).name}"
 
     @property
@@ -204,14 +220,23 @@ def build_det_config(config_file: Optional[str] = None, **overrides: Any) -> Det
     return merge_config(DetConfig, config_file, overrides.pop("preset", None), presets=DET_PRESETS, **overrides)
 
 
-def coco_splits(data: str) -> dict[str, tuple[Path, Path]]:
-    """``{'train': (annotations, images), 'val': ...}`` for the embedded digit scenes, COCO 2017's layout
-    (``annotations/instances_train2017.json``, ``train2017/``) or ``train.json`` + ``train/``."""
+def coco_splits(data: str, needed: tuple[str, ...] = ("train", "val")) -> dict[str, tuple[Path, Path]]:
+    """``{'train': (annotations, images), 'val': ...}`` (the ``needed`` splits) for the embedded digit scenes,
+    COCO 2017's layout (``annotations/instances_train2017.json``, ``train2017/``) or ``train.json`` + ``train/``.
+
+    Raises:
+        NotFoundError: no such folder, or a needed split missing from it.
+        DataError: ``data`` is a file (an annotation file given for the folder).
+    """
     root = ensure_digit_scenes() if data == EMBEDDED else Path(data)
+    if root.is_file():
+        raise DataError(f"detection data {str(root)!r} is a file, not a COCO root folder: pass the folder that holds "
+                        "train.json + train/ and val.json + val/ (or COCO 2017's annotations/instances_train2017.json "
+                        "+ train2017/, ...)")
     if not root.is_dir():
         raise NotFoundError(f"detection data {str(root)!r} does not exist (a COCO root, or {EMBEDDED})")
     splits = {}
-    for split in ("train", "val"):
+    for split in needed:
         for ann, images in ((root / "annotations" / f"instances_{split}2017.json", root / f"{split}2017"),
                             (root / f"{split}.json", root / split)):
             if ann.is_file():
@@ -225,11 +250,14 @@ def coco_splits(data: str) -> dict[str, tuple[Path, Path]]:
 
 
 class DetectionTask(Task):
-    """Mask R-CNN, Cascade Mask R-CNN or HTC with a lesa backbone on COCO-format data (see the module docstring).
+    """Mask R-CNN, Cascade Mask R-CNN, HTC or their box-only forms (Faster R-CNN, Cascade R-CNN: on box-only
+    training data, see :func:`choose_detector`) with a lesa backbone on COCO-format data (see the module
+    docstring).
 
     Raises:
-        DataError: box-only training data, a validation file with a category the training file lacks, and
-            the data errors of :class:`lesa.data.coco.CocoDetection`.
+        DataError: HTC's semantic branch on box-only data, a validation file with a category the training file
+            lacks that an annotation uses, and the data errors of :class:`lesa.data.coco.CocoDetection`.
+        ConfigError: ``--resume`` with a ``--detector`` that would not build the run's detector on this data.
     """
 
     kind = "detection"
@@ -240,9 +268,10 @@ class DetectionTask(Task):
         self.cfg, self.ctx = cfg, ctx
         splits = coco_splits(cfg.data)
         self.train_set = CocoDetection(*splits["train"], train=True, semantic=cfg.semantic_source("train"),
-                                       semantic_classes=cfg.semantic_classes)
-        self.choice = choose_detector(cfg, self.train_set)
-        self.val_set = CocoDetection(*splits["val"], train=False, categories=self.train_set.categories)
+                                       semantic_classes=cfg.semantic_classes, max_repaired=cfg.max_repaired)
+        self.choice = choose_detector(cfg, self.train_set, run_detector(cfg.output_dir) if cfg.resume else None)
+        self.val_set = CocoDetection(*splits["val"], train=False, categories=self.train_set.categories,
+                                     max_repaired=cfg.max_repaired)
         self.model = detector_of(cfg, self.train_set.classes)
         self.losses = loss_names(cfg.detector, cfg.with_semantic)
         self.eval_columns = eval_column_names(cfg.detector)
@@ -252,7 +281,9 @@ class DetectionTask(Task):
 
     @classmethod
     def same_setting(cls, key: str, saved: Any, current: Any) -> bool:
-        """A box-only run resumes under the mask detector it was asked as (``detector``, see :data:`BOX_ONLY`)."""
+        """A box-only run may resume under the mask detector it was asked as (``detector``, see :data:`BOX_ONLY`):
+        the engine asks before the data is read; :func:`choose_detector` then checks that the data turns it
+        into the run's detector."""
         return saved == current or (key == "detector" and saved == BOX_ONLY.get(current))
 
     def collate(self, batch: list) -> Any:
@@ -289,7 +320,8 @@ class DetectionTask(Task):
 
     def describe(self, params: int) -> str:
         semantic = " with the semantic branch" if self.cfg.with_semantic else ""
-        notes = [d.summary for d in (self.train_set, self.val_set) if d.repairs.annotations or d.stored]
+        notes = [d.summary for d in (self.train_set, self.val_set)
+                 if d.repairs.annotations or d.stored or d.ignored_categories]
         notes += [self.choice] if self.choice else []
         return "; ".join([f"{NAMES[self.cfg.detector]}{semantic} + {self.cfg.backbone}-FPN: {params / 1e6:.2f}M "
                           f"parameters, {len(self.train_set)} training images; "
@@ -301,10 +333,10 @@ class DetectionTask(Task):
         if self.failure is not None:
             raise evaluation_failed(self.failure, int(row["epoch"]), Path(self.cfg.output_dir)) from self.failure
         if "segm_AP" not in row:
-            return f"loss {row['loss']:.3f}, box AP {row['bbox_AP']:.1f} ({row['epoch_time_s']:.0f}s)"
+            return f"loss {row['loss']:.3f}, box AP {ap_text(row['bbox_AP'])} ({row['epoch_time_s']:.0f}s)"
         mask = sum(row[name] for name in self.losses if name.endswith("loss_mask"))
-        return (f"loss {row['loss']:.3f} (mask {mask:.3f}), box AP {row['bbox_AP']:.1f}, "
-                f"mask AP {row['segm_AP']:.1f} ({row['epoch_time_s']:.0f}s)")
+        return (f"loss {row['loss']:.3f} (mask {mask:.3f}), box AP {ap_text(row['bbox_AP'])}, "
+                f"mask AP {ap_text(row['segm_AP'])} ({row['epoch_time_s']:.0f}s)")
 
     def state_dict(self) -> dict[str, Any]:
         return dict(classes=self.train_set.classes, category_ids=self.train_set.category_ids,
@@ -334,21 +366,57 @@ class DetectionTask(Task):
                     segm_AP=finite(last.get("segm_AP")))
 
 
-def choose_detector(cfg: DetConfig, data: CocoDetection) -> Optional[str]:
+def choose_detector(cfg: DetConfig, data: CocoDetection, resumed: Optional[str] = None) -> Optional[str]:
     """On box-only training ``data``, turn ``cfg.detector`` into its box-only form (:data:`BOX_ONLY`) and
-    return the one line that says so; None when nothing changes.
+    return the one line that says so; None when nothing changes. ``resumed``: the detector of the run being
+    resumed, which the result must be.
 
     Raises:
-        DataError: box-only data with HTC's semantic branch asked for (its maps come with masked data).
+        DataError: box-only data with HTC's semantic branch asked for (its maps come with masked data), or a
+            run with masks resumed on data that has none.
+        ConfigError: ``cfg.detector`` does not become the resumed run's detector on this data (a mask detector
+            asked on masked data to resume a box-only run).
     """
-    if data.has_masks or not has_masks(cfg.detector):
+    asked = cfg.detector
+    built = BOX_ONLY[asked] if not data.has_masks and has_masks(asked) else asked
+    if resumed is not None and built != resumed:
+        run = f"--resume: the run in {cfg.output_dir} is a {NAMES[resumed]} run ({resumed})"
+        if built != asked:
+            raise DataError(f"{run}, but {data.annotation_file} has boxes only now (no 'segmentation'), on which "
+                            f"{NAMES[asked]} trains as {NAMES[built]}; resume with the run's data, or start a new "
+                            "run with another --output")
+        kind = "masks" if data.has_masks else "boxes only"
+        raise ConfigError(f"{run}; --detector {asked} builds {NAMES[built]} on {data.annotation_file.name} ({kind}), "
+                          f"which cannot continue it: pass --detector {resumed}, or leave --detector out (a resumed "
+                          "run keeps its detector)")
+    if built == asked:
         return None
     if cfg.with_semantic:
         raise DataError(f"{data.annotation_file} is box-only (no annotation has a 'segmentation'): HTC with the "
                         "semantic branch needs instance masks; add masks, or drop --semantic-root / --semantic")
-    asked, cfg.detector = cfg.detector, BOX_ONLY[cfg.detector]
-    return (f"{data.annotation_file.name} has boxes only (no 'segmentation'): training {NAMES[cfg.detector]}, "
+    cfg.detector = built
+    return (f"{data.annotation_file.name} has boxes only (no 'segmentation'): training {NAMES[built]}, "
             f"{NAMES[asked]} without its mask heads (box AP only)")
+
+
+def run_detector(run: Path) -> Optional[str]:
+    """The detector of the run in folder ``run`` (its ``last.pt``'s config); None where none can be read (the
+    engine names a missing or bad checkpoint when it resumes)."""
+    path = Path(run) / "last.pt"
+    state = None
+    with contextlib.suppress(Exception):  # mmap: the config alone is read, the tensors stay on disk
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if state is None:
+        with contextlib.suppress(LesaError):  # a checkpoint torch cannot map (written by torch's legacy format)
+            state = load_checkpoint(path)
+    config = state.get("config") if isinstance(state, dict) else None
+    detector = config.get("detector") if isinstance(config, dict) else None
+    return detector if detector in DETECTORS else None
+
+
+def ap_text(value: Optional[float]) -> str:
+    """An AP for the epoch line: ``-`` where it is undefined (no ground truth: masks on box-only data)."""
+    return "-" if value is None or math.isnan(value) else f"{value:.1f}"
 
 
 def eval_columns(evaluation: dict[str, Any], columns: list[str]) -> dict[str, float]:
@@ -469,7 +537,8 @@ def evaluate_run(checkpoint: str | Path, data: Optional[str] = None, device: str
     dev = resolve_device(device)
     model, cfg, state = load_detector(checkpoint)
     model.to(dev)
-    dataset = CocoDetection(*coco_splits(data or cfg.data)["val"], categories=state["categories"])
+    dataset = CocoDetection(*coco_splits(data or cfg.data, ("val",))["val"], categories=state["categories"],
+                            max_repaired=cfg.max_repaired)
     result = evaluate_detector(model, dataset, DistContext(device=dev), max_images, quiet=False)
     run_dir = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
     path = Path(output or run_dir) / "coco_eval.json"

@@ -10,6 +10,7 @@ from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from ..data.images import read_image
+from ..errors import BadImageError
 
 PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#469990",
            "#9a6324"]
@@ -17,7 +18,11 @@ PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f
 
 def load_image(path: str | Path) -> Tensor:
     """``(3, H, W)`` float image in [0, 1], read by :func:`lesa.data.images.read_image` (upright, contrast of
-    16-bit images kept). Raises :class:`lesa.errors.NotFoundError` and :class:`lesa.errors.BadImageError`."""
+    16-bit images kept). Raises :class:`lesa.errors.NotFoundError` and :class:`lesa.errors.BadImageError` (a
+    folder too)."""
+    if Path(path).is_dir():
+        pattern = Path(path) / "*.png"
+        raise BadImageError(str(path), f"it is a folder, not an image; pass the images in it, e.g. {pattern}")
     return pil_to_tensor(read_image(path)).float() / 255.0
 
 
