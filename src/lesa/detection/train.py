@@ -14,9 +14,9 @@ Policies:
 
 * **One category mapping per run**, the training file's (``[{id, name}]`` in every checkpoint); the
   validation file and any file given to ``det eval`` are read through it (see :mod:`lesa.data.coco`).
-* **No epoch is lost to evaluation.** A failing evaluation is held back until the engine has written the
-  epoch's ``last.pt`` (its metrics NaN), then stops the run with one line naming that checkpoint and the
-  ``det eval`` command that re-runs it.
+* **No epoch is lost to evaluation.** The engine writes ``last.pt`` once an epoch is trained, before its
+  evaluation; a failing evaluation is held back until the epoch's row is saved too (its metrics NaN), then
+  stops the run with one line naming that checkpoint and the ``det eval`` command that re-runs it.
 * **Box-only training data** (no ``segmentation``, or ``null`` / ``[]`` in every annotation) trains the asked
   mask detector's box-only form (Faster R-CNN, Cascade R-CNN; :func:`choose_detector`), said in one line;
   evaluation reports box AP only.
@@ -309,7 +309,7 @@ class DetectionTask(Task):
 
     def evaluate(self, net: nn.Module, runtime: Runtime) -> dict[str, float]:
         """The AP columns (NaN where undefined). A failure is kept for :meth:`format_row`, which the engine
-        calls once ``last.pt`` holds the epoch: the engine evaluates before it saves."""
+        calls once the epoch's row is saved, so that the run's files are complete before it stops."""
         self.failure = None
         try:
             self.evaluation = evaluate_detector(self.model, self.val_set, runtime.ctx, self.cfg.max_eval_images,
