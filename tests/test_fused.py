@@ -9,6 +9,7 @@ from same_step import assert_same_step
 import lesa
 from lesa import LESA2d, SelfAttention2d
 from lesa.layers import flat_attention
+from lesa.layers import rel2d_attention as rel2d_module
 from lesa.layers.binary import resolve_auto
 from lesa.layers.rel2d_attention import (
     ROWS_PER_GROUP,
@@ -60,7 +61,7 @@ def test_dense_flat_kernel_equals_reference(block_elems, blocks, monkeypatch):
     in one row block, in blocks of one query/key (the table windows and skewed views at every offset), or
     in blocks of 4 rows and a last one of 3 (the reused zeroed buffers of ``Unskewed``)."""
     if block_elems:
-        monkeypatch.setattr(flat_attention, "DENSE_BLOCK_ELEMS", block_elems)
+        monkeypatch.setattr(rel2d_module, "DENSE_BLOCK_ELEMS", block_elems)
     dtype = torch.float64
     ref, dense = pair(LESA2d, dtype, "flat", (5, 7))
     dense.binary.impl = "auto"

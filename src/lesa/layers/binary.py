@@ -83,7 +83,7 @@ from .flat_attention import (
     flat_windows,
     softmax_f32,
 )
-from .rel2d_attention import MASKED_LOGIT, augment_rel2d, exporting, rel2d_attention
+from .rel2d_attention import MASKED_LOGIT, augment_rel2d, block_sizes, exporting, rel2d_attention
 from .rel_pos import FlatRelPosEmbed, RelPosEmbed2d, Size2d
 
 PosEmbed = Literal["flat", "rel2d"]
@@ -283,7 +283,8 @@ class BinaryAttention2d(nn.Module):
         self.qk_dim = out_channels // heads // 2
         self.v_dim = out_channels // heads
         self.pos_embed, self.impl = pos_embed, impl
-        self.block_elems = 1 << 21  # logits per query block (N * heads * block * HW) where blocks are used
+        # logits per query block (N * heads * block * HW) where blocks are used; None: the device's policy
+        self.block_elems: Optional[int] = None
         self.ablate_unary = False  # Table 1: drop each query's own term (eval only; see lesa.analysis)
         self.folded = False  # BatchNorms folded for inference (fold_batch_norms)
 
@@ -533,10 +534,12 @@ class BinaryAttention2d(nn.Module):
         return dict(q=q * s_qk, k=k, rows=rows, cols=cols)
 
     def query_block(self, q: Tensor) -> int:
+        """Queries per block of the 'flat' fused path (:func:`~lesa.layers.rel2d_attention.block_sizes`); all of
+        them: one block, the dense kernel."""
         n, g, num, _ = q.shape
         if exporting():  # an exported graph takes any batch size: its blocks are sized for one image
             n = 1
-        return max(1, min(num, self.block_elems // max(1, n * g * num)))
+        return block_sizes(q.device, q.dtype, n * g, num, query_elems=self.block_elems).queries
 
     def attend_fused(self, q: Tensor, k: Tensor, v: Tensor, height: int, width: int, dense: bool = False,
                      mask: Optional[KeyMask] = None):

@@ -20,8 +20,9 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-# FlatDenseAttention's row blocks hold about this many elements per temporary (see dense_blocks).
-DENSE_BLOCK_ELEMS = 1 << 19
+from .rel2d_attention import block_sizes
+
+CPU = torch.device("cpu")
 
 
 def softmax_f32(logits: Tensor) -> Tensor:
@@ -191,11 +192,13 @@ def flat_window(start: int, block: int, num: int) -> slice:
     return slice(num - start - block, 2 * num - 1 - start)
 
 
-def dense_blocks(num: int, batch: int) -> list[tuple[slice, slice]]:
-    """Row blocks ``(rows, table window)`` for :class:`FlatDenseAttention`: each block's temporaries
-    ``(batch, B, P+B-1)`` stay around half a million elements (in cache, and small enough for the memory
-    allocator to reuse instead of mapping fresh pages on every call)."""
-    size = max(1, min(num, DENSE_BLOCK_ELEMS // max(1, batch * 2 * num)))
+def dense_blocks(num: int, batch: int, device: torch.device = CPU,
+                 dtype: torch.dtype = torch.float32) -> list[tuple[slice, slice]]:
+    """Row blocks ``(rows, table window)`` for :class:`FlatDenseAttention` over ``num`` positions and ``batch``
+    matrices (batch x heads), as :func:`~lesa.layers.rel2d_attention.block_sizes` sizes them for ``device``:
+    temporaries ``(batch, B, P+B-1)`` of about half a million elements on a CPU, as large as memory allows on
+    CUDA."""
+    size = block_sizes(device, dtype, batch, num).dense_rows
     return [(slice(s, s + size), flat_window(s, min(size, num - s), num)) for s in range(0, num, size)]
 
 
@@ -218,7 +221,7 @@ class FlatDenseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q_k, q_r, k, k_r, v, tq, tk, tv, shift):
         tq_f, tk_f, tv_f = tq.flip(-1), tk.flip(-1), tv.flip(-1)
-        blocks = dense_blocks(k.shape[-2], q_k.shape[0] * q_k.shape[1])
+        blocks = dense_blocks(k.shape[-2], q_k.shape[0] * q_k.shape[1], q_k.device, q_k.dtype)
         unskew_block = Unskewed()
         # the per-head shift is constant along each softmax row: it changes nothing and is not added
         logits = torch.matmul(q_k, k.transpose(-1, -2))
@@ -240,7 +243,7 @@ class FlatDenseAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_values, grad_value_embed):
         q_k, q_r, k, k_r, v, tq_f, tk_f, tv_f, shift, attn = ctx.saved_tensors
-        blocks = dense_blocks(k.shape[-2], q_k.shape[0] * q_k.shape[1])
+        blocks = dense_blocks(k.shape[-2], q_k.shape[0] * q_k.shape[1], q_k.device, q_k.dtype)
         unskew_block = Unskewed()
         grad_attn = torch.matmul(grad_values, v.transpose(-1, -2))
         grad_tv = torch.zeros_like(tv_f)
