@@ -536,3 +536,25 @@ def test_det_resume_keeps_the_run_detector_and_eval_needs_only_val(tmp_path, cap
     (root / "val.json").write_text(json.dumps(data))
     assert main([*train[:-3], "--output", str(tmp_path / "mask"), "--epochs", "1", "--max-repaired", "0.2"]) == 0
     assert ", mask AP - (" in capsys.readouterr().err
+
+
+def test_an_undecodable_training_image_is_skipped_and_counted_like_classification(tmp_path, capsys):
+    """An image whose header reads but whose pixels do not (truncated) is named, skipped and counted against
+    --max-bad-fraction, the same rule as classification; over it, one line."""
+    root, out = coco_root(tmp_path), tmp_path / "run"
+    write_image(root / "train" / "c.jpg", (96, 96), array=np.random.default_rng(1).integers(0, 255, (96, 96, 3),
+                                                                                           dtype=np.uint8))
+    data = (root / "train" / "c.jpg").read_bytes()
+    (root / "train" / "c.jpg").write_bytes(data[: len(data) // 2])  # the header reads, the pixels end early
+    train = json.loads((root / "train.json").read_text())
+    train["images"][2].update(file_name="c.jpg", width=96, height=96)
+    (root / "train.json").write_text(json.dumps(train))
+    command = ["det", "train", "--data", str(root), "--config", str(tmp_path / "small.yaml"), "--batch-size", "3",
+               "--min-size", "64", "--max-size", "96", "--epochs", "1", "--quiet"]
+    assert main([*command, "--output", str(tmp_path / "strict")]) == 2
+    err = capsys.readouterr().err
+    assert "1 of 3 images read so far could not be decoded, more than max_bad_fraction=0.001" in err
+    assert "--max-bad-fraction" in err
+    with pytest.warns(UserWarning, match="skipped: .*c.jpg"):
+        assert main([*command, "--output", str(out), "--max-bad-fraction", "0.5"]) == 0
+    assert json.loads((out / "summary.json").read_text())["skipped_images"] == 1

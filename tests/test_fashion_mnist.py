@@ -154,7 +154,8 @@ def test_the_test_split_is_reported_apart_by_train_eval_and_compare(tmp_path, no
     assert "on fashion-mnist (test): top-1 " in printed and f"top-1 {summary['test_top1']:.2f}%" in printed
     assert main(["eval", "--checkpoint", str(out), "--split", "test", "--data", "digits"]) == 2
     assert "digits has no test split (fashion-mnist has one); evaluate with --split val" in capsys.readouterr().err
-    assert main(["train", "--data", "digits", "--data-root", str(tmp_path / "fm"), "--output", str(tmp_path / "d")]) == 2
+    digits_with_root = ["--data", "digits", "--data-root", str(tmp_path / "fm"), "--output", str(tmp_path / "d")]
+    assert main(["train", *digits_with_root]) == 2
     assert "--data-root / --download tell where a named set's files are (fashion-mnist); digits has none" in \
         capsys.readouterr().err
 

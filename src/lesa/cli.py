@@ -150,6 +150,8 @@ def _run_args(p: argparse.ArgumentParser, default_output: str) -> None:
                    help="channels-last memory format (default: on CUDA)")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument("--max-steps-per-epoch", type=int, help="cut epochs short (smoke tests)")
+    p.add_argument("--max-bad-fraction", type=float,
+                   help="undecodable training images tolerated, as a fraction of the training set (default 0.001)")
     p.add_argument("--quiet", action="store_true", default=None, help="no progress bars or epoch lines")
 
 
@@ -178,8 +180,6 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--warmup-epochs", type=float)
     p.add_argument("--label-smoothing", type=float)
-    p.add_argument("--max-bad-fraction", type=float,
-                   help="undecodable images tolerated, as a fraction of the training set (default 0.001)")
     p.add_argument("--init", metavar="CKPT",
                    help="fine-tune from a classifier: run directory (best.pt), training checkpoint or weights file "
                         "(.pt/.pth/.safetensors); model from its run, a new classifier for another class count, "

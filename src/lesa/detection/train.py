@@ -46,6 +46,7 @@ from ..data.coco import (
     CocoDetection,
     coco_evaluate,
     collate_detection,
+    collate_training,
     ground_truth_counts,
     semantic_class_count,
     to_coco_results,
@@ -56,6 +57,7 @@ from ..engine import (
     RunConfig,
     Runtime,
     ShardSampler,
+    SkippedImages,
     Step,
     Task,
     load_checkpoint,
@@ -273,6 +275,7 @@ class DetectionTask(Task):
         self.val_set = CocoDetection(*splits["val"], train=False, categories=self.train_set.categories,
                                      max_repaired=cfg.max_repaired)
         self.model = detector_of(cfg, self.train_set.classes)
+        self.skipped = SkippedImages(cfg.max_bad_fraction, len(self.train_set))
         self.losses = loss_names(cfg.detector, cfg.with_semantic)
         self.eval_columns = eval_column_names(cfg.detector)
         self.columns = ["epoch", "loss", *self.losses, *self.eval_columns, "lr", "epoch_time_s"]
@@ -287,7 +290,7 @@ class DetectionTask(Task):
         return saved == current or (key == "detector" and saved == BOX_ONLY.get(current))
 
     def collate(self, batch: list) -> Any:
-        return collate_detection(batch)
+        return collate_training(batch)
 
     def lr_schedule(self, steps_per_epoch: int, epochs: int) -> Callable[[int], float]:
         total = epochs * steps_per_epoch
@@ -297,7 +300,11 @@ class DetectionTask(Task):
         return lambda step: warmup_multistep(step, warmup, milestones, self.cfg.warmup_ratio)
 
     def train_step(self, net: nn.Module, batch: Any, runtime: Runtime) -> Step:
-        images, targets = batch
+        images, targets, bad = batch
+        self.skipped.add(bad, len(images))
+        if not images:
+            raise DataError("a whole batch of training images could not be decoded (the warnings name them); fix "
+                            "or remove them")
         images = [im.to(runtime.device) for im in images]
         targets = [{k: v.to(runtime.device) for k, v in t.items()} for t in targets]
         with runtime.precision.autocast(runtime.device):
@@ -332,15 +339,16 @@ class DetectionTask(Task):
         :class:`LesaError` naming the saved checkpoint and how to re-run the evaluation."""
         if self.failure is not None:
             raise evaluation_failed(self.failure, int(row["epoch"]), Path(self.cfg.output_dir)) from self.failure
+        skipped = f"; {self.skipped.count} undecodable images skipped so far" if self.skipped.count else ""
         if "segm_AP" not in row:
-            return f"loss {row['loss']:.3f}, box AP {ap_text(row['bbox_AP'])} ({row['epoch_time_s']:.0f}s)"
+            return f"loss {row['loss']:.3f}, box AP {ap_text(row['bbox_AP'])} ({row['epoch_time_s']:.0f}s){skipped}"
         mask = sum(row[name] for name in self.losses if name.endswith("loss_mask"))
         return (f"loss {row['loss']:.3f} (mask {mask:.3f}), box AP {ap_text(row['bbox_AP'])}, "
-                f"mask AP {ap_text(row['segm_AP'])} ({row['epoch_time_s']:.0f}s)")
+                f"mask AP {ap_text(row['segm_AP'])} ({row['epoch_time_s']:.0f}s){skipped}")
 
     def state_dict(self) -> dict[str, Any]:
         return dict(classes=self.train_set.classes, category_ids=self.train_set.category_ids,
-                    categories=self.train_set.categories)
+                    categories=self.train_set.categories, skipped=self.skipped.state)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """On resume: the training file still has the run's categories, ids and names.
@@ -348,6 +356,7 @@ class DetectionTask(Task):
         Raises:
             DataError: a category id changed (the engine has compared the names already).
         """
+        self.skipped.state = list(state.get("skipped", [0.0, 0.0]))
         saved = state.get("categories")
         if saved is not None and saved != self.train_set.categories:
             changed = next(f"{a['id']} {a['name']!r} -> {b['id']} {b['name']!r}"
@@ -363,7 +372,7 @@ class DetectionTask(Task):
     def summary(self, last: dict[str, float]) -> dict[str, Any]:
         return dict(detector=self.cfg.detector, backbone=self.cfg.backbone, data=self.cfg.data,
                     bbox_AP=finite(last.get("bbox_AP")),
-                    segm_AP=finite(last.get("segm_AP")))
+                    segm_AP=finite(last.get("segm_AP")), skipped_images=self.skipped.count)
 
 
 def choose_detector(cfg: DetConfig, data: CocoDetection, resumed: Optional[str] = None) -> Optional[str]:

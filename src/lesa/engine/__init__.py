@@ -12,7 +12,17 @@ from .classification import (
 )
 from .config import RunConfig, TrainConfig, build_config, load_yaml, merge_config
 from .distributed import DistContext, resolve_device, setup_distributed
-from .loop import Engine, Runtime, ShardSampler, Step, Task, run_task, warmup_cosine, warmup_multistep
+from .loop import (
+    Engine,
+    Runtime,
+    ShardSampler,
+    SkippedImages,
+    Step,
+    Task,
+    run_task,
+    warmup_cosine,
+    warmup_multistep,
+)
 from .records import TensorBoard, read_metrics_csv, write_json
 
 __all__ = [
@@ -22,6 +32,7 @@ __all__ = [
     "RunConfig",
     "Runtime",
     "ShardSampler",
+    "SkippedImages",
     "Step",
     "Task",
     "TensorBoard",

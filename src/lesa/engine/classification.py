@@ -27,7 +27,7 @@ from ..weights import load_state, model_state_dict, read_checkpoint
 from .checkpoint import COMMANDS_OF, load_checkpoint, run_kind
 from .config import TrainConfig, flag
 from .distributed import DistContext, cleanup_distributed, setup_distributed
-from .loop import Precision, Runtime, ShardSampler, Step, Task, run_task, warmup_cosine
+from .loop import Precision, Runtime, ShardSampler, SkippedImages, Step, Task, run_task, warmup_cosine
 from .records import plot_curves
 
 COLUMNS = ["epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr", "epoch_time_s"]
@@ -63,7 +63,7 @@ class ClassificationTask(Task):
                                      sampler=ShardSampler(len(self.data.val), ctx.rank, ctx.world_size),
                                      pin_memory=ctx.device.type == "cuda", persistent_workers=cfg.workers > 0)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-        self.skipped = [0.0, 0.0]  # undecodable images, images read
+        self.skipped = SkippedImages(cfg.max_bad_fraction, len(self.train_set))
 
     def collate(self, batch: list) -> Any:
         return self.data.collate(batch)
@@ -75,7 +75,7 @@ class ClassificationTask(Task):
 
     def train_step(self, net: nn.Module, batch: Any, runtime: Runtime) -> Step:
         images, targets, bad = unpack(batch, self.data.may_skip)
-        self.count_skipped(bad, len(targets))
+        self.skipped.add(bad, len(targets))
         if len(targets) == 0:
             raise DataError("a whole batch of images could not be decoded; check the data folder")
         images, targets = runtime.images(images), targets.to(runtime.device, non_blocking=True)
@@ -85,16 +85,6 @@ class ClassificationTask(Task):
         top1 = topk_correct(logits.detach(), targets, (1,))[0]
         n = len(targets)
         return Step(loss, n, {"train_loss": loss.item(), "train_top1": 100.0 * top1 / n})
-
-    def count_skipped(self, bad: int, good: int) -> None:
-        self.skipped[0] += bad
-        self.skipped[1] += bad + good
-        bad_total, seen = self.skipped
-        if bad_total > self.cfg.max_bad_fraction * max(seen, len(self.train_set)):
-            raise DataError(
-                f"{int(bad_total)} of {int(seen)} images read so far could not be decoded, more than "
-                f"max_bad_fraction={self.cfg.max_bad_fraction} of the {len(self.train_set)} training images; fix or "
-                "remove them (the warnings name them), or raise --max-bad-fraction")
 
     def evaluate(self, net: nn.Module, runtime: Runtime) -> dict[str, float]:
         val = evaluate(net, self.val_loader, runtime.ctx, runtime.precision, self.data.may_skip, runtime.quiet,
@@ -123,10 +113,10 @@ class ClassificationTask(Task):
     def format_row(self, row: dict[str, float]) -> str:
         return (f"train loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f}, "
                 f"val top-1 {row['val_top1']:.2f}%, top-5 {row['val_top5']:.2f}% ({row['epoch_time_s']:.1f}s)"
-                + (f"; {int(self.skipped[0])} undecodable images skipped so far" if self.skipped[0] else ""))
+                + (f"; {self.skipped.count} undecodable images skipped so far" if self.skipped.count else ""))
 
     def state_dict(self) -> dict[str, Any]:
-        return dict(classes=self.data.classes, skipped=self.skipped, data_identity=self.data_identity())
+        return dict(classes=self.data.classes, skipped=self.skipped.state, data_identity=self.data_identity())
 
     def data_identity(self) -> dict[str, Any]:
         """What the run was trained on: the data as given, its classes and its split sizes."""
@@ -134,7 +124,7 @@ class ClassificationTask(Task):
                     val_images=len(self.data.val))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.skipped = list(state.get("skipped", [0.0, 0.0]))
+        self.skipped.state = list(state.get("skipped", [0.0, 0.0]))
 
     def write_outputs(self, out_dir: Path, history: list[dict[str, float]]) -> None:
         plot_curves({self.cfg.model: [history]}, out_dir / "curves.png", f"{self.cfg.model} on {self.cfg.data}")
@@ -142,7 +132,7 @@ class ClassificationTask(Task):
     def summary(self, last: dict[str, float]) -> dict[str, Any]:
         return dict(model=self.cfg.model, data=self.cfg.data, classes=list(self.data.classes), img_size=self.img_size,
                     val_top1=last.get("val_top1"),
-                    val_top5=last.get("val_top5"), val_loss=last.get("val_loss"), skipped_images=int(self.skipped[0]))
+                    val_top5=last.get("val_top5"), val_loss=last.get("val_loss"), skipped_images=self.skipped.count)
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:

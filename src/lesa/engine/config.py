@@ -68,6 +68,7 @@ class RunConfig:
     device: Device = "auto"
     quiet: bool = False
     max_steps_per_epoch: Optional[PositiveInt] = None  # cut epochs short (smoke tests)
+    max_bad_fraction: Fraction = 0.001  # undecodable training images tolerated, a fraction of the training set
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -116,7 +117,6 @@ class TrainConfig(RunConfig):
     weight_decay: NonNegativeFloat = 5e-4
     warmup_epochs: NonNegativeFloat = 2.0
     label_smoothing: Fraction = 0.0
-    max_bad_fraction: Fraction = 0.001
     preset: Optional[Literal[PRESETS]] = None
     # fine-tune from a classification checkpoint: its weights (not its optimizer or epoch); build_config takes
     # the model from its run

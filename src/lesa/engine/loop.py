@@ -222,6 +222,34 @@ class Task(ABC):
         """The task's own files in the run directory, after each epoch (main process only)."""
 
 
+class SkippedImages:
+    """The undecodable training images a task skipped, against ``--max-bad-fraction`` of its training set:
+    counted from the first images on (a bad folder stops the run early), saved with the run (``state``)."""
+
+    def __init__(self, max_fraction: float, train_images: int) -> None:
+        self.max_fraction, self.train_images = max_fraction, train_images
+        self.state = [0.0, 0.0]  # undecodable images, images read
+
+    @property
+    def count(self) -> int:
+        return int(self.state[0])
+
+    def add(self, bad: int, good: int) -> None:
+        """Count a batch's ``bad`` and ``good`` images.
+
+        Raises:
+            DataError: the bad ones exceed the fraction of the training set (or of what was read, when more).
+        """
+        self.state[0] += bad
+        self.state[1] += bad + good
+        bad_total, seen = self.state
+        if bad_total > self.max_fraction * max(seen, self.train_images):
+            raise DataError(
+                f"{int(bad_total)} of {int(seen)} images read so far could not be decoded, more than "
+                f"max_bad_fraction={self.max_fraction} of the {self.train_images} training images; fix or remove "
+                "them (the warnings name them), or raise --max-bad-fraction")
+
+
 # -- the engine -------------------------------------------------------------------------------------------
 class Engine:
     """One training run of ``task_cls`` as configured; ``run()`` returns the summary (see the module
