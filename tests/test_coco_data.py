@@ -558,3 +558,13 @@ def test_an_undecodable_training_image_is_skipped_and_counted_like_classificatio
     with pytest.warns(UserWarning, match="skipped: .*c.jpg"):
         assert main([*command, "--output", str(out), "--max-bad-fraction", "0.5"]) == 0
     assert json.loads((out / "summary.json").read_text())["skipped_images"] == 1
+
+    # evaluation: the truncated image is left out of AP and reported (the other images are scored)
+    (root / "val" / "c.jpg").write_bytes((root / "train" / "c.jpg").read_bytes())
+    val = json.loads((root / "val.json").read_text())
+    val["images"].append(dict(id=5, file_name="c.jpg", width=96, height=96))
+    (root / "val.json").write_text(json.dumps(val))
+    with pytest.warns(UserWarning, match="skipped: .*c.jpg"):
+        assert main(["det", "eval", "--checkpoint", str(out)]) == 0
+    assert "1 image(s) could not be decoded and are left out of AP (ids [5]" in capsys.readouterr().err
+    assert json.loads((out / "coco_eval.json").read_text())["skipped_images"] == [5]

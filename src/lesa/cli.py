@@ -487,6 +487,9 @@ def _det_eval(args: DetEvalOptions) -> int:
 
     result, path = evaluate_run(args.checkpoint, args.data, args.device, args.max_images, args.output)
     print(result["data"])
+    if result["skipped_images"]:
+        print(f"lesa det eval: {len(result['skipped_images'])} image(s) could not be decoded and are left out of AP "
+              f"(ids {result['skipped_images'][:10]}; the warnings name the files)", file=sys.stderr)
     for iou_type in ("bbox", "segm"):
         if iou_type in result:
             print(f"{iou_type:5s} " + "  ".join(f"{k} {_ap(v):>5}" for k, v in result[iou_type].items()))

@@ -733,15 +733,14 @@ class CocoDetection(Dataset):
         return len(self.ids)
 
     def __getitem__(self, index: int) -> Optional[tuple[Tensor, dict[str, Tensor]]]:
-        """``(image, target)``; in training, ``None`` for an image that cannot be decoded (a warning names it;
-        :func:`collate_training` skips and counts it, the run's ``--max-bad-fraction`` bounds how many)."""
+        """``(image, target)``, or ``None`` for an image that cannot be decoded (a warning names it; the collate
+        functions skip it: training counts it against ``--max-bad-fraction``, evaluation leaves it out of AP and
+        reports it)."""
         image_id = self.ids[index]
         info = self.coco.imgs[image_id]
         try:
             image = pil_to_tensor(self.read_image(info)).float() / 255.0
         except BadImageError as err:
-            if not self.train:
-                raise
             warnings.warn(f"skipped: {err}", stacklevel=2)
             return None
         anns = [a for a in self.coco.imgToAnns.get(image_id, []) if not (self.train and a["iscrowd"])]
@@ -861,15 +860,15 @@ def hflip(image: Tensor, target: dict[str, Tensor]) -> tuple[Tensor, dict[str, T
 
 
 def collate_detection(batch: list) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
-    images, targets = zip(*batch)
-    return list(images), list(targets)
+    """Images and targets as lists (sizes differ), the undecodable samples (``None``) left out."""
+    good = [sample for sample in batch if sample is not None]
+    return [image for image, _ in good], [target for _, target in good]
 
 
 def collate_training(batch: list) -> tuple[list[Tensor], list[dict[str, Tensor]], int]:
-    """:func:`collate_detection` of the decodable samples; the third element counts the skipped ones."""
-    good = [sample for sample in batch if sample is not None]
-    images, targets = collate_detection(good) if good else ([], [])
-    return images, targets, len(batch) - len(good)
+    """:func:`collate_detection`, and the number of samples it left out."""
+    images, targets = collate_detection(batch)
+    return images, targets, len(batch) - len(images)
 
 
 def to_coco_results(dataset: CocoDetection, image_id: int, prediction: dict[str, Tensor],

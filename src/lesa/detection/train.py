@@ -472,8 +472,9 @@ def evaluate_detector(model: nn.Module, dataset: CocoDetection, ctx: DistContext
                       max_images: Optional[int] = None, quiet: bool = True, batch_size: int = 2) -> dict[str, Any]:
     """COCO AP over the first ``max_images`` images of ``dataset`` (``bbox``, and ``segm`` where the model and
     the data have masks; see :func:`lesa.data.coco.coco_evaluate`), the run's ``categories`` with their
-    ground truth there, and the data's one-line summary (``data``). All processes share the images and
-    score the gathered results.
+    ground truth there, the data's one-line summary (``data``) and ``skipped_images``: the ids of images that
+    could not be decoded, left out of AP (a warning names each). All processes share the images and score
+    the gathered results.
 
     Raises:
         Exception: this process's failure, or a RuntimeError naming another process's: every process raises,
@@ -494,20 +495,29 @@ def evaluate_detector(model: nn.Module, dataset: CocoDetection, ctx: DistContext
         results = {key: [r for part, _ in parts for r in part.get(key, [])] for key in keys}
     if failure is not None:
         raise failure
-    image_ids = dataset.ids[:count]
+    read = set(results.pop("image_ids"))
+    image_ids = [i for i in dataset.ids[:count] if i in read]
+    if not image_ids:
+        raise DataError(f"none of the {count} evaluation images of {dataset.annotation_file} could be decoded (the "
+                        "warnings name them)")
     return {**coco_evaluate(dataset, results, quiet=True, image_ids=image_ids),
-            "categories": ground_truth_counts(dataset, image_ids), "data": dataset.summary}
+            "categories": ground_truth_counts(dataset, image_ids), "data": dataset.summary,
+            "skipped_images": [i for i in dataset.ids[:count] if i not in read]}
 
 
 def detect(model: nn.Module, dataset: CocoDetection, ctx: DistContext, count: int, quiet: bool,
            batch_size: int) -> dict[str, list[dict]]:
     """COCO result entries of this process's share of the first ``count`` images, with the run's category
-    ids: ``bbox``, and ``segm`` when the model predicts masks."""
+    ids: ``bbox``, and ``segm`` when the model predicts masks; ``image_ids``: the images read (an undecodable
+    one is left out)."""
     sampler = ShardSampler(count, ctx.rank, ctx.world_size)
     loader = DataLoader(dataset, batch_size, sampler=sampler, collate_fn=collate_detection)
-    results: dict[str, list] = {"bbox": []}
+    results: dict[str, list] = {"bbox": [], "image_ids": []}
     for images, targets in tqdm(loader, desc="COCO eval", leave=False, disable=quiet or None):
+        if not images:
+            continue
         outputs = model([im.to(ctx.device) for im in images])
+        results["image_ids"] += [int(t["image_id"]) for t in targets]
         for target, output in zip(targets, outputs):
             bbox, segm = to_coco_results(dataset, int(target["image_id"]), output)
             results["bbox"] += bbox
