@@ -199,7 +199,7 @@ def test_det_commands_end_to_end(tmp_path, capsys):
             "--max-size", "192", "--output", str(out), "--quiet"]
     assert main(args) == 0
     stats = json.loads((out / "coco_eval.json").read_text())
-    assert set(stats) == {"bbox", "segm", "categories", "data"}
+    assert set(stats) == {"bbox", "segm", "categories", "data", "skipped_images"} and stats["skipped_images"] == []
     assert set(stats["bbox"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
     assert [c["name"] for c in stats["categories"]] == [str(d) for d in range(10)]  # the run's mapping
     for name in ("config.yaml", "metrics.csv", "last.pt", "best.pt", "summary.json"):
