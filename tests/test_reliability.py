@@ -271,7 +271,8 @@ def test_16_bit_images_keep_their_contrast(tmp_path):
 
 @pytest.mark.parametrize("fault,message", [
     ("missing_image", "image file(s) listed there are missing"),
-    ("empty_polygon", "has an empty polygon"),
+    ("mask_missing", "while the others have masks"),
+    ("odd_polygon", "an odd count"),
     ("unknown_category", "has category_id 99, which is not among the categories"),
 ])
 def test_coco_annotations_are_validated_before_training(tmp_path, capsys, fault, message):
@@ -280,8 +281,10 @@ def test_coco_annotations_are_validated_before_training(tmp_path, capsys, fault,
     ann = annotations["annotations"][0]
     if fault == "missing_image":
         (root / "train" / annotations["images"][0]["file_name"]).unlink()
-    elif fault == "empty_polygon":
+    elif fault == "mask_missing":
         ann["segmentation"] = []
+    elif fault == "odd_polygon":
+        ann["segmentation"] = [[1.0, 1.0, 5.0, 1.0, 5.0]]
     else:
         ann["category_id"] = 99
     (root / "train.json").write_text(json.dumps(annotations))
