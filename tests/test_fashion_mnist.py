@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import yaml
 
 from lesa.data import fashion_mnist
 from lesa.data.fashion_mnist import (
@@ -16,6 +18,8 @@ from lesa.data.fashion_mnist import (
     find_fashion_mnist,
     load_split,
 )
+from lesa.engine.classification import training_subset
+from lesa.engine.config import preset_values
 from lesa.errors import DataError, NotFoundError
 
 
@@ -166,3 +170,23 @@ def test_the_test_split_is_reported_apart_by_train_eval_and_compare(tmp_path, no
     assert "## Test split (reported once per run, with best.pt chosen by validation top-1)" in table
     row = json.loads((compare / "compare.json").read_text())["rows"][0]
     assert row["gmacs"] > 0 and 0 <= row["test_top1"] <= 100 and row["runs"][0]["wall_time_min"] > 0
+    # --quick takes the set's shorter recipe: a training subset (here larger than the 54 training photos: all)
+    run_config = yaml.safe_load((compare / "conv" / "seed0" / "config.yaml").read_text())
+    assert run_config["preset"] == "fashion_mnist_quick" and run_config["train_subset"] == 20000
+
+
+def test_the_quick_preset_is_the_full_one_shortened():
+    full, quick = preset_values("fashion_mnist"), preset_values("fashion_mnist_quick")
+    assert "extends" not in quick and quick["model"] == full["model"] and quick["img_size"] == full["img_size"]
+    assert quick["epochs"] < full["epochs"] and quick["train_subset"] == 20000
+
+
+def test_the_training_subset_is_fixed_for_the_data_and_at_most_the_split():
+    data = list(range(100))
+    torch.manual_seed(1)
+    first = training_subset(data, 30)
+    torch.manual_seed(2)  # the run's seed does not choose the images: every seed sees the same ones
+    assert training_subset(data, 30).indices == first.indices == sorted(set(first.indices))
+    assert len(first) == 30 and [first[i] for i in range(3)] == first.indices[:3]
+    assert training_subset(data, 100) is data and training_subset(data, 1000) is data
+    assert training_subset(data, None) is data

@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from ..data import build_classification_data
@@ -44,11 +44,21 @@ def classification_data(model: str, data: str, img_size: int, train: bool = True
                                      crop_pct=inputs["crop_pct"], root=root, download=download)
 
 
+def training_subset(train: Dataset, size: Optional[int]) -> Dataset:
+    """At most ``size`` images of ``train``, drawn at random with a fixed generator (the same for every seed,
+    so that runs differing in seed or operation see the same images); all of them when ``size`` is unset or
+    not smaller than the split."""
+    if size is None or size >= len(train):
+        return train
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
+    return Subset(train, order[:size].sort().values.tolist())
+
+
 class ClassificationTask(Task):
     kind = "classification"
     best_metric = "val_top1"
     columns = COLUMNS
-    resume_keys = ("model", "model_kwargs", "data", "img_size", "batch_size")
+    resume_keys = ("model", "model_kwargs", "data", "img_size", "batch_size", "train_subset")
 
     def __init__(self, cfg: TrainConfig, ctx: DistContext) -> None:
         self.cfg, self.ctx = cfg, ctx
@@ -57,7 +67,7 @@ class ClassificationTask(Task):
         self.model = (init_model(cfg, len(self.data.classes), self.img_size) if cfg.init else
                       create_model(cfg.model, num_classes=len(self.data.classes), img_size=self.img_size,
                                    **cfg.model_kwargs))
-        self.train_set = self.data.train
+        self.train_set = training_subset(self.data.train, cfg.train_subset)
         self.val_loader = DataLoader(self.data.val, batch_size=cfg.val_batch_size or cfg.batch_size,
                                      num_workers=cfg.workers, collate_fn=self.data.collate,
                                      sampler=ShardSampler(len(self.data.val), ctx.rank, ctx.world_size),
@@ -120,7 +130,7 @@ class ClassificationTask(Task):
 
     def data_identity(self) -> dict[str, Any]:
         """What the run was trained on: the data as given, its classes and its split sizes."""
-        return dict(data=self.cfg.data, classes=list(self.data.classes), train_images=len(self.data.train),
+        return dict(data=self.cfg.data, classes=list(self.data.classes), train_images=len(self.train_set),
                     val_images=len(self.data.val))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -38,7 +38,7 @@ from ..options import (
     schema,
 )
 
-PRESETS = ("digits", "cluttered_digits", "fashion_mnist", "imagenet")
+PRESETS = ("digits", "cluttered_digits", "fashion_mnist", "fashion_mnist_quick", "imagenet")
 AMP_MODES = ("auto", "none", "bf16", "fp16")
 # model options that the run sets itself: in model_kwargs they would contradict it
 RUN_SET_MODEL_OPTIONS = {"num_classes": "the data's class count", "img_size": "the option img_size (--img-size)"}
@@ -117,6 +117,9 @@ class TrainConfig(RunConfig):
     weight_decay: NonNegativeFloat = 5e-4
     warmup_epochs: NonNegativeFloat = 2.0
     label_smoothing: Fraction = 0.0
+    # train on at most this many training images, a random subset fixed for the data (not the seed): every
+    # seed and operation of a comparison sees the same images (compare --quick on fashion-mnist)
+    train_subset: Optional[PositiveInt] = None
     preset: Optional[Literal[PRESETS]] = None
     # fine-tune from a classification checkpoint: its weights (not its optimizer or epoch); build_config takes
     # the model from its run
@@ -161,11 +164,14 @@ class TrainConfig(RunConfig):
 
 
 def preset_values(name: str, presets: tuple[str, ...] = PRESETS) -> dict[str, Any]:
-    """The options of a shipped recipe (``lesa/configs/NAME.yaml``)."""
+    """The options of a shipped recipe (``lesa/configs/NAME.yaml``); a recipe that names another in ``extends``
+    is that one's options updated by its own."""
     if name not in presets:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(presets)}")
     text = resources.files("lesa").joinpath("configs", f"{name}.yaml").read_text()
-    return yaml.safe_load(text) or {}
+    values = yaml.safe_load(text) or {}
+    base = values.pop("extends", None)
+    return {**preset_values(base, presets), **values} if base else values
 
 
 def flag(option: str) -> str:
