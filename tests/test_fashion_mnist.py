@@ -156,6 +156,10 @@ def test_the_test_split_is_reported_apart_by_train_eval_and_compare(tmp_path, no
     assert main(["eval", "--checkpoint", str(out), "--split", "test"]) == 0
     printed = capsys.readouterr().out
     assert "on fashion-mnist (test): top-1 " in printed and f"top-1 {summary['test_top1']:.2f}%" in printed
+    assert main(["analyze", str(out), "--split", "test", "--image-index", "19", "--output", str(tmp_path / "a")]) == 0
+    assert (tmp_path / "a" / "shares.json").is_file()
+    assert main(["analyze", str(out), "--split", "test", "--image-index", "20"]) == 2
+    assert "image index 20 is outside the test split (0..19)" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(out), "--split", "test", "--data", "digits"]) == 2
     assert "digits has no test split (fashion-mnist has one); evaluate with --split val" in capsys.readouterr().err
     digits_with_root = ["--data", "digits", "--data-root", str(tmp_path / "fm"), "--output", str(tmp_path / "d")]

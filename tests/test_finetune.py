@@ -101,8 +101,8 @@ def test_another_num_classes_reinitialises_the_classifier_alone(tmp_path):
     with pytest.raises(CheckpointError, match=r"rel_pos\.relative.*img_size, or resize the tables") as info:
         create_model(MODEL, num_classes=4, img_size=48, checkpoint_path=path)
     assert "fc.weight" not in str(info.value)
-    with pytest.raises(ConfigError, match=r"lesa ships no weights.*pretrained_cfg_overlay=dict\(file=PATH\)"):
-        timm.create_model(MODEL, pretrained=True)
+    with pytest.raises(ConfigError, match=r"only, not lesa_resnet50.*pretrained_cfg_overlay=dict\(file=PATH\)"):
+        timm.create_model("lesa_resnet50", pretrained=True)
 
 
 # -- 'flat' tables at another size ------------------------------------------------------------------------

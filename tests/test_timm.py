@@ -73,8 +73,8 @@ def test_cfg_follows_the_model_arguments():
     assert timm.models.get_pretrained_cfg("resnet_tiny").pool_size == (4, 4)  # conv: stage 4 at stride 2
     # timm passes the cfg's fixed size to 'flat' models, and an explicit one wins
     assert build("sa_resnet_tiny").layer4[0].conv2.binary.rel_pos.feature_size == (8, 8)
-    with pytest.raises(ConfigError, match="lesa ships no weights"):
-        timm.create_model("lesa_resnet_tiny", pretrained=True)
+    with pytest.raises(ConfigError, match="lesa ships weights .* only, not lesa_resnet50"):
+        timm.create_model("lesa_resnet50", pretrained=True)
     with pytest.raises(ConfigError, match="does not use the layer option"):
         timm.create_model("lesa_resnet_tiny", drop_path_rate=0.1)
 

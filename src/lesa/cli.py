@@ -265,8 +265,10 @@ def _analyze_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", help="figure/JSON directory (default RUN/analysis)")
     p.add_argument("--layer", help="layer of the attention map (default: the first SA/LESA layer)")
     p.add_argument("--query", type=int, nargs=2, metavar=("Y", "X"), help="query of the attention map")
-    p.add_argument("--image-index", type=int, default=0, help="validation image of the per-image figures")
+    p.add_argument("--image-index", type=int, default=0, help="image of the per-image figures, in --split")
     p.add_argument("--max-batches", type=int, help="measure the shares on this many batches only")
+    p.add_argument("--split", choices=["val", "test"], default="val",
+                   help="the validation split (default), or the test split of data that has one (fashion-mnist)")
     _source_args(p, unset=False)
 
 
@@ -279,6 +281,7 @@ class AnalyzeOptions:
     query: Optional[Annotated[list[NonNegativeInt], Field(min_length=2, max_length=2)]] = None
     image_index: NonNegativeInt = 0
     max_batches: Optional[PositiveInt] = None
+    split: Literal["val", "test"] = "val"
     data_root: Optional[Name] = Field(default=None, json_schema_extra=ROLE_INPUT)
     download: bool = False
 
@@ -291,7 +294,8 @@ def run_analyze(args: AnalyzeOptions) -> int:
     from .analysis.report import analyze_run
 
     result = analyze_run(args.run, args.data, args.output, args.layer, tuple(args.query) if args.query else None,
-                         args.image_index, args.max_batches, root=args.data_root, download=args.download)
+                         args.image_index, args.max_batches, root=args.data_root, download=args.download,
+                         split=args.split)
     shares = result["shares"]
     print(f"{result['model']}: unary {shares['unary_pct']:.2f}% / binary {shares['binary_pct']:.2f}% "
           f"(mean over {len(shares['layers'])} layers)")

@@ -40,11 +40,15 @@ TEST_METRICS = ("test_top1", "test_top5", "wall_time_min")  # where the data has
 def analyze_run(run: str | Path, data: Optional[str] = None, output: Optional[str | Path] = None,
                 layer: Optional[str] = None, query: Optional[tuple[int, int]] = None, image_index: int = 0,
                 max_batches: Optional[int] = None, batch_size: int = 128, root: Optional[str] = None,
-                download: bool = False) -> dict[str, Any]:
+                download: bool = False, split: str = "val") -> dict[str, Any]:
     """Shares (``shares.json``) and figures (``shares.png``, ``gate_maps.png``, ``attention_map.png``,
-    ``curves.png``) of a trained run on the validation split of ``data`` (default: the run's, found where the
-    run found it; ``root`` / ``download`` as :func:`lesa.data.build_classification_data`), in ``output``
-    (default ``RUN/analysis``)."""
+    ``curves.png``) of a trained run on the ``split`` (``'val'``, or ``'test'`` where the data has one) of
+    ``data`` (default: the run's, found where the run found it; ``root`` / ``download`` as
+    :func:`lesa.data.build_classification_data`), in ``output`` (default ``RUN/analysis``).
+
+    Raises:
+        ConfigError: ``split='test'`` for data without a test split; an ``image_index`` outside the split.
+    """
     run = Path(run)
     model, cfg = load_trained_model(run)
     if not (data or cfg.get("data")):
@@ -55,14 +59,16 @@ def analyze_run(run: str | Path, data: Optional[str] = None, output: Optional[st
     out.mkdir(parents=True, exist_ok=True)
     val = build_classification_data(data, cfg["img_size"], train=False, root=root, download=download)
     class_map(cfg.get("classes"), val.classes, str(run))  # refuses data of other classes
-    dataset = val.val
+    if split == "test" and val.test is None:
+        raise ConfigError(f"{data} has no test split (fashion-mnist has one); analyze with --split val")
+    dataset = val.test() if split == "test" else val.val
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=val.collate)
     shares = unary_binary_shares(model, loader, max_batches=max_batches)
     write_json(out / "shares.json", shares)
     plot_shares({cfg["model"]: shares}, out / "shares.png")
     figures = [out / "shares.png"]
     if not 0 <= image_index < len(dataset):
-        raise ConfigError(f"image index {image_index} is outside the validation set (0..{len(dataset) - 1})")
+        raise ConfigError(f"image index {image_index} is outside the {split} split (0..{len(dataset) - 1})")
     image = dataset[image_index][0]
     maps = gate_maps(model, image)
     if maps:

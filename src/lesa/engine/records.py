@@ -62,7 +62,8 @@ def plot_curves(runs: dict[str, list[list[dict[str, float]]]], path: Path, title
     """The paper's Fig. 5 for one run or several seeds per label: per epoch, the mean (line) and mean ±
     sample standard deviation (band) of the training and validation loss and of the validation top-1.
     ``runs`` maps a label to its histories (``metrics.csv`` rows, one list per seed); epochs beyond the
-    shortest history are left out. A single history is drawn as a line without a band."""
+    shortest history are left out. A single history is drawn as a line without a band; histories of one
+    epoch as points with error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -75,7 +76,9 @@ def plot_curves(runs: dict[str, list[list[dict[str, float]]]], path: Path, title
         if not histories:
             continue
         n = min(len(h) for h in histories)
-        epochs = np.array([row["epoch"] for row in histories[0][:n]])
+        epochs = np.array([row["epoch"] for row in histories[0][:n]], dtype=np.float64)
+        if n == 1:  # single points side by side rather than on top of each other
+            epochs += 0.05 * (i - (len(runs) - 1) / 2)
         color = f"C{i}"
         suffix = f" (n={len(histories)})" if len(histories) > 1 else ""
         for ax, key, style, name in ((ax_loss, "train_loss", "-", f"{label} train"),
@@ -83,12 +86,17 @@ def plot_curves(runs: dict[str, list[list[dict[str, float]]]], path: Path, title
                                      (ax_acc, "val_top1", "-", label)):
             values = np.array([[row[key] for row in h[:n]] for h in histories], dtype=np.float64)
             mean = values.mean(0)
-            ax.plot(epochs, mean, style, color=color, label=name + suffix, marker="o" if ax is ax_acc else None,
-                    ms=3)
+            # markers wherever a line would be too short to see (a run of one epoch has a point, no line)
+            marker = "o" if ax is ax_acc or n == 1 else None
+            ax.plot(epochs, mean, style, color=color, label=name + suffix, marker=marker, ms=3,
+                    mfc="none" if style == "--" else color)
             if len(histories) > 1:
                 std = values.std(0, ddof=1)
                 lower = mean - std if ax is ax_acc else np.maximum(mean - std, mean * 1e-3)
-                ax.fill_between(epochs, lower, mean + std, color=color, alpha=0.15, lw=0)
+                if n == 1:  # a band needs two epochs: an error bar instead
+                    ax.errorbar(epochs, mean, yerr=[mean - lower, std], color=color, capsize=3, lw=1, fmt="none")
+                else:
+                    ax.fill_between(epochs, lower, mean + std, color=color, alpha=0.15, lw=0)
     ax_loss.set(xlabel="epoch", ylabel="loss (log scale)", title="loss", yscale="log")
     ax_acc.set(xlabel="epoch", ylabel="val top-1 (%)", title="validation accuracy")
     for ax in (ax_loss, ax_acc):

@@ -189,24 +189,36 @@ def is_model(name: str) -> bool:
 def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[str] = None, **kwargs: Any) -> ResNet:
     """Create a registered model.
 
-    ``pretrained=True`` is not available (no weights can be downloaded); use ``checkpoint_path`` with a
-    checkpoint of ours or one converted from the authors' (``lesa convert``), loaded by
-    :func:`lesa.load_weights`. With ``num_classes`` given, a checkpoint whose classifier has another size loads
-    all other weights and the classifier is re-initialised (timm's rule; a warning says so).
+    ``pretrained=True`` loads the weights shipped with the package (the tiny models trained on Fashion-MNIST,
+    :mod:`lesa.models.pretrained`; offline, nothing is downloaded): the model is built at their input size and
+    class count unless ``img_size`` / ``num_classes`` are given, and its ``pretrained_cfg`` names the data, the
+    test top-1, the class names and the licence. ``checkpoint_path`` loads any other weights: a checkpoint of
+    ours or one converted from the authors' (``lesa convert``), by :func:`lesa.load_weights`. With
+    ``num_classes`` given, weights whose classifier has another size load all other weights and the
+    classifier is re-initialised (timm's rule; a warning says so).
 
     Raises:
-        ConfigError: an unknown model or option, or an argument that cannot work (see :func:`build_resnet`).
+        ConfigError: an unknown model or option, an argument that cannot work (see :func:`build_resnet`), or
+            ``pretrained=True`` for a model without shipped weights (the message lists those with).
         NotFoundError, CheckpointError: a ``checkpoint_path`` that cannot be read or does not fit.
     """
+    from .pretrained import pretrained_cfg_fields, pretrained_kwargs, pretrained_path, shipped_models
+
     if not isinstance(name, str):
         raise ConfigError(f"the model name must be a str, got {describe(name)}: e.g. create_model('lesa_resnet50')")
     if name not in _MODELS:
         raise unknown_model(name)
+    num_classes_given = "num_classes" in kwargs
     if pretrained:
-        raise ConfigError(
-            "pretrained=True: lesa ships no weights. Pass checkpoint_path=... (a lesa checkpoint, or an "
-            "official one converted with `lesa convert`)."
-        )
+        if checkpoint_path:
+            raise ConfigError("pretrained=True loads the shipped weights and checkpoint_path others; pass one")
+        checkpoint_path = pretrained_path(name)
+        if checkpoint_path is None:
+            raise ConfigError(
+                f"pretrained=True: lesa ships weights (trained on Fashion-MNIST) for {', '.join(shipped_models())} "
+                f"only, not {name}. Pass checkpoint_path=... (a lesa checkpoint, or an official one converted "
+                "with `lesa convert`).")
+        kwargs = {**pretrained_kwargs(name), **kwargs}
     try:
         model = _MODELS[name](**kwargs)
     except TypeError as err:  # an unknown keyword
@@ -214,5 +226,14 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[
     if checkpoint_path:
         from ..weights import load_weights
 
-        load_weights(model, checkpoint_path, num_classes_given="num_classes" in kwargs)
+        load_weights(model, checkpoint_path, num_classes_given=num_classes_given)
+    if pretrained:
+        model.pretrained_cfg = shipped_cfg(model.pretrained_cfg, pretrained_cfg_fields(name))
     return model
+
+
+def shipped_cfg(model_cfg: dict[str, Any], shipped: dict[str, Any]) -> dict[str, Any]:
+    """A model's ``pretrained_cfg`` with the fields of the shipped weights it loaded; the class names only
+    where its classifier is theirs (not re-initialised for another ``num_classes``)."""
+    same_head = model_cfg.get("num_classes") == shipped["num_classes"]
+    return {**model_cfg, **{k: v for k, v in shipped.items() if same_head or k not in ("num_classes", "label_names")}}

@@ -1,0 +1,68 @@
+"""Weights shipped inside the package: the tiny models trained on Fashion-MNIST (Xiao, Rasul, Vollgraf,
+*Fashion-MNIST: a Novel Image Dataset for Benchmarking Machine Learning Algorithms*, arXiv 1708.07747).
+
+Each file is ``lesa/pretrained/<model>.<tag>.safetensors`` (float16 weights; loading casts them to the
+model's dtype). Its safetensors metadata holds, under the key ``lesa``, a JSON object with what
+``pretrained_cfg`` reports — the data, the input size, the class names, the test top-1 measured with the
+stored weights, the licence and the command that trained it — so that no fact is written twice: the file
+describes itself. ``tools/ship_pretrained.py`` writes the files from finished runs.
+"""
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional
+
+TAG = "fashion_mnist"  # the one set weights are shipped for
+FOLDER = "pretrained"  # inside the lesa package
+
+
+def pretrained_path(name: str, tag: str = TAG) -> Optional[Path]:
+    """The shipped weights file of model ``name`` (``None`` where none ships)."""
+    path = Path(str(resources.files("lesa").joinpath(FOLDER, f"{name}.{tag}.safetensors")))
+    return path if path.is_file() else None
+
+
+def shipped_models(tag: str = TAG) -> list[str]:
+    """Models with shipped weights, sorted."""
+    folder = Path(str(resources.files("lesa").joinpath(FOLDER)))
+    suffix = f".{tag}.safetensors"
+    return sorted(p.name[: -len(suffix)] for p in folder.glob(f"*{suffix}")) if folder.is_dir() else []
+
+
+@lru_cache(maxsize=None)
+def pretrained_info(name: str, tag: str = TAG) -> Optional[dict[str, Any]]:
+    """The description stored in the shipped file of ``name`` (see the module docstring), or ``None``."""
+    from safetensors import safe_open
+
+    path = pretrained_path(name, tag)
+    if path is None:
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads((f.metadata() or {})["lesa"])
+
+
+def pretrained_cfg_fields(name: str, tag: str = TAG) -> dict[str, Any]:
+    """timm ``pretrained_cfg`` fields of the shipped weights of ``name``: ``file``, ``tag``, ``num_classes``,
+    ``label_names``, ``license``, ``description`` (data and test top-1), ``origin_url``, ``notes`` (the
+    command that trained them). ``{}`` where none ship. The input size is the model's own option
+    (``img_size``), given by :func:`pretrained_kwargs`."""
+    info = pretrained_info(name, tag)
+    if info is None:
+        return {}
+    return dict(
+        file=str(pretrained_path(name, tag)), tag=tag, num_classes=len(info["classes"]),
+        label_names=tuple(info["classes"]), license=info["license"], origin_url=info["data_url"],
+        description=(f"{name} trained on {info['data']} ({info['train_images']} training images, "
+                     f"{info['epochs']} epochs): test top-1 {info['test_top1']:.2f}%, top-5 "
+                     f"{info['test_top5']:.2f}% on the {info['test_images']} test images"),
+        notes=(f"test_top1={info['test_top1']:.2f}", f"trained with: {info['command']}"),
+    )
+
+
+def pretrained_kwargs(name: str, tag: str = TAG) -> dict[str, Any]:
+    """The model options the shipped weights were trained with (``img_size``, ``num_classes``)."""
+    info = pretrained_info(name, tag)
+    return {} if info is None else dict(img_size=info["img_size"], num_classes=len(info["classes"]))

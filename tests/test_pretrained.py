@@ -1,0 +1,71 @@
+"""The weights shipped inside the package (the tiny models trained on Fashion-MNIST): they load with one line
+through lesa and timm, offline, describe themselves in ``pretrained_cfg``, and reach the stated test top-1 on
+the real test photos where Debian's dataset-fashion-mnist is installed."""
+import pytest
+import timm
+import torch
+
+from lesa import create_model
+from lesa.data.fashion_mnist import DEBIAN_DIR, FashionMNISTDataset
+from lesa.errors import ConfigError
+from lesa.models.pretrained import pretrained_info, pretrained_path, shipped_models
+
+SHIPPED = ("resnet_tiny", "sa_resnet_tiny", "aa_resnet_tiny", "static_lesa_resnet_tiny", "lesa_resnet_tiny")
+CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+
+def test_every_compared_operation_ships_small_float16_weights():
+    assert shipped_models() == sorted(SHIPPED)
+    total = sum(pretrained_path(name).stat().st_size for name in SHIPPED)
+    assert total < 10e6  # "a few MB in all"
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_weights_load_with_one_line_and_describe_themselves(name):
+    model = create_model(name, pretrained=True)
+    info = pretrained_info(name)
+    stored = dict(__import__("safetensors.torch", fromlist=["load_file"]).load_file(str(pretrained_path(name))))
+    assert all(torch.equal(model.state_dict()[k], v.to(model.state_dict()[k].dtype)) for k, v in stored.items())
+    cfg = model.pretrained_cfg
+    assert cfg["input_size"] == (3, 28, 28) and cfg["num_classes"] == 10 and list(cfg["label_names"]) == CLASSES
+    assert cfg["tag"] == "fashion_mnist" and cfg["license"].startswith("MIT")
+    assert f"test top-1 {info['test_top1']:.2f}%" in cfg["description"] and "Fashion-MNIST" in cfg["description"]
+    assert 75 < info["test_top1"] < 100 and info["command"].startswith("lesa train --data fashion-mnist")
+    model.eval()
+    assert model(torch.zeros(2, 3, 28, 28)).shape == (2, 10)
+
+
+def test_timm_loads_the_shipped_weights_by_name_and_tag():
+    ours = create_model("lesa_resnet_tiny", pretrained=True).state_dict()
+    for name in ("lesa_resnet_tiny", "lesa_resnet_tiny.fashion_mnist"):
+        model = timm.create_model(name, pretrained=True)
+        assert all(torch.equal(v, ours[k]) for k, v in model.state_dict().items())
+        assert model.pretrained_cfg["tag"] == "fashion_mnist" and model.pretrained_cfg["input_size"] == (3, 28, 28)
+    with pytest.raises(ConfigError, match="has the pretrained tags fashion_mnist"):
+        timm.create_model("lesa_resnet_tiny.in1k", pretrained=True)
+
+
+def test_fine_tuning_the_shipped_weights_for_another_class_count():
+    with pytest.warns(UserWarning, match="classifier"):
+        model = create_model("lesa_resnet_tiny", pretrained=True, num_classes=4)
+    assert model.fc.out_features == 4 and "label_names" not in model.pretrained_cfg
+    shipped = create_model("lesa_resnet_tiny", pretrained=True)
+    assert torch.equal(model.conv1.weight, shipped.conv1.weight)
+    with pytest.raises(ConfigError, match="only, not lesa_resnet50"):
+        create_model("lesa_resnet50", pretrained=True)
+    with pytest.raises(ConfigError, match="pass one"):
+        create_model("lesa_resnet_tiny", pretrained=True, checkpoint_path="x.pt")
+
+
+@pytest.mark.skipif(not (DEBIAN_DIR / "t10k-images-idx3-ubyte.gz").is_file(),
+                    reason="Debian's dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist)")
+def test_the_shipped_lesa_reaches_its_stated_test_top1_on_the_real_photos():
+    model = create_model("lesa_resnet_tiny", pretrained=True).eval()
+    test = FashionMNISTDataset("test", img_size=28)
+    correct = 0
+    with torch.inference_mode():
+        for start in range(0, len(test), 500):
+            images, labels = zip(*(test[i] for i in range(start, min(start + 500, len(test)))))
+            correct += (model(torch.stack(images)).argmax(1) == torch.tensor(labels)).sum().item()
+    # the stated figure was measured the same way; a different BLAS may flip a few borderline photos
+    assert abs(100 * correct / len(test) - pretrained_info("lesa_resnet_tiny")["test_top1"]) <= 0.05
