@@ -10,7 +10,7 @@ describes itself. ``tools/ship_pretrained.py`` writes the files from finished ru
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
@@ -32,7 +32,7 @@ def shipped_models(tag: str = TAG) -> list[str]:
     return sorted(p.name[: -len(suffix)] for p in folder.glob(f"*{suffix}")) if folder.is_dir() else []
 
 
-@lru_cache(maxsize=None)
+@cache
 def pretrained_info(name: str, tag: str = TAG) -> Optional[dict[str, Any]]:
     """The description stored in the shipped file of ``name`` (see the module docstring), or ``None``."""
     from safetensors import safe_open
