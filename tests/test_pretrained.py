@@ -69,3 +69,18 @@ def test_the_shipped_lesa_reaches_its_stated_test_top1_on_the_real_photos():
             correct += (model(torch.stack(images)).argmax(1) == torch.tensor(labels)).sum().item()
     # the stated figure was measured the same way; a different BLAS may flip a few borderline photos
     assert abs(100 * correct / len(test) - pretrained_info("lesa_resnet_tiny")["test_top1"]) <= 0.05
+
+
+@pytest.mark.parametrize("name", ["lesa_resnet_tiny", "resnet_tiny"])
+def test_a_shipped_file_names_its_model_and_input_size_to_eval_export_and_init(name):
+    # `lesa eval/export/analyze FILE` and `lesa train --init FILE` read the file's own description: the model,
+    # its 28 px input (a table of the default 32 px would not fit) and the class names
+    from lesa.engine.classification import load_trained_model
+    from lesa.engine.config import with_init_run
+
+    model, cfg = load_trained_model(pretrained_path(name))
+    assert cfg["model"] == name and cfg["img_size"] == 28 and cfg["classes"] == CLASSES
+    shipped = create_model(name, pretrained=True).state_dict()
+    assert all(torch.equal(v, shipped[k]) for k, v in model.state_dict().items())
+    values = with_init_run({"init": str(pretrained_path(name))}, {})
+    assert values["model"] == name and values["img_size"] == 28

@@ -215,6 +215,10 @@ def read_classifier(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], di
         raise CheckpointError(f"{checkpoint} is a {run_kind(state)} run, not a classifier: "
                               f"{COMMANDS_OF[run_kind(state)]}")
     cfg = dict(state.get("config", {})) if is_run else {}
+    if not is_run:  # a shipped weights file names its model, input size and classes in its metadata
+        from ..models.pretrained import file_description
+
+        cfg = file_description(checkpoint) or {}
     if is_run and state.get("classes") is not None:
         cfg["classes"] = list(state["classes"])
     sd = model_state_dict(state, checkpoint)

@@ -44,6 +44,26 @@ def pretrained_info(name: str, tag: str = TAG) -> Optional[dict[str, Any]]:
         return json.loads((f.metadata() or {})["lesa"])
 
 
+def file_description(path: str | Path) -> Optional[dict[str, Any]]:
+    """The run a weights file describes in its metadata (a shipped file, or one ``tools/ship_pretrained.py``
+    wrote): ``model``, ``img_size`` and ``classes``; ``None`` for any other file (no safetensors, no ``lesa``
+    metadata, or metadata without those three)."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            info = json.loads((f.metadata() or {}).get("lesa", "null"))
+    except Exception:  # not readable as safetensors: the weights reader names the problem
+        return None
+    if not (isinstance(info, dict) and isinstance(info.get("model"), str) and isinstance(info.get("img_size"), int)
+            and isinstance(info.get("classes"), list)):
+        return None
+    return dict(model=info["model"], img_size=info["img_size"], classes=[str(c) for c in info["classes"]])
+
+
 def pretrained_cfg_fields(name: str, tag: str = TAG) -> dict[str, Any]:
     """timm ``pretrained_cfg`` fields of the shipped weights of ``name``: ``file``, ``tag``, ``num_classes``,
     ``label_names``, ``license``, ``description`` (data and test top-1), ``origin_url``, ``notes`` (the
