@@ -159,7 +159,8 @@ def test_the_test_split_is_reported_apart_by_train_eval_and_compare(tmp_path, no
     assert main(["analyze", str(out), "--split", "test", "--image-index", "19", "--output", str(tmp_path / "a")]) == 0
     assert (tmp_path / "a" / "shares.json").is_file()
     assert main(["analyze", str(out), "--split", "test", "--image-index", "20"]) == 2
-    assert "image index 20 is outside the test split (0..19)" in capsys.readouterr().err
+    assert "--image-index 20 is outside the test split of fashion-mnist: pass one in 0..19" in \
+        capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(out), "--split", "test", "--data", "digits"]) == 2
     assert "digits has no test split (fashion-mnist has one); evaluate with --split val" in capsys.readouterr().err
     digits_with_root = ["--data", "digits", "--data-root", str(tmp_path / "fm"), "--output", str(tmp_path / "d")]
@@ -194,3 +195,25 @@ def test_the_training_subset_is_fixed_for_the_data_and_at_most_the_split():
     assert len(first) == 30 and [first[i] for i in range(3)] == first.indices[:3]
     assert training_subset(data, 100) is data and training_subset(data, 1000) is data
     assert training_subset(data, None) is data
+
+
+def test_analyze_refuses_a_bad_split_or_image_index_before_measuring_or_writing(tmp_path, no_system_copy, capsys):
+    from lesa.cli import main
+
+    write_set(tmp_path / "fm", n_train=60, n_test=20)
+    run = tmp_path / "run"
+    assert main(["train", "--data", "fashion-mnist", "--data-root", str(tmp_path / "fm"), "--model", "resnet_tiny",
+                 "--epochs", "1", "--max-steps-per-epoch", "1", "--batch-size", "8", "--quiet",
+                 "--output", str(run)]) == 0
+    digits = tmp_path / "digits"
+    assert main(["train", "--data", "digits", "--model", "resnet_tiny", "--epochs", "1", "--max-steps-per-epoch",
+                 "1", "--quiet", "--output", str(digits)]) == 0
+    capsys.readouterr()
+    for args, message in (([str(run), "--split", "test", "--image-index", "20"], "pass one in 0..19"),
+                          ([str(run), "--image-index", "6"], "outside the val split of fashion-mnist"),
+                          ([str(digits), "--split", "test"], "digits has no test split")):
+        out = tmp_path / "analysis"
+        assert main(["analyze", *args, "--output", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+        assert not out.exists()  # nothing measured, nothing written

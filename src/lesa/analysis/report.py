@@ -56,19 +56,21 @@ def analyze_run(run: str | Path, data: Optional[str] = None, output: Optional[st
     if data is None or data == cfg.get("data"):
         data, root = cfg.get("data"), root or cfg.get("data_root")
     out = Path(output) if output else (run if run.is_dir() else run.parent) / "analysis"
-    out.mkdir(parents=True, exist_ok=True)
     val = build_classification_data(data, cfg["img_size"], train=False, root=root, download=download)
     class_map(cfg.get("classes"), val.classes, str(run))  # refuses data of other classes
     if split == "test" and val.test is None:
         raise ConfigError(f"{data} has no test split (fashion-mnist has one); analyze with --split val")
     dataset = val.test() if split == "test" else val.val
+    # refused before the shares are measured over the whole split and before anything is written
+    if not 0 <= image_index < len(dataset):
+        raise ConfigError(f"--image-index {image_index} is outside the {split} split of {data}: pass one in "
+                          f"0..{len(dataset) - 1}")
+    out.mkdir(parents=True, exist_ok=True)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=val.collate)
     shares = unary_binary_shares(model, loader, max_batches=max_batches)
     write_json(out / "shares.json", shares)
     plot_shares({cfg["model"]: shares}, out / "shares.png")
     figures = [out / "shares.png"]
-    if not 0 <= image_index < len(dataset):
-        raise ConfigError(f"image index {image_index} is outside the {split} split (0..{len(dataset) - 1})")
     image = dataset[image_index][0]
     maps = gate_maps(model, image)
     if maps:
