@@ -84,3 +84,16 @@ def test_a_shipped_file_names_its_model_and_input_size_to_eval_export_and_init(n
     assert all(torch.equal(v, shipped[k]) for k, v in model.state_dict().items())
     values = with_init_run({"init": str(pretrained_path(name))}, {})
     assert values["model"] == name and values["img_size"] == 28
+
+
+def test_options_the_shipped_weights_do_not_fit_and_bad_cfg_types_are_named():
+    from lesa.errors import CheckpointError
+
+    for build in (create_model, timm.create_model):
+        for option in (dict(img_size=32), dict(in_chans=1)):
+            with pytest.raises(CheckpointError, match=rf"img_size=28 .*drop the option\(s\) \({next(iter(option))}\)"):
+                build("lesa_resnet_tiny", pretrained=True, **option)
+    with pytest.raises(ConfigError, match="pretrained_cfg=123: pass a tag"):
+        timm.create_model("lesa_resnet_tiny", pretrained=True, pretrained_cfg=123)
+    with pytest.raises(ConfigError, match="pretrained_cfg_overlay='x': pass a dict"):
+        timm.create_model("lesa_resnet_tiny", pretrained=True, pretrained_cfg_overlay="x")

@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..layers.checks import check_int, describe
 from .resnet import OPS, ResNet
 
@@ -209,6 +209,7 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[
     if name not in _MODELS:
         raise unknown_model(name)
     num_classes_given = "num_classes" in kwargs
+    user_options = sorted(k for k in kwargs if k != "num_classes")
     if pretrained:
         if checkpoint_path:
             raise ConfigError("pretrained=True loads the shipped weights and checkpoint_path others; pass one")
@@ -226,7 +227,12 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[
     if checkpoint_path:
         from ..weights import load_weights
 
-        load_weights(model, checkpoint_path, num_classes_given=num_classes_given)
+        try:
+            load_weights(model, checkpoint_path, num_classes_given=num_classes_given)
+        except CheckpointError as err:
+            if not pretrained:
+                raise
+            raise CheckpointError(shipped_misfit(name, user_options, err)) from None
     if pretrained:
         model.pretrained_cfg = shipped_cfg(model.pretrained_cfg, pretrained_cfg_fields(name))
     return model
@@ -237,3 +243,15 @@ def shipped_cfg(model_cfg: dict[str, Any], shipped: dict[str, Any]) -> dict[str,
     where its classifier is theirs (not re-initialised for another ``num_classes``)."""
     same_head = model_cfg.get("num_classes") == shipped["num_classes"]
     return {**model_cfg, **{k: v for k, v in shipped.items() if same_head or k not in ("num_classes", "label_names")}}
+
+
+def shipped_misfit(name: str, options: list[str], err: Exception) -> str:
+    """The message for shipped weights that do not fit the model the caller's options built: which options to
+    drop (the weights are for the model at their own input size, 3 channels and default options)."""
+    from .pretrained import pretrained_kwargs
+
+    given = ", ".join(options) or "none"
+    return (f"pretrained=True: the shipped {name} weights fit {name} built at img_size="
+            f"{pretrained_kwargs(name)['img_size']} with 3 input channels and default options; drop the option(s) "
+            f"({given}) that change it, or fine-tune at another size with `lesa train --init FILE` (which resizes "
+            f"the position tables). {err}")

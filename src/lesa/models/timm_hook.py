@@ -19,11 +19,11 @@ from __future__ import annotations
 import sys
 from typing import Any, Optional
 
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..layers import BinaryAttention2d
 from ..weights import load_weights
 from .pretrained import TAG, pretrained_cfg_fields, pretrained_kwargs, shipped_models
-from .registry import build_resnet, default_cfg, list_models, parse_name, shipped_cfg
+from .registry import build_resnet, default_cfg, list_models, parse_name, shipped_cfg, shipped_misfit
 
 default_cfgs: dict[str, dict[str, Any]] = {}
 registered: list[str] = []
@@ -69,6 +69,14 @@ def _entrypoint(name: str):
         from timm.models import build_model_with_cfg
 
         tags = (TAG,) if pretrained_cfg_fields(name) else ()
+        if hasattr(pretrained_cfg, "to_dict"):  # timm's PretrainedCfg
+            pretrained_cfg = pretrained_cfg.to_dict()
+        if not (pretrained_cfg is None or isinstance(pretrained_cfg, (str, dict))):
+            raise ConfigError(f"pretrained_cfg={pretrained_cfg!r}: pass a tag ({', '.join(tags) or 'none'}), a dict "
+                              "or None for the model's defaults")
+        if not (kwargs.get("pretrained_cfg_overlay") is None or isinstance(kwargs["pretrained_cfg_overlay"], dict)):
+            raise ConfigError(f"pretrained_cfg_overlay={kwargs['pretrained_cfg_overlay']!r}: pass a dict, e.g. "
+                              "dict(file=PATH) for local weights")
         if isinstance(pretrained_cfg, str) and pretrained_cfg not in tags:
             raise ConfigError(f"pretrained_cfg={pretrained_cfg!r}: {name} has the pretrained tags "
                               f"{', '.join(tags) or 'none'}; pass one, a dict, or None for the model's defaults")
@@ -77,6 +85,7 @@ def _entrypoint(name: str):
         num_classes_given = "num_classes" in kwargs or bool(kwargs.get("features_only"))
         overlay = kwargs.get("pretrained_cfg_overlay")
         shipped = pretrained and tags and not (overlay or {}).get("file")
+        user_options = sorted(k for k in CFG_KWARGS if kwargs.get(k) is not None)
         if shipped:  # built at the shipped weights' input size and class count unless given
             kwargs = {**pretrained_kwargs(name), **kwargs}
         if pretrained_cfg is None or isinstance(pretrained_cfg, str):
@@ -88,7 +97,12 @@ def _entrypoint(name: str):
         def build(device: Any = None, dtype: Any = None, **model_kwargs: Any):
             model = build_resnet(op, arch, **model_kwargs)
             if path:  # lesa's reader (run directories, training checkpoints, prefixes, official layouts), loaded
-                load_weights(model, path, num_classes_given=num_classes_given)  # before any features wrapper
+                try:  # before any features wrapper
+                    load_weights(model, path, num_classes_given=num_classes_given)
+                except CheckpointError as err:
+                    if not shipped:
+                        raise
+                    raise CheckpointError(shipped_misfit(name, user_options, err)) from None
             return model.to(device=device, dtype=dtype) if device is not None or dtype is not None else model
 
         return build_model_with_cfg(build, name, pretrained=False, pretrained_cfg=pretrained_cfg,
