@@ -217,3 +217,15 @@ def test_analyze_refuses_a_bad_split_or_image_index_before_measuring_or_writing(
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
         assert not out.exists()  # nothing measured, nothing written
+
+
+def test_a_resumed_run_keeps_its_training_subset(tmp_path, capsys):
+    from lesa.cli import main
+
+    run = ["train", "--data", "digits", "--model", "resnet_tiny", "--epochs", "2", "--max-steps-per-epoch", "1",
+           "--batch-size", "8", "--quiet", "--output", str(tmp_path / "run")]
+    assert main([*run[:-2], "--epochs", "1", "--train-subset", "30", "--output", str(tmp_path / "run")]) == 0
+    assert main([*run, "--resume"]) == 2
+    assert "has train_subset=30, this command None; resume with the run's settings (--train-subset 30)" in \
+        capsys.readouterr().err
+    assert main([*run, "--resume", "--train-subset", "30"]) == 0

@@ -97,3 +97,14 @@ def test_options_the_shipped_weights_do_not_fit_and_bad_cfg_types_are_named():
         timm.create_model("lesa_resnet_tiny", pretrained=True, pretrained_cfg=123)
     with pytest.raises(ConfigError, match="pretrained_cfg_overlay='x': pass a dict"):
         timm.create_model("lesa_resnet_tiny", pretrained=True, pretrained_cfg_overlay="x")
+
+
+def test_analyzing_shipped_weights_never_writes_into_the_package(tmp_path):
+    from pathlib import Path
+
+    from lesa.analysis.report import default_analysis_dir
+
+    shipped = pretrained_path("lesa_resnet_tiny")
+    assert default_analysis_dir(shipped, "lesa_resnet_tiny") == Path("runs") / "analysis-lesa_resnet_tiny"
+    assert default_analysis_dir(tmp_path, "x") == tmp_path / "analysis"
+    assert default_analysis_dir(tmp_path / "best.pt", "x") == tmp_path / "analysis"

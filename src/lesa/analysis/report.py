@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
 
@@ -24,6 +25,7 @@ from ..engine.classification import class_map
 from ..engine.records import plot_curves, read_metrics_csv, write_json
 from ..errors import ConfigError
 from ..layers import ablate_unary
+from ..models.pretrained import FOLDER as PRETRAINED_FOLDER
 from ..models.registry import model_name
 from ..utils import atomic_write
 from .figures import plot_attention_map, plot_gate_maps, plot_shares
@@ -44,7 +46,7 @@ def analyze_run(run: str | Path, data: Optional[str] = None, output: Optional[st
     """Shares (``shares.json``) and figures (``shares.png``, ``gate_maps.png``, ``attention_map.png``,
     ``curves.png``) of a trained run on the ``split`` (``'val'``, or ``'test'`` where the data has one) of
     ``data`` (default: the run's, found where the run found it; ``root`` / ``download`` as
-    :func:`lesa.data.build_classification_data`), in ``output`` (default ``RUN/analysis``).
+    :func:`lesa.data.build_classification_data`), in ``output`` (default: :func:`default_analysis_dir`).
 
     Raises:
         ConfigError: ``split='test'`` for data without a test split; an ``image_index`` outside the split.
@@ -55,7 +57,7 @@ def analyze_run(run: str | Path, data: Optional[str] = None, output: Optional[st
         raise ConfigError("no data: pass --data PATH or --data digits")
     if data is None or data == cfg.get("data"):
         data, root = cfg.get("data"), root or cfg.get("data_root")
-    out = Path(output) if output else (run if run.is_dir() else run.parent) / "analysis"
+    out = Path(output) if output else default_analysis_dir(run, cfg["model"])
     val = build_classification_data(data, cfg["img_size"], train=False, root=root, download=download)
     class_map(cfg.get("classes"), val.classes, str(run))  # refuses data of other classes
     if split == "test" and val.test is None:
@@ -85,6 +87,15 @@ def analyze_run(run: str | Path, data: Optional[str] = None, output: Optional[st
         plot_curves({cfg["model"]: [read_metrics_csv(metrics)]}, out / "curves.png", f"{cfg['model']} on {data}")
         figures.append(out / "curves.png")
     return dict(model=cfg["model"], shares=shares, figures=[str(f) for f in figures], output=str(out))
+
+
+def default_analysis_dir(run: Path, model: str) -> Path:
+    """``RUN/analysis`` (a run directory, or the folder of a checkpoint file); for weights shipped inside the
+    package, ``runs/analysis-<model>`` in the working directory: never the installed package."""
+    folder = run if run.is_dir() else run.parent
+    if folder.resolve() == Path(str(resources.files("lesa").joinpath(PRETRAINED_FOLDER))).resolve():
+        return Path("runs") / f"analysis-{model}"
+    return folder / "analysis"
 
 
 def evaluate_without_unary(checkpoint: str | Path, data: Optional[str] = None, batch_size: int = 128,

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from ..errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
 from ..utils import atomic_write, count_params
 from .checkpoint import rng_state, run_kind, save_checkpoint, set_rng_state
-from .config import RunConfig
+from .config import RunConfig, flag
 from .distributed import DistContext, cleanup_distributed, setup_distributed
 from .records import TensorBoard, write_json, write_metrics_csv
 from .run_dir import RunDir
@@ -465,8 +465,10 @@ def check_resume(state: dict[str, Any], cfg: RunConfig, task_cls: type[Task]) ->
     saved = state.get("config", {})
     for key in task_cls.resume_keys:
         if key in saved and not task_cls.same_setting(key, saved[key], getattr(cfg, key)):
+            scalar = isinstance(saved[key], (int, float, str)) and not isinstance(saved[key], bool)
+            given = f" ({flag(key)} {saved[key]})" if scalar else ""
             raise ConfigError(f"--resume: the run in {cfg.output_dir} has {key}={saved[key]!r}, this command "
-                              f"{getattr(cfg, key)!r}; resume with the run's settings")
+                              f"{getattr(cfg, key)!r}; resume with the run's settings{given}")
 
 
 def check_same_classes(saved: Optional[list[str]], current: Optional[list[str]], out: Path) -> None:
