@@ -32,32 +32,33 @@ def shipped_models(tag: str = TAG) -> list[str]:
     return sorted(p.name[: -len(suffix)] for p in folder.glob(f"*{suffix}")) if folder.is_dir() else []
 
 
+def file_metadata(path: str | Path) -> Optional[Any]:
+    """The JSON under the key ``lesa`` of a safetensors file's metadata; ``None`` for any other file (not
+    safetensors, unreadable — the weights reader names that problem — or without the key)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get("lesa", "null"))
+    except Exception:  # any failure to read: not a described file
+        return None
+
+
 @cache
 def pretrained_info(name: str, tag: str = TAG) -> Optional[dict[str, Any]]:
     """The description stored in the shipped file of ``name`` (see the module docstring), or ``None``."""
-    from safetensors import safe_open
-
     path = pretrained_path(name, tag)
-    if path is None:
-        return None
-    with safe_open(str(path), framework="pt") as f:
-        return json.loads((f.metadata() or {})["lesa"])
+    return None if path is None else file_metadata(path)
 
 
 def file_description(path: str | Path) -> Optional[dict[str, Any]]:
     """The run a weights file describes in its metadata (a shipped file, or one ``tools/ship_pretrained.py``
     wrote): ``model``, ``img_size`` and ``classes``; ``None`` for any other file (no safetensors, no ``lesa``
     metadata, or metadata without those three)."""
-    path = Path(path)
-    if path.suffix != ".safetensors" or not path.is_file():
-        return None
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            info = json.loads((f.metadata() or {}).get("lesa", "null"))
-    except Exception:  # not readable as safetensors: the weights reader names the problem
-        return None
+    info = file_metadata(path)
     if not (isinstance(info, dict) and isinstance(info.get("model"), str) and isinstance(info.get("img_size"), int)
             and isinstance(info.get("classes"), list)):
         return None
