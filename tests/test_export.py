@@ -76,6 +76,29 @@ def test_compile_fullgraph_matches_eager_float64(pos_embed, impl, size, training
         torch.testing.assert_close(ours[name], value, rtol=1e-10, atol=1e-10, msg=name)
 
 
+@pytest.mark.skipif(not hasattr(torch.library, "custom_op"), reason="torch.library.custom_op: torch >= 2.4")
+def test_inductor_runs_the_dense_kernel_as_one_opaque_operator_float64():
+    """Under inductor (the default backend) the 'flat' dense kernel is the ``lesa::flat_dense_attention``
+    operator, forward and backward, not C++ loops generated from its skewed views (1.6x slower on the CPU,
+    docs/performance.md): same values and gradients as eager in float64."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    layer = LESA2d(16, 16, heads=2, feature_size=(4, 5)).double()
+    eager = copy.deepcopy(layer)
+    x = torch.randn(2, 16, 4, 5, dtype=torch.float64, requires_grad=True)
+    x_eager = x.detach().clone().requires_grad_()
+    torch._dynamo.reset()
+    step = torch.compile(lambda t: layer(t).square().sum().backward(), fullgraph=False)
+    _, code = run_and_get_code(step, x)
+    eager(x_eager).square().sum().backward()
+    assert any("lesa.flat_dense_attention.default" in c for c in code), "the forward graph traced the kernel"
+    assert any("lesa.flat_dense_attention_backward.default" in c for c in code), "the backward traced it"
+    ours, theirs = grads_and_buffers(layer, x), grads_and_buffers(eager, x_eager)
+    for name, value in theirs.items():
+        torch.testing.assert_close(ours[name], value, rtol=1e-10, atol=1e-10, msg=name)
+
+
 def test_compile_fullgraph_whole_model_trains_and_evaluates_as_eager():
     torch.manual_seed(0)
     model = lesa.create_model("lesa_resnet_tiny", pos_embed="flat", impl="fused", img_size=16)

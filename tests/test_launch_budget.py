@@ -32,8 +32,8 @@ from gpu_check import LAUNCH_CASES, layer_ops  # noqa: E402
 
 F64, CPU = torch.float64, torch.device("cpu")
 # ATen operations of one layer's forward + backward under the CUDA policy, at any batch; measured (256
-# channels): 'flat' 14x14 615 / 271, 'flat' 32x32 640 / 272, 'rel2d' 32x32 404 / 198 (training / eval)
-LAUNCH_BUDGET = {"train": 700, "eval": 300}
+# channels): 'flat' 14x14 700 / 301, 'flat' 32x32 725 / 302, 'rel2d' 32x32 404 / 198 (training / eval)
+LAUNCH_BUDGET = {"train": 800, "eval": 350}
 
 
 @pytest.fixture

@@ -64,6 +64,7 @@ from ..errors import ConfigError, InputError
 from .bn_moments import (
     bn_logit_affine,
     dot_product_moments,
+    interleaved_batch_norm,
     masked_batch_norm,
     masked_bn_logit_affine,
     masked_dot_product_moments,
@@ -77,7 +78,7 @@ from .bn_moments import (
 from .checks import check_choice, check_input, check_int, describe, graph_mode
 from .flat_attention import (
     FlatBlockedAttention,
-    FlatDenseAttention,
+    flat_dense_attention,
     flat_block_logits,
     flat_blocked_attention,
     flat_windows,
@@ -329,9 +330,9 @@ class BinaryAttention2d(nn.Module):
         out = values.transpose(-1, -2)  # (N, G, dv, HW): channel = head * dv + c, as the official code
         if value_embed is None:
             return self.bn_out(out.reshape(n, self.out_channels, height, width))
-        stacked = torch.stack([out, value_embed.transpose(-1, -2)], dim=3)  # channel (head*dv+c)*2 + part
-        normed = self.bn_out(stacked.reshape(n, 2 * self.out_channels, height, width))
-        return normed.view(n, self.out_channels, 2, height, width).sum(2)
+        # bn_out's channel (head*dv + c)*2 + part, as the official code stacks them
+        shape = (n, self.out_channels, height, width)
+        return interleaved_batch_norm(self.bn_out, out.reshape(shape), value_embed.transpose(-1, -2).reshape(shape))
 
     def finish_folded(self, values: Tensor, value_embed: Optional[Tensor], height: int, width: int) -> Tensor:
         """:meth:`finish` after :meth:`fold_batch_norms`: ``bn_out`` lives in ``v`` (and, for 'flat', in
@@ -550,7 +551,7 @@ class BinaryAttention2d(nn.Module):
         args = (ops["q_k"], ops["q_r"], k, ops["k_r"], v, ops["tq"], ops["tk"], ops["tv"], ops["shift"],
                 q.shape[-2] if dense else self.query_block(q))
         if args[-1] >= q.shape[-2] and not exporting():  # one block: all logits at once, probabilities kept
-            return FlatDenseAttention.apply(*args[:-1])    # for the backward (torch.compile captures it too)
+            return flat_dense_attention(*args[:-1])        # for the backward
         if torch.compiler.is_compiling():  # FlatBlockedAttention's backward runs autograd inside: not capturable
             return flat_blocked_attention(*args)
         return FlatBlockedAttention.apply(*args)

@@ -275,6 +275,31 @@ def masked_batch_norm(bn: nn.BatchNorm2d, x: Tensor, weight: Tensor) -> Tensor:
     return (xs * scale.view(shape) + shift.view(shape)).to(x.dtype)
 
 
+def interleaved_batch_norm(bn: nn.BatchNorm2d, a: Tensor, b: Tensor) -> Tensor:
+    """``bn`` over ``a`` and ``b`` ``(N, C, H, W)`` with their channels interleaved (``bn``'s channel ``2c`` is
+    ``a``'s channel ``c``, ``2c + 1`` is ``b``'s), the two normalised halves summed:
+    ``bn(stack([a, b], 2).flatten(1, 2)).unflatten(1, (C, 2)).sum(2)``, without the stacked ``(N, 2C, H, W)``
+    tensor (a copy in eager mode; under torch.compile on the CPU a layout that inductor reduced element by
+    element). Statistics, running-statistics updates and the empty batch as :func:`bn_logit_affine`."""
+    dtype = stats_dtype(a)
+    if uses_batch_stats(bn):
+        n = a.shape[0] * a.shape[2] * a.shape[3]
+        if n == 0:
+            mean, var = a.new_zeros(2 * a.shape[1], dtype=dtype), a.new_ones(2 * a.shape[1], dtype=dtype)
+        else:
+            (var_a, mean_a), (var_b, mean_b) = (torch.var_mean(t.to(dtype), dim=(0, 2, 3), correction=0)
+                                                for t in (a, b))
+            mean, var = torch.stack([mean_a, mean_b], 1).flatten(), torch.stack([var_a, var_b], 1).flatten()
+        if bn.training and bn.running_mean is not None:
+            update_running_stats(bn, mean.detach(), var.detach(), n)
+        scale, shift = _affine(bn, mean, torch.rsqrt(var + bn.eps))
+    else:
+        scale, shift = running_affine(bn, dtype)
+    scale = scale.view(1, -1, 2, 1, 1)
+    out = a * scale[:, :, 0].to(a.dtype) + b * scale[:, :, 1].to(a.dtype)
+    return out + shift.view(1, -1, 2, 1, 1).sum(2).to(a.dtype)
+
+
 def update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, n: int | Tensor) -> None:
     """Fold a batch's ``mean`` and biased ``var`` over ``n`` values into ``bn``'s running statistics, as
     :class:`torch.nn.BatchNorm2d` does in training (unbiased variance, momentum or cumulative average).

@@ -207,6 +207,61 @@ def outer_sum(a: Tensor, b: Tensor) -> Tensor:
     return a.reshape(-1, a.shape[-1]).t() @ b.reshape(-1, b.shape[-1])
 
 
+def dense_attention(q_k: Tensor, q_r: Tensor, k: Tensor, k_r: Tensor, v: Tensor, tq: Tensor, tk: Tensor,
+                    tv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Forward of :class:`FlatDenseAttention`: ``(values, value_embed, attn)``, ``attn`` the ``(N, G, P, P)``
+    softmax probabilities its backward (:func:`dense_attention_backward`) reads."""
+    tq_f, tk_f, tv_f = tq.flip(-1), tk.flip(-1), tv.flip(-1)
+    blocks = dense_blocks(k.shape[-2], q_k.shape[:-2].numel(), q_k.device, q_k.dtype)
+    unskew_block = Unskewed()
+    # the logit BN's per-head shift is constant along each softmax row: it changes nothing and is not added
+    logits = torch.matmul(q_k, k.transpose(-1, -2))
+    key_term = torch.empty_like(logits)  # transposed, built by rows, added at once: no column-block writes
+    for rows, win in blocks:
+        logits[..., rows, :] += skew(torch.matmul(q_r[..., rows, :], tq_f[:, win]))
+        key_term[..., rows, :] = skew(torch.matmul(k_r[..., rows, :], tk_f[:, win]))
+    logits += key_term.transpose(-1, -2)
+    del key_term
+    attn = softmax_f32(logits).to(v.dtype)
+    del logits
+    values = torch.matmul(attn, v)
+    value_embed = v.new_empty(*v.shape[:-1], tv.shape[0])
+    for rows, win in blocks:
+        value_embed[..., rows, :] = torch.matmul(unskew_block(attn[..., rows, :]), tv_f[:, win].t())
+    return values, value_embed, attn
+
+
+def dense_attention_backward(grad_values: Tensor, grad_value_embed: Tensor, q_k: Tensor, q_r: Tensor, k: Tensor,
+                             k_r: Tensor, v: Tensor, tq: Tensor, tk: Tensor, tv: Tensor,
+                             attn: Tensor) -> tuple[Tensor, ...]:
+    """Gradients of :func:`dense_attention` for ``q_k, q_r, k, k_r, v, tq, tk, tv``: every one a matrix
+    product, the relative terms through table windows and skewed views, by row blocks."""
+    tq_f, tk_f, tv_f = tq.flip(-1), tk.flip(-1), tv.flip(-1)
+    blocks = dense_blocks(k.shape[-2], q_k.shape[:-2].numel(), q_k.device, q_k.dtype)
+    unskew_block = Unskewed()
+    grad_attn = torch.matmul(grad_values, v.transpose(-1, -2))
+    grad_tv = torch.zeros_like(tv_f)
+    for rows, win in blocks:
+        grad_attn[..., rows, :] += skew(torch.matmul(grad_value_embed[..., rows, :], tv_f[:, win]))
+        grad_tv[:, win] += outer_sum(unskew_block(attn[..., rows, :]), grad_value_embed[..., rows, :]).t()
+    grad_v = torch.matmul(attn.transpose(-1, -2), grad_values)
+    # softmax backward, in place; its rows sum to zero, so the per-row shift gets no gradient
+    row_dot = torch.matmul(grad_attn.unsqueeze(-2), attn.unsqueeze(-1)).squeeze(-1)
+    grad_logits = grad_attn.sub_(row_dot).mul_(attn)
+    grad_q_k = torch.matmul(grad_logits, k)
+    grad_k = torch.matmul(grad_logits.transpose(-1, -2), q_k)
+    grad_q_r, grad_k_r = torch.empty_like(q_r), torch.empty_like(k_r)
+    grad_tq, grad_tk = torch.zeros_like(tq_f), torch.zeros_like(tk_f)
+    for rows, win in blocks:
+        spread = unskew_block(grad_logits[..., rows, :])
+        grad_q_r[..., rows, :] = torch.matmul(spread, tq_f[:, win].t())
+        grad_tq[:, win] += outer_sum(q_r[..., rows, :], spread)
+        spread = unskew_block(grad_logits[..., rows].transpose(-1, -2))
+        grad_k_r[..., rows, :] = torch.matmul(spread, tk_f[:, win].t())
+        grad_tk[:, win] += outer_sum(k_r[..., rows, :], spread)
+    return grad_q_k, grad_q_r, grad_k, grad_k_r, grad_v, grad_tq.flip(-1), grad_tk.flip(-1), grad_tv.flip(-1)
+
+
 class FlatDenseAttention(torch.autograd.Function):
     """The flat binary term with all ``(N, G, P, P)`` logits at once and the softmax probabilities saved
     for a hand-written backward: every gradient is a matrix product, the relative terms come through
@@ -220,50 +275,63 @@ class FlatDenseAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q_k, q_r, k, k_r, v, tq, tk, tv, shift):
-        tq_f, tk_f, tv_f = tq.flip(-1), tk.flip(-1), tv.flip(-1)
-        blocks = dense_blocks(k.shape[-2], q_k.shape[0] * q_k.shape[1], q_k.device, q_k.dtype)
-        unskew_block = Unskewed()
-        # the per-head shift is constant along each softmax row: it changes nothing and is not added
-        logits = torch.matmul(q_k, k.transpose(-1, -2))
-        key_term = torch.empty_like(logits)  # transposed, built by rows, added at once: no column-block writes
-        for rows, win in blocks:
-            logits[..., rows, :] += skew(torch.matmul(q_r[..., rows, :], tq_f[:, win]))
-            key_term[..., rows, :] = skew(torch.matmul(k_r[..., rows, :], tk_f[:, win]))
-        logits += key_term.transpose(-1, -2)
-        del key_term
-        attn = softmax_f32(logits).to(v.dtype)
-        del logits
-        values = torch.matmul(attn, v)
-        value_embed = v.new_empty(*v.shape[:-1], tv.shape[0])
-        for rows, win in blocks:
-            value_embed[..., rows, :] = torch.matmul(unskew_block(attn[..., rows, :]), tv_f[:, win].t())
-        ctx.save_for_backward(q_k, q_r, k, k_r, v, tq_f, tk_f, tv_f, shift, attn)
+        values, value_embed, attn = dense_attention(q_k, q_r, k, k_r, v, tq, tk, tv)
+        ctx.save_for_backward(q_k, q_r, k, k_r, v, tq, tk, tv, shift, attn)
         return values, value_embed
 
     @staticmethod
     def backward(ctx, grad_values, grad_value_embed):
-        q_k, q_r, k, k_r, v, tq_f, tk_f, tv_f, shift, attn = ctx.saved_tensors
-        blocks = dense_blocks(k.shape[-2], q_k.shape[0] * q_k.shape[1], q_k.device, q_k.dtype)
-        unskew_block = Unskewed()
-        grad_attn = torch.matmul(grad_values, v.transpose(-1, -2))
-        grad_tv = torch.zeros_like(tv_f)
-        for rows, win in blocks:
-            grad_attn[..., rows, :] += skew(torch.matmul(grad_value_embed[..., rows, :], tv_f[:, win]))
-            grad_tv[:, win] += outer_sum(unskew_block(attn[..., rows, :]), grad_value_embed[..., rows, :]).t()
-        grad_v = torch.matmul(attn.transpose(-1, -2), grad_values)
-        # softmax backward, in place; its rows sum to zero, so the per-row shift gets no gradient
-        row_dot = torch.matmul(grad_attn.unsqueeze(-2), attn.unsqueeze(-1)).squeeze(-1)
-        grad_logits = grad_attn.sub_(row_dot).mul_(attn)
-        grad_q_k = torch.matmul(grad_logits, k)
-        grad_k = torch.matmul(grad_logits.transpose(-1, -2), q_k)
-        grad_q_r, grad_k_r = torch.empty_like(q_r), torch.empty_like(k_r)
-        grad_tq, grad_tk = torch.zeros_like(tq_f), torch.zeros_like(tk_f)
-        for rows, win in blocks:
-            spread = unskew_block(grad_logits[..., rows, :])
-            grad_q_r[..., rows, :] = torch.matmul(spread, tq_f[:, win].t())
-            grad_tq[:, win] += outer_sum(q_r[..., rows, :], spread)
-            spread = unskew_block(grad_logits[..., rows].transpose(-1, -2))
-            grad_k_r[..., rows, :] = torch.matmul(spread, tk_f[:, win].t())
-            grad_tk[:, win] += outer_sum(k_r[..., rows, :], spread)
-        return (grad_q_k, grad_q_r, grad_k, grad_k_r, grad_v, grad_tq.flip(-1), grad_tk.flip(-1),
-                grad_tv.flip(-1), torch.zeros_like(shift))
+        *inputs, shift, attn = ctx.saved_tensors
+        return (*dense_attention_backward(grad_values, grad_value_embed, *inputs, attn), torch.zeros_like(shift))
+
+
+# Under torch.compile the dense kernel is one opaque operator, forward and backward: traced, inductor fuses
+# its skewed views and softmax into C++ loops that ran the layer's training step 1.6x slower than eager on
+# the CPU (docs/performance.md, "torch.compile"). Its outputs are channel-major, ``(N, G, dv, P)``: the
+# layout of the output BatchNorm, whose statistics inductor otherwise gathers element by element from the
+# position-major rows. torch.library.custom_op exists from torch 2.4.
+if hasattr(torch.library, "custom_op"):
+    _STRIDES = (torch.Tag.needs_exact_strides,)
+
+    @torch.library.custom_op("lesa::flat_dense_attention", mutates_args=(), tags=_STRIDES)
+    def _dense_op(q_k: Tensor, q_r: Tensor, k: Tensor, k_r: Tensor, v: Tensor, tq: Tensor, tk: Tensor,
+                  tv: Tensor, shift: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        values, value_embed, attn = dense_attention(q_k, q_r, k, k_r, v, tq, tk, tv)
+        return values.mT.contiguous(), value_embed.mT.contiguous(), attn
+
+    @_dense_op.register_fake
+    def _(q_k, q_r, k, k_r, v, tq, tk, tv, shift):
+        *batch, num, _ = q_k.shape
+        return (v.new_empty(*batch, v.shape[-1], num), v.new_empty(*batch, tv.shape[0], num),
+                v.new_empty(*batch, num, num))
+
+    @torch.library.custom_op("lesa::flat_dense_attention_backward", mutates_args=(), tags=_STRIDES)
+    def _dense_backward_op(grad_values: Tensor, grad_value_embed: Tensor, q_k: Tensor, q_r: Tensor, k: Tensor,
+                           k_r: Tensor, v: Tensor, tq: Tensor, tk: Tensor, tv: Tensor,
+                           attn: Tensor) -> list[Tensor]:
+        return list(dense_attention_backward(grad_values.mT, grad_value_embed.mT, q_k, q_r, k, k_r, v, tq, tk,
+                                             tv, attn))
+
+    @_dense_backward_op.register_fake
+    def _(grad_values, grad_value_embed, q_k, q_r, k, k_r, v, tq, tk, tv, attn):
+        return [torch.empty_like(t) for t in (q_k, q_r, k, k_r, v, tq, tk, tv)]
+
+    def _setup_dense(ctx, inputs, output):
+        ctx.save_for_backward(*inputs, output[2])
+
+    def _dense_grads(ctx, grad_values, grad_value_embed, _grad_attn):
+        *inputs, shift, attn = ctx.saved_tensors
+        return (*_dense_backward_op(grad_values, grad_value_embed, *inputs, attn), torch.zeros_like(shift))
+
+    _dense_op.register_autograd(_dense_grads, setup_context=_setup_dense)
+
+
+def flat_dense_attention(q_k: Tensor, q_r: Tensor, k: Tensor, k_r: Tensor, v: Tensor, tq: Tensor, tk: Tensor,
+                         tv: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
+    """:class:`FlatDenseAttention` in eager mode; under torch.compile the same kernel as an opaque operator
+    (``lesa::flat_dense_attention``, torch >= 2.4), which the compiled graph calls as eager code runs it."""
+    if torch.compiler.is_compiling() and hasattr(torch.library, "custom_op"):
+        heads = q_k.shape[:2]
+        values, value_embed, _ = _dense_op(*(t.flatten(0, 1) for t in (q_k, q_r, k, k_r, v)), tq, tk, tv, shift)
+        return values.unflatten(0, heads).mT, value_embed.unflatten(0, heads).mT
+    return FlatDenseAttention.apply(q_k, q_r, k, k_r, v, tq, tk, tv, shift)
