@@ -19,7 +19,7 @@ from ..errors import ConfigError
 from .binary import IMPLS, Impl, resolve_auto, softmax_diagonal
 from .checks import check_choice, check_divisible, check_input, check_int, check_optional_int, graph_mode
 from .flat_attention import softmax_f32
-from .rel2d_attention import augment_rel2d, rel2d_attention
+from .rel2d_attention import augment_rel2d, block_sizes, rel2d_attention
 from .rel_pos import RelPosEmbed2d, Size2d
 
 
@@ -111,7 +111,7 @@ class AttentionAugmentedConv2d(nn.Module):
         x = self.pool(x)
         q, k, _, rows, cols = self.project(x)
         q_aug, k_aug = augment_rel2d(q, k, rows, cols)
-        block = max(1, (1 << 21) // max(1, q.shape[0] * q.shape[1] * q.shape[2]))
+        block = block_sizes(q.device, q.dtype, q.shape[0] * q.shape[1], q.shape[-2]).queries  # the device's policy
         return softmax_diagonal(lambda a, b: q_aug[:, :, a:b] @ k_aug.transpose(-1, -2), q.shape[-2], block)
 
     def forward(self, x: Tensor) -> Tensor:
