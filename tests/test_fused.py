@@ -215,3 +215,16 @@ def test_moment_functions_have_exact_gradients(band, monkeypatch):
     table = torch.randn(4, 13, dtype=torch.float64, generator=gen).requires_grad_()
     assert torch.autograd.gradcheck(bn_moments.DotProductMoments.apply, (q, k))
     assert torch.autograd.gradcheck(bn_moments.SlidingWindowRows.apply, (q, table))
+
+
+@pytest.mark.parametrize("impl,block_elems", [("auto", None), ("fused", 2 * 2 * 20 * 8)])
+def test_a_second_derivative_through_the_flat_kernels_is_refused_not_wrong(impl, block_elems):
+    """The dense kernel saves probabilities without a graph and the blocked one recomputes under its own
+    autograd: neither has a second derivative, so a gradient penalty raises instead of returning numbers
+    that treat the attention as constant."""
+    layer = LESA2d(16, 16, heads=2, feature_size=(4, 5), impl=impl).double()
+    layer.binary.block_elems = block_elems
+    x = torch.randn(2, 16, 4, 5, dtype=torch.float64, requires_grad=True)
+    grad, = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad.square().sum().backward()

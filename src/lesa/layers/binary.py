@@ -321,8 +321,12 @@ class BinaryAttention2d(nn.Module):
         q, k, v = torch.split(qkv.transpose(-1, -2).contiguous(), [self.qk_dim, self.qk_dim, self.v_dim], dim=-1)
         return q, k, v
 
-    def finish(self, values: Tensor, value_embed: Optional[Tensor], height: int, width: int) -> Tensor:
-        """``(N, G, HW, dv)`` attention outputs -> ``bn_out`` -> ``(N, C, H, W)``."""
+    def finish(self, values: Tensor, value_embed: Optional[Tensor], height: int, width: int,
+               stacked: bool = True) -> Tensor:
+        """``(N, G, HW, dv)`` attention outputs -> ``bn_out`` -> ``(N, C, H, W)``. ``stacked``: the official
+        computation, ``bn_out`` over the interleaved stacked halves (the reference path; TorchScript and torch.fx
+        graphs); else :func:`~lesa.layers.bn_moments.interleaved_batch_norm`, the same function without the
+        stacked copy (the fused paths)."""
         n = values.shape[0]
         if not torch.jit.is_scripting():
             if self.folded:
@@ -331,8 +335,14 @@ class BinaryAttention2d(nn.Module):
         if value_embed is None:
             return self.bn_out(out.reshape(n, self.out_channels, height, width))
         # bn_out's channel (head*dv + c)*2 + part, as the official code stacks them
-        shape = (n, self.out_channels, height, width)
-        return interleaved_batch_norm(self.bn_out, out.reshape(shape), value_embed.transpose(-1, -2).reshape(shape))
+        if not torch.jit.is_scripting():
+            if not stacked:
+                shape = (n, self.out_channels, height, width)
+                return interleaved_batch_norm(self.bn_out, out.reshape(shape),
+                                              value_embed.transpose(-1, -2).reshape(shape))
+        stacked = torch.stack([out, value_embed.transpose(-1, -2)], dim=3)
+        normed = self.bn_out(stacked.reshape(n, 2 * self.out_channels, height, width))
+        return normed.view(n, self.out_channels, 2, height, width).sum(2)
 
     def finish_folded(self, values: Tensor, value_embed: Optional[Tensor], height: int, width: int) -> Tensor:
         """:meth:`finish` after :meth:`fold_batch_norms`: ``bn_out`` lives in ``v`` (and, for 'flat', in
@@ -399,7 +409,7 @@ class BinaryAttention2d(nn.Module):
             values, value_embed = self.attend_fused(q, k, v, height, width, dense=impl == "dense")
         if self.ablate_unary:
             values, value_embed = self.remove_self_term(q, k, v, values, value_embed, height, width)
-        return self.finish(values, value_embed, height, width)
+        return self.finish(values, value_embed, height, width, stacked=impl == "reference")
 
     def forward_masked(self, x: Tensor, mask: KeyMask) -> Tensor:
         """:meth:`forward` of a padded 'rel2d' batch: keys outside the images masked, BatchNorm statistics over

@@ -295,9 +295,10 @@ def interleaved_batch_norm(bn: nn.BatchNorm2d, a: Tensor, b: Tensor) -> Tensor:
         scale, shift = _affine(bn, mean, torch.rsqrt(var + bn.eps))
     else:
         scale, shift = running_affine(bn, dtype)
+    # in at least float32: the mean rides in the shift, and a bfloat16 product would cancel against it
     scale = scale.view(1, -1, 2, 1, 1)
-    out = a * scale[:, :, 0].to(a.dtype) + b * scale[:, :, 1].to(a.dtype)
-    return out + shift.view(1, -1, 2, 1, 1).sum(2).to(a.dtype)
+    out = a.to(dtype) * scale[:, :, 0] + b.to(dtype) * scale[:, :, 1] + shift.view(1, -1, 2, 1, 1).sum(2)
+    return out.to(a.dtype)
 
 
 def update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, n: int | Tensor) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from .rel2d_attention import block_sizes
@@ -125,6 +126,7 @@ class FlatBlockedAttention(torch.autograd.Function):
         return values, value_embed
 
     @staticmethod
+    @once_differentiable  # the saved probabilities carry no graph: a second derivative would be wrong
     def backward(ctx, grad_values, grad_value_embed):
         q_k, q_r, k, k_r, v, tq, tk, tv, shift = ctx.saved_tensors
         num, block = k.shape[-2], ctx.block
@@ -280,6 +282,7 @@ class FlatDenseAttention(torch.autograd.Function):
         return values, value_embed
 
     @staticmethod
+    @once_differentiable  # the saved probabilities carry no graph: a second derivative would be wrong
     def backward(ctx, grad_values, grad_value_embed):
         *inputs, shift, attn = ctx.saved_tensors
         return (*dense_attention_backward(grad_values, grad_value_embed, *inputs, attn), torch.zeros_like(shift))
@@ -291,7 +294,9 @@ class FlatDenseAttention(torch.autograd.Function):
 # layout of the output BatchNorm, whose statistics inductor otherwise gathers element by element from the
 # position-major rows. torch.library.custom_op exists from torch 2.4.
 if hasattr(torch.library, "custom_op"):
-    _STRIDES = (torch.Tag.needs_exact_strides,)
+    # inductor passes the operands with eager's strides (the tag is needs_fixed_stride_order before torch 2.7)
+    _STRIDES = tuple(tag for tag in (getattr(torch.Tag, "needs_exact_strides", None)
+                                     or getattr(torch.Tag, "needs_fixed_stride_order", None),) if tag is not None)
 
     @torch.library.custom_op("lesa::flat_dense_attention", mutates_args=(), tags=_STRIDES)
     def _dense_op(q_k: Tensor, q_r: Tensor, k: Tensor, k_r: Tensor, v: Tensor, tq: Tensor, tk: Tensor,
