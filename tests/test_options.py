@@ -67,6 +67,25 @@ def test_a_device_the_machine_lacks_is_refused(tmp_path, capsys, no_work):
     assert code == 2 and "CUDA is not available on this machine; use auto or cpu" in err
 
 
+@pytest.mark.parametrize("env,message", [
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 is set but RANK, MASTER_ADDR, MASTER_PORT are not: start the processes "
+                          "with torchrun"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "localhost"}, "MASTER_PORT is not"),
+    ({"WORLD_SIZE": "2", "RANK": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"}, "RANK=2 is not below WORLD_SIZE=2"),
+    ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two' must be an integer >= 1"),
+    ({"WORLD_SIZE": "0"}, "WORLD_SIZE='0' must be an integer >= 1"),
+    ({"LOCAL_RANK": "-1"}, "LOCAL_RANK='-1' must be an integer >= 0"),
+])
+def test_a_partial_torchrun_environment_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch, env, message):
+    """A WORLD_SIZE left exported in a shell used to end in torch.distributed's rendezvous traceback."""
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    code, err = run_cli(capsys, "train", *QUICK, "--output", tmp_path / "r")
+    assert code == 2 and message in err and not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize("text,message", [
     ("epochs: 3\nlr: 0.1\nepochs: 4\n", "option 'epochs' is given twice (lines 1 and 3); keep one"),
     (b"model: caf\xe9\n", "is not UTF-8 (byte 0xe9 on line 1); save it as UTF-8"),

@@ -45,6 +45,19 @@ def test_timm_loads_the_shipped_weights_by_name_and_tag():
         timm.create_model("lesa_resnet_tiny.in1k", pretrained=True)
 
 
+def test_timm_lists_the_shipped_weights_and_the_tag_picks_their_configuration():
+    """timm.list_pretrained('*lesa*') was empty; the untagged name stays untrained at the default input size."""
+    assert timm.list_pretrained("*resnet_tiny*") == sorted(f"{name}.fashion_mnist" for name in SHIPPED)
+    assert not timm.is_model_pretrained("lesa_resnet_tiny")  # the untagged default has no weights
+    assert timm.get_pretrained_cfg("lesa_resnet_tiny.fashion_mnist").input_size == (3, 28, 28)
+    tagged = timm.create_model("lesa_resnet_tiny.fashion_mnist")  # timm's rule: configuration, no weights
+    assert tagged.pretrained_cfg["input_size"] == (3, 28, 28) and tagged.pretrained_cfg["num_classes"] == 10
+    assert not torch.equal(tagged.fc.weight, create_model("lesa_resnet_tiny", pretrained=True).fc.weight)
+    plain = timm.create_model("lesa_resnet_tiny")
+    assert plain.pretrained_cfg["input_size"] == timm.get_pretrained_cfg("lesa_resnet_tiny").input_size
+    assert not plain.pretrained_cfg.get("file") and plain.pretrained_cfg.get("tag") is None
+
+
 def test_fine_tuning_the_shipped_weights_for_another_class_count():
     with pytest.warns(UserWarning, match="classifier"):
         model = create_model("lesa_resnet_tiny", pretrained=True, num_classes=4)

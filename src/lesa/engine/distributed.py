@@ -8,6 +8,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..errors import ConfigError
+
 
 @dataclass
 class DistContext:
@@ -55,14 +57,56 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
+def _env_int(name: str, default: int, minimum: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        raise ConfigError(f"environment variable {name}={raw!r} must be an integer >= {minimum}: launch through "
+                          f"torchrun, which sets it, or unset it for a single process")
+    return value
+
+
+def torchrun_environment() -> tuple[int, int, int]:
+    """``(rank, world_size, local_rank)`` from torchrun's environment, checked before any process group forms.
+
+    Without ``WORLD_SIZE`` (or with ``WORLD_SIZE=1``) this is one process. With ``WORLD_SIZE > 1`` the
+    ``env://`` rendezvous also needs ``RANK`` below ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``.
+
+    Raises:
+        ConfigError: a variable is not a non-negative integer, ``RANK >= WORLD_SIZE``, or a variable that
+            the rendezvous needs is missing (a ``WORLD_SIZE`` left exported in a shell, say), instead of
+            ``torch.distributed``'s traceback.
+    """
+    world = _env_int("WORLD_SIZE", 1, 1)
+    rank = _env_int("RANK", 0, 0)
+    local_rank = _env_int("LOCAL_RANK", 0, 0)
+    if world > 1:
+        missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+        if missing:
+            verb = "is" if len(missing) == 1 else "are"
+            raise ConfigError(f"WORLD_SIZE={world} is set but {', '.join(missing)} {verb} not: start the processes "
+                              f"with torchrun (torchrun --nproc-per-node {world} -m lesa ...), or unset WORLD_SIZE "
+                              "to train in one process")
+        if rank >= world:
+            raise ConfigError(f"RANK={rank} is not below WORLD_SIZE={world}: launch through torchrun, which numbers "
+                              f"the processes 0..WORLD_SIZE-1")
+    return rank, world, local_rank
+
+
 def setup_distributed(device: str = "auto") -> DistContext:
     """Join the process group described by torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK).
 
     NCCL on CUDA, gloo on CPU. Without those variables this is a single process.
+
+    Raises:
+        ConfigError: torchrun's environment is incomplete or inconsistent (:func:`torchrun_environment`).
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    rank, world, local_rank = torchrun_environment()
     dev = resolve_device(device, local_rank)
     if world > 1 and not dist.is_initialized():
         if dev.type == "cuda":

@@ -78,9 +78,9 @@ from .bn_moments import (
 from .checks import check_choice, check_input, check_int, describe, graph_mode
 from .flat_attention import (
     FlatBlockedAttention,
-    flat_dense_attention,
     flat_block_logits,
     flat_blocked_attention,
+    flat_dense_attention,
     flat_windows,
     softmax_f32,
 )

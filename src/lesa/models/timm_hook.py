@@ -25,7 +25,7 @@ from ..weights import load_weights
 from .pretrained import TAG, pretrained_cfg_fields, pretrained_kwargs, shipped_models
 from .registry import build_resnet, default_cfg, list_models, parse_name, shipped_cfg, shipped_misfit
 
-default_cfgs: dict[str, dict[str, Any]] = {}
+default_cfgs: dict[str, Any] = {}  # timm DefaultCfg by name
 registered: list[str] = []
 
 # The model arguments the generated cfg depends on (input size and channels, the reductions; 'flat' fixes the
@@ -85,12 +85,15 @@ def _entrypoint(name: str):
         num_classes_given = "num_classes" in kwargs or bool(kwargs.get("features_only"))
         overlay = kwargs.get("pretrained_cfg_overlay")
         shipped = pretrained and tags and not (overlay or {}).get("file")
+        # timm's rule: the tag ('lesa_resnet_tiny.fashion_mnist') picks the configuration, pretrained=True the
+        # weights; so a tagged model is built as the shipped weights were, with or without them
+        tagged = pretrained_cfg == TAG
         user_options = sorted(k for k in CFG_KWARGS if kwargs.get(k) is not None)
-        if shipped:  # built at the shipped weights' input size and class count unless given
+        if shipped or tagged:  # built at the shipped weights' input size and class count unless given
             kwargs = {**pretrained_kwargs(name), **kwargs}
         if pretrained_cfg is None or isinstance(pretrained_cfg, str):
             pretrained_cfg = timm_cfg(name, **kwargs)
-            if shipped:
+            if shipped or tagged:
                 pretrained_cfg = shipped_cfg(pretrained_cfg, pretrained_cfg_fields(name))
         path = weights_file(name, pretrained, pretrained_cfg, overlay)
 
@@ -115,6 +118,21 @@ def _entrypoint(name: str):
     return entrypoint
 
 
+def timm_default_cfg(name: str) -> Any:
+    """What timm's registry holds for ``name``: its untagged defaults first (``create_model(name)`` stays
+    untrained) and, where weights ship, the tag ``fashion_mnist`` with their file, so that
+    ``timm.list_pretrained('*lesa*')`` lists ``lesa_resnet_tiny.fashion_mnist``."""
+    from collections import deque
+
+    from timm.models import DefaultCfg, PretrainedCfg
+
+    shipped = pretrained_cfg_fields(name)
+    cfgs = {"": PretrainedCfg(**default_cfg(name))}
+    if shipped:
+        cfgs[TAG] = PretrainedCfg(**shipped_cfg(timm_cfg(name, **pretrained_kwargs(name)), shipped))
+    return DefaultCfg(tags=deque(cfgs), cfgs=cfgs)
+
+
 def register_with_timm() -> list[str]:
     try:
         from timm.layers import register_notrace_module
@@ -127,7 +145,7 @@ def register_with_timm() -> list[str]:
     for name in list_models():
         if name in registered or is_model(name):
             continue
-        default_cfgs[name] = default_cfg(name)
+        default_cfgs[name] = timm_default_cfg(name)
         fn = _entrypoint(name)
         setattr(sys.modules[__name__], name, fn)
         register_model(fn)
