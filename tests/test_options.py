@@ -75,6 +75,9 @@ def test_a_device_the_machine_lacks_is_refused(tmp_path, capsys, no_work):
     ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two' must be an integer >= 1"),
     ({"WORLD_SIZE": "0"}, "WORLD_SIZE='0' must be an integer >= 1"),
     ({"LOCAL_RANK": "-1"}, "LOCAL_RANK='-1' must be an integer >= 0"),
+    ({"RANK": "1"}, "RANK=1 is not below WORLD_SIZE=1"),  # was DistributedSampler's traceback
+    ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "h", "MASTER_PORT": "abc"}, "MASTER_PORT='abc' is not a port"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "h", "MASTER_PORT": "99999"}, "MASTER_PORT='99999' is not a"),
 ])
 def test_a_partial_torchrun_environment_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch, env, message):
     """A WORLD_SIZE left exported in a shell used to end in torch.distributed's rendezvous traceback."""
@@ -84,6 +87,23 @@ def test_a_partial_torchrun_environment_is_one_line_and_writes_nothing(tmp_path,
         monkeypatch.setenv(name, value)
     code, err = run_cli(capsys, "train", *QUICK, "--output", tmp_path / "r")
     assert code == 2 and message in err and not (tmp_path / "r").exists()
+
+
+def test_a_process_group_started_by_hand_says_what_it_waits_for(monkeypatch, capsys):
+    """torch's rendezvous waits 30 minutes in silence for processes that a leftover WORLD_SIZE promised."""
+    import lesa.engine.distributed as distributed
+
+    joined = []
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend: joined.append(backend))
+    for name, value in dict(WORLD_SIZE="2", RANK="1", MASTER_ADDR="10.0.0.7", MASTER_PORT="29500").items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    ctx = distributed.setup_distributed("cpu")
+    assert (ctx.rank, ctx.world_size, joined) == (1, 2, ["gloo"])
+    assert "process 1 of 2 waiting for the others at 10.0.0.7:29500" in capsys.readouterr().err
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")  # torchrun's own processes: torchrun reports
+    distributed.setup_distributed("cpu")
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize("text,message", [
@@ -110,6 +130,39 @@ def test_yaml_with_a_byte_order_mark_and_layer_options_at_the_top(tmp_path):
     assert load_yaml(config) == {"heads": 4, "pos_embed": "rel2d", "epochs": 2}
     cfg = build_config(str(config), heads=2)  # the command line wins, the file's other layer option stays
     assert cfg.model_kwargs == {"heads": 2, "pos_embed": "rel2d"} and cfg.epochs == 2
+
+
+def test_a_yaml_file_extends_another_file_or_a_preset(tmp_path):
+    """``extends:`` was refused as an unknown option in a user's file (only the shipped recipes had it)."""
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "common.yaml").write_text("preset: fashion_mnist\nepochs: 5\nheads: 2\nlr: 0.2\n")
+    (tmp_path / "base" / "mid.yaml").write_text("extends: common.yaml\nbatch_size: 16\ntrain_subset: 100\n")
+    (tmp_path / "run.yaml").write_text("extends: base/mid.yaml\nlr: 0.1\npos_embed: rel2d\ntrain_subset: null\n")
+    cfg = build_config(str(tmp_path / "run.yaml"), epochs=3)
+    # preset < base files (in order) < the file < the command line; a file's null undoes its base's value
+    assert (cfg.preset, cfg.img_size, cfg.epochs, cfg.batch_size, cfg.lr, cfg.train_subset) == \
+        ("fashion_mnist", 28, 3, 16, 0.1, None)
+    assert cfg.model_kwargs == {"heads": 2, "pos_embed": "rel2d"}
+    (tmp_path / "p.yaml").write_text("extends: digits\nepochs: 2\n")
+    assert build_config(str(tmp_path / "p.yaml")).preset == "digits"
+
+
+@pytest.mark.parametrize("files,message", [
+    ({"run.yaml": "extends: run.yaml\n"}, "extends in RUN: run.yaml leads back to RUN (a cycle of extends)"),
+    ({"run.yaml": "extends: b.yaml\n", "b.yaml": "extends: run.yaml\n"}, "(a cycle of extends); remove one"),
+    ({"run.yaml": "extends: missing.yaml\n"}, "missing.yaml' does not exist; the path is relative to run.yaml's"),
+    ({"run.yaml": "extends: imagenet2\n"}, "got 'imagenet2', neither a YAML file nor a preset"),
+    ({"run.yaml": "extends: [a.yaml]\n"}, "extends in RUN: got ['a.yaml']; name a YAML file"),
+    ({"run.yaml": "extends: digits\npreset: imagenet\n"}, "names preset 'digits' and preset names 'imagenet'"),
+    ({"run.yaml": "extends: b.yaml\n", "b.yaml": "epocs: 3\n"}, "unknown option(s) epocs in B (did you mean"),
+    ({"run.yaml": "extends: b.yaml\n", "b.yaml": "lr: .nan\n"}, "lr in B: got nan"),
+])
+def test_extends_errors_name_the_file_and_the_fix(tmp_path, capsys, no_work, files, message):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    code, err = run_cli(capsys, "train", "--config", tmp_path / "run.yaml", "--output", tmp_path / "r")
+    expected = message.replace("RUN", str(tmp_path / "run.yaml")).replace("B", str(tmp_path / "b.yaml"))
+    assert code == 2 and expected in err and not no_work
 
 
 def test_the_layer_options_of_the_model_are_checked_up_front(tmp_path, capsys, no_work):

@@ -7,8 +7,8 @@ import torch
 
 from lesa import create_model
 from lesa.data.fashion_mnist import DEBIAN_DIR, FashionMNISTDataset
-from lesa.errors import ConfigError
-from lesa.models.pretrained import pretrained_info, pretrained_path, shipped_models
+from lesa.errors import CheckpointError, ConfigError
+from lesa.models.pretrained import TAG, pretrained_info, pretrained_path, shipped_models
 
 SHIPPED = ("resnet_tiny", "sa_resnet_tiny", "aa_resnet_tiny", "static_lesa_resnet_tiny", "lesa_resnet_tiny")
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -56,6 +56,17 @@ def test_timm_lists_the_shipped_weights_and_the_tag_picks_their_configuration():
     plain = timm.create_model("lesa_resnet_tiny")
     assert plain.pretrained_cfg["input_size"] == timm.get_pretrained_cfg("lesa_resnet_tiny").input_size
     assert not plain.pretrained_cfg.get("file") and plain.pretrained_cfg.get("tag") is None
+    # the overlay's input size wins over the tag's, as for the untagged name (model and cfg agree)
+    sized = timm.create_model("lesa_resnet_tiny.fashion_mnist", pretrained_cfg_overlay=dict(input_size=(3, 64, 64)))
+    assert sized.pretrained_cfg["input_size"] == (3, 64, 64)
+    assert sized.eval()(torch.zeros(1, 3, 64, 64)).shape == (1, 10)
+    with pytest.raises(CheckpointError, match="drop the option.s. .pretrained_cfg_overlay input_size."):
+        timm.create_model("lesa_resnet_tiny.fashion_mnist", pretrained=True,
+                          pretrained_cfg_overlay=dict(input_size=(3, 64, 64)))
+    assert timm.create_model("lesa_resnet_tiny", pretrained=True, pretrained_cfg="").pretrained_cfg["tag"] == TAG
+    with pytest.raises(ConfigError, match="drop pretrained_cfg to load the shipped lesa_resnet_tiny weights"):
+        timm.create_model("lesa_resnet_tiny", pretrained=True,
+                          pretrained_cfg=timm.get_pretrained_cfg("lesa_resnet_tiny"))
 
 
 def test_fine_tuning_the_shipped_weights_for_another_class_count():

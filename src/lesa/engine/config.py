@@ -202,22 +202,57 @@ def merge_values(cls: type, config_file: Optional[str] = None, preset: Optional[
     sources: dict[str, str] = {}
     if config_file is not None and not str(config_file).strip():
         raise ConfigError("--config is empty: pass a YAML file, or drop --config")
-    file_values = _nest_layer_options(cls, load_yaml(config_file)) if config_file else {}
-    preset = preset or file_values.get("preset")
+    files = config_files(config_file, presets) if config_file else []
+    preset = preset or next((given["preset"] for _, given in reversed(files) if "preset" in given), None)
+    layers = [(f"preset {preset}", preset_values(preset, presets))] if preset else []
+    for source, given in layers + files + [("", overrides)]:
+        for key, value in _nest_layer_options(cls, given).items():
+            if value is None and not source:  # an option not given on the command line (a file's null is kept)
+                continue
+            # mappings (model_kwargs) merge key by key: --heads 4 keeps the file's pos_embed
+            values[key] = {**values[key], **value} if isinstance(value, dict) and isinstance(values.get(key), dict) \
+                else value
+            sources[key] = f"{key} in {source}" if source else flag(key)
     if preset:
-        values.update(_nest_layer_options(cls, preset_values(preset, presets)))
-        sources.update({k: f"{k} in preset {preset}" for k in values})
         values["preset"] = preset
-    values.update(file_values)
-    sources.update({k: f"{k} in {config_file}" for k in file_values})
-    for key, value in _nest_layer_options(cls, overrides).items():
-        if value is None:
-            continue
-        # mappings (model_kwargs) merge key by key: --heads 4 keeps the file's pos_embed
-        values[key] = {**values[key], **value} if isinstance(value, dict) and isinstance(values.get(key), dict) \
-            else value
-        sources[key] = flag(key)
     return values, sources
+
+
+def config_files(path: str | Path, presets: tuple[str, ...] = PRESETS, _seen: tuple[Path, ...] = ()
+                 ) -> list[tuple[str, dict[str, Any]]]:
+    """A YAML file's name and options, and those of the files it builds on, base first: ``extends: base.yaml`` (a path
+    relative to the file that names it) puts that file's options below its own, as a shipped recipe's
+    ``extends`` does; ``extends: PRESET`` is ``preset: PRESET``.
+
+    Raises:
+        ConfigError: ``extends`` that is not a file name or a preset, a cycle, or ``extends`` and ``preset``
+            naming two presets; and the errors of :func:`lesa.options.load_yaml`, naming the ``extends``.
+        NotFoundError: a file named by ``extends`` does not exist.
+    """
+    name, path = str(path), Path(path)
+    values = load_yaml(path)
+    base = values.pop("extends", None)
+    if base is None:
+        return [(name, values)]
+    where = f"extends in {path}"
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{where}: got {base!r}; name a YAML file (relative to {path.name}) or a preset "
+                          f"({', '.join(presets)})")
+    if base in presets:
+        if values.get("preset", base) != base:
+            raise ConfigError(f"{where} names preset {base!r} and preset names {values['preset']!r}; keep one")
+        return [(name, {**values, "preset": base})]
+    base_path = path.parent / base
+    if Path(base).suffix not in (".yaml", ".yml") and not base_path.is_file():
+        raise ConfigError(f"{where}: got {base!r}, neither a YAML file nor a preset; name a .yaml file (relative "
+                          f"to {path.name}) or a preset ({', '.join(presets)})")
+    chain = _seen + (path.resolve(),)
+    if base_path.resolve() in chain:
+        raise ConfigError(f"{where}: {base} leads back to {path} (a cycle of extends); remove one of them")
+    if not base_path.is_file():
+        raise NotFoundError(f"{where}: {str(base_path)!r} does not exist; the path is relative to {path.name}'s "
+                            "folder")
+    return config_files(base_path, presets, chain) + [(name, values)]
 
 
 def _nest_layer_options(cls: type, values: dict[str, Any]) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,16 +86,20 @@ def torchrun_environment() -> tuple[int, int, int]:
     world = _env_int("WORLD_SIZE", 1, 1)
     rank = _env_int("RANK", 0, 0)
     local_rank = _env_int("LOCAL_RANK", 0, 0)
+    if rank >= world:
+        raise ConfigError(f"RANK={rank} is not below WORLD_SIZE={world}: launch through torchrun, which numbers "
+                          "the processes 0..WORLD_SIZE-1, or unset RANK to run in one process")
     if world > 1:
         missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
         if missing:
             verb = "is" if len(missing) == 1 else "are"
             raise ConfigError(f"WORLD_SIZE={world} is set but {', '.join(missing)} {verb} not: start the processes "
                               f"with torchrun (torchrun --nproc-per-node {world} -m lesa ...), or unset WORLD_SIZE "
-                              "to train in one process")
-        if rank >= world:
-            raise ConfigError(f"RANK={rank} is not below WORLD_SIZE={world}: launch through torchrun, which numbers "
-                              f"the processes 0..WORLD_SIZE-1")
+                              "to run in one process")
+        port = os.environ["MASTER_PORT"]
+        if not (port.strip().isdigit() and 0 < int(port) < 65536):
+            raise ConfigError(f"MASTER_PORT={port!r} is not a port number (1-65535): launch through torchrun, or "
+                              "set MASTER_PORT to a free port")
     return rank, world, local_rank
 
 
@@ -109,6 +114,10 @@ def setup_distributed(device: str = "auto") -> DistContext:
     rank, world, local_rank = torchrun_environment()
     dev = resolve_device(device, local_rank)
     if world > 1 and not dist.is_initialized():
+        if "TORCHELASTIC_RUN_ID" not in os.environ:  # started by hand: say what it waits for (torch is silent)
+            print(f"lesa: process {rank} of {world} waiting for the others at {os.environ['MASTER_ADDR']}:"
+                  f"{os.environ['MASTER_PORT']} (WORLD_SIZE is set; unset it to run in one process)",
+                  file=sys.stderr, flush=True)
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")

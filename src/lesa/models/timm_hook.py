@@ -53,6 +53,9 @@ def weights_file(name: str, pretrained: bool, pretrained_cfg: dict[str, Any], ov
     if not pretrained:
         return None
     path = (overlay or {}).get("file") or pretrained_cfg.get("file")
+    if not path and name in shipped_models():
+        raise ConfigError(f"pretrained=True with a pretrained_cfg that has no file: drop pretrained_cfg to load the "
+                          f"shipped {name} weights, or give file=PATH in it or in pretrained_cfg_overlay")
     if not path:
         raise ConfigError(
             f"pretrained=True: lesa ships weights (trained on Fashion-MNIST) for {', '.join(shipped_models())} only, "
@@ -68,29 +71,32 @@ def _entrypoint(name: str):
     def entrypoint(pretrained: bool = False, pretrained_cfg: Any = None, **kwargs: Any):
         from timm.models import build_model_with_cfg
 
-        tags = (TAG,) if pretrained_cfg_fields(name) else ()
+        tags = ("", TAG) if pretrained_cfg_fields(name) else ("",)
         if hasattr(pretrained_cfg, "to_dict"):  # timm's PretrainedCfg
             pretrained_cfg = pretrained_cfg.to_dict()
         if not (pretrained_cfg is None or isinstance(pretrained_cfg, (str, dict))):
-            raise ConfigError(f"pretrained_cfg={pretrained_cfg!r}: pass a tag ({', '.join(tags) or 'none'}), a dict "
-                              "or None for the model's defaults")
+            raise ConfigError(f"pretrained_cfg={pretrained_cfg!r}: pass a tag ({', '.join(tags[1:]) or 'none'}), a "
+                              "dict or None for the model's defaults")
         if not (kwargs.get("pretrained_cfg_overlay") is None or isinstance(kwargs["pretrained_cfg_overlay"], dict)):
             raise ConfigError(f"pretrained_cfg_overlay={kwargs['pretrained_cfg_overlay']!r}: pass a dict, e.g. "
                               "dict(file=PATH) for local weights")
         if isinstance(pretrained_cfg, str) and pretrained_cfg not in tags:
             raise ConfigError(f"pretrained_cfg={pretrained_cfg!r}: {name} has the pretrained tags "
-                              f"{', '.join(tags) or 'none'}; pass one, a dict, or None for the model's defaults")
+                              f"{', '.join(tags[1:]) or 'none'}; pass one, a dict, or None for the model's defaults")
         # timm's rule: a classifier of another size is re-initialised when the caller chose num_classes (or
         # wants features only, where it is dropped)
         num_classes_given = "num_classes" in kwargs or bool(kwargs.get("features_only"))
         overlay = kwargs.get("pretrained_cfg_overlay")
-        shipped = pretrained and tags and not (overlay or {}).get("file")
+        shipped = pretrained and TAG in tags and not (overlay or {}).get("file")
         # timm's rule: the tag ('lesa_resnet_tiny.fashion_mnist') picks the configuration, pretrained=True the
         # weights; so a tagged model is built as the shipped weights were, with or without them
         tagged = pretrained_cfg == TAG
         user_options = sorted(k for k in CFG_KWARGS if kwargs.get(k) is not None)
-        if shipped or tagged:  # built at the shipped weights' input size and class count unless given
-            kwargs = {**pretrained_kwargs(name), **kwargs}
+        if shipped or tagged:  # built at the shipped weights' input size and class count unless given (the
+            # overlay's input_size included, which timm turns into img_size)
+            sized = "input_size" in (overlay or {})
+            kwargs = {**{k: v for k, v in pretrained_kwargs(name).items() if not (sized and k == "img_size")}, **kwargs}
+            user_options += ["pretrained_cfg_overlay input_size"] if sized else []
         if pretrained_cfg is None or isinstance(pretrained_cfg, str):
             pretrained_cfg = timm_cfg(name, **kwargs)
             if shipped or tagged:
