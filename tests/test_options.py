@@ -143,15 +143,50 @@ def test_a_yaml_file_extends_another_file_or_a_preset(tmp_path):
     assert (cfg.preset, cfg.img_size, cfg.epochs, cfg.batch_size, cfg.lr, cfg.train_subset) == \
         ("fashion_mnist", 28, 3, 16, 0.1, None)
     assert cfg.model_kwargs == {"heads": 2, "pos_embed": "rel2d"}
-    (tmp_path / "p.yaml").write_text("extends: digits\nepochs: 2\n")
+    (tmp_path / "p.yaml").write_text("extends: digits\nepochs: 2\npreset: null\n")
     assert build_config(str(tmp_path / "p.yaml")).preset == "digits"
+
+
+def test_a_config_name_the_system_cannot_look_up_is_one_line(tmp_path, capsys, no_work):
+    code, err = run_cli(capsys, "train", "--config", tmp_path / ("y" * 300 + ".yaml"), "--output", tmp_path / "r")
+    assert code == 2 and "cannot be read (OSError: File name too long); pass a readable YAML file" in err
+
+
+def test_a_files_null_sets_an_option_or_a_model_kwarg_back_to_its_default(tmp_path):
+    (tmp_path / "base.yaml").write_text("epochs: 7\nlabel_smoothing: 0.2\nmodel_kwargs: {heads: 2, pos_embed: rel2d}\n")
+    (tmp_path / "run.yaml").write_text("extends: base.yaml\nepochs: null\nheads: null\n")
+    default = build_config()
+    cfg = build_config(str(tmp_path / "run.yaml"))
+    assert (cfg.epochs, cfg.label_smoothing, cfg.model_kwargs) == (default.epochs, 0.2, {"pos_embed": "rel2d"})
+    (tmp_path / "run.yaml").write_text("extends: base.yaml\nmodel_kwargs: {pos_embed: null}\n")
+    assert build_config(str(tmp_path / "run.yaml")).model_kwargs == {"heads": 2}
+
+
+def test_extends_expands_the_home_folder_and_refuses_symlink_loops(tmp_path, monkeypatch, capsys, no_work):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "home.yaml").write_text("epochs: 4\n")
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "run.yaml").write_text("extends: ~/home.yaml\n")
+    assert build_config(str(tmp_path / "cfg" / "run.yaml")).epochs == 4
+    (tmp_path / "a.yaml").symlink_to(tmp_path / "b.yaml")
+    (tmp_path / "b.yaml").symlink_to(tmp_path / "a.yaml")
+    (tmp_path / "loop.yaml").write_text("extends: a.yaml\n")
+    code, err = run_cli(capsys, "train", "--config", tmp_path / "loop.yaml", "--output", tmp_path / "r")
+    assert code == 2 and "extends in" in err and "cannot be looked up" in err and not no_work
 
 
 @pytest.mark.parametrize("files,message", [
     ({"run.yaml": "extends: run.yaml\n"}, "extends in RUN: run.yaml leads back to RUN (a cycle of extends)"),
     ({"run.yaml": "extends: b.yaml\n", "b.yaml": "extends: run.yaml\n"}, "(a cycle of extends); remove one"),
     ({"run.yaml": "extends: missing.yaml\n"}, "missing.yaml' does not exist; the path is relative to run.yaml's"),
-    ({"run.yaml": "extends: imagenet2\n"}, "got 'imagenet2', neither a YAML file nor a preset"),
+    ({"run.yaml": "extends: imagenet2\n"}, "unknown preset 'imagenet2' (did you mean imagenet?)"),
+    ({"run.yaml": "extends: fashion-mnist\n"}, "(did you mean fashion_mnist?); choose one of"),
+    ({"run.yaml": "extends: b.yaml\n", "b.yaml": "preset: digit\n"}, "preset in B: unknown preset 'digit' (did"),
+    ({"run.yaml": "extends: b.yaml\n", "b.yaml": "heads: 4\nmodel_kwargs: {heads: 8}\n"},
+     "heads is given twice, as 4 and as 8 in model_kwargs in B; keep one"),
+    ({"run.yaml": "extends: \"a\\0.yaml\"\n"}, "cannot be looked up"),
+    ({"run.yaml": f"extends: {'x' * 300}.yaml\n"}, "cannot be looked up"),
+    ({"run.yaml": "extends: b.yaml\n", "b.yaml/x": ""}, "b.yaml' is a folder, not a YAML file"),
     ({"run.yaml": "extends: [a.yaml]\n"}, "extends in RUN: got ['a.yaml']; name a YAML file"),
     ({"run.yaml": "extends: digits\npreset: imagenet\n"}, "names preset 'digits' and preset names 'imagenet'"),
     ({"run.yaml": "extends: b.yaml\n", "b.yaml": "epocs: 3\n"}, "unknown option(s) epocs in B (did you mean"),
@@ -159,6 +194,7 @@ def test_a_yaml_file_extends_another_file_or_a_preset(tmp_path):
 ])
 def test_extends_errors_name_the_file_and_the_fix(tmp_path, capsys, no_work, files, message):
     for name, text in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_text(text)
     code, err = run_cli(capsys, "train", "--config", tmp_path / "run.yaml", "--output", tmp_path / "r")
     expected = message.replace("RUN", str(tmp_path / "run.yaml")).replace("B", str(tmp_path / "b.yaml"))

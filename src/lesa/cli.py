@@ -165,7 +165,8 @@ def _source_args(p: argparse.ArgumentParser, unset: Optional[bool] = None) -> No
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML file with any of the options below (the command line overrides it)")
+    p.add_argument("--config", help="YAML file with any of the options below (the command line overrides it; "
+                   "'extends: base.yaml' or 'extends: PRESET' in it builds on another file or a preset)")
     p.add_argument("--preset", choices=list(PRESETS), help="start from a shipped recipe")
     p.add_argument("--model", help="model name (lesa models); default lesa_resnet_tiny")
     p.add_argument("--data", help="'digits', 'cluttered-digits' (embedded), 'fashion-mnist' (apt-get install "
@@ -384,7 +385,8 @@ def run_compare(args: CompareOptions) -> int:
 def _det_args(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="det_command", metavar="{train,eval,predict}", required=True)
     t = sub.add_parser("train", help="train a detector (default: Mask R-CNN on the embedded digit scenes)")
-    t.add_argument("--config", help="YAML file with any of the options below")
+    t.add_argument("--config", help="YAML file with any of the options below ('extends: base.yaml' or 'extends: "
+                   "htc' in it builds on another file or a preset)")
     t.add_argument("--preset", choices=["htc", "htc_1280"], help="the paper's HTC recipe (Table 4)")
     t.add_argument("--detector", choices=DETECTORS, help="default maskrcnn (with --resume: the run's); on box-only "
                    "data (no 'segmentation') a mask detector trains as its box-only form: fasterrcnn, cascade_rcnn")

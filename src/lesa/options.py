@@ -199,10 +199,15 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         ConfigError: not UTF-8, not valid YAML, a key given twice, or not a mapping (each with the line).
     """
     path = Path(path)
-    if not path.is_file():
+    try:
+        is_file = path.is_file()
+        raw = path.read_bytes() if is_file else b""
+    except (OSError, ValueError) as err:  # a name too long, a NUL byte, no permission
+        raise ConfigError(f"config file {str(path)[:80]!r} cannot be read ({err.__class__.__name__}: "
+                          f"{getattr(err, 'strerror', None) or err}); pass a readable YAML file") from None
+    if not is_file:
         raise NotFoundError(f"config file {str(path)!r} does not exist" +
                             (" (it is a directory)" if path.is_dir() else ""))
-    raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:

@@ -10,6 +10,7 @@ the checkpoint's run (:func:`build_config`).
 from __future__ import annotations
 
 import contextlib
+import difflib
 from dataclasses import asdict, field
 from importlib import resources
 from pathlib import Path
@@ -167,7 +168,7 @@ def preset_values(name: str, presets: tuple[str, ...] = PRESETS) -> dict[str, An
     """The options of a shipped recipe (``lesa/configs/NAME.yaml``); a recipe that names another in ``extends``
     is that one's options updated by its own."""
     if name not in presets:
-        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(presets)}")
+        raise ConfigError(preset_error(name, presets))
     text = resources.files("lesa").joinpath("configs", f"{name}.yaml").read_text()
     values = yaml.safe_load(text) or {}
     base = values.pop("extends", None)
@@ -197,36 +198,61 @@ def merge_config(cls: type[C], config_file: Optional[str] = None, preset: Option
 
 def merge_values(cls: type, config_file: Optional[str] = None, preset: Optional[str] = None,
                  presets: tuple[str, ...] = PRESETS, **overrides: Any) -> tuple[dict[str, Any], dict[str, str]]:
-    """The options :func:`merge_config` builds, before validation, and where each was given."""
+    """The options :func:`merge_config` builds, before validation, and where each was given.
+
+    A file's ``null`` sets an option (or a ``model_kwargs`` entry) back to its built-in default; a ``None``
+    override is an option the command line did not give.
+    """
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     if config_file is not None and not str(config_file).strip():
         raise ConfigError("--config is empty: pass a YAML file, or drop --config")
     files = config_files(config_file, presets) if config_file else []
-    preset = preset or next((given["preset"] for _, given in reversed(files) if "preset" in given), None)
+    if not preset:  # the last file that names a preset (a null in it: none)
+        where, preset = next(((name, given["preset"]) for name, given in reversed(files) if "preset" in given),
+                             (None, None))
+        if preset is not None and preset not in presets:
+            raise ConfigError(f"preset in {where}: {preset_error(preset, presets)}")
     layers = [(f"preset {preset}", preset_values(preset, presets))] if preset else []
     for source, given in layers + files + [("", overrides)]:
-        for key, value in _nest_layer_options(cls, given).items():
-            if value is None and not source:  # an option not given on the command line (a file's null is kept)
+        for key, value in _nest_layer_options(cls, given, source).items():
+            if value is None and not source:  # an option the command line did not give
                 continue
-            # mappings (model_kwargs) merge key by key: --heads 4 keeps the file's pos_embed
-            values[key] = {**values[key], **value} if isinstance(value, dict) and isinstance(values.get(key), dict) \
-                else value
-            sources[key] = f"{key} in {source}" if source else flag(key)
+            if isinstance(value, dict) and isinstance(values.get(key), dict):
+                value = {**values[key], **value}  # mappings merge key by key: --heads 4 keeps the file's pos_embed
+            if isinstance(value, dict):
+                value = {k: v for k, v in value.items() if v is not None}  # a file's null: the model's default
+            if value is None:
+                values.pop(key, None)
+                sources.pop(key, None)
+            else:
+                values[key] = value
+                sources[key] = f"{key} in {source}" if source else flag(key)
+    values.pop("preset", None)
     if preset:
         values["preset"] = preset
     return values, sources
 
 
+def preset_error(name: Any, presets: tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(str(name).lower().replace("-", "_"), presets, n=1)
+    return (f"unknown preset {name!r}" + (f" (did you mean {close[0]}?)" if close else "") +
+            f"; choose one of {', '.join(presets)}")
+
+
+MAX_EXTENDS = 64  # files in one chain of extends
+
+
 def config_files(path: str | Path, presets: tuple[str, ...] = PRESETS, _seen: tuple[Path, ...] = ()
                  ) -> list[tuple[str, dict[str, Any]]]:
-    """A YAML file's name and options, and those of the files it builds on, base first: ``extends: base.yaml`` (a path
-    relative to the file that names it) puts that file's options below its own, as a shipped recipe's
-    ``extends`` does; ``extends: PRESET`` is ``preset: PRESET``.
+    """A YAML file's name and options, and those of the files it builds on, base first: ``extends: base.yaml``
+    (a path relative to the file that names it; ``~`` is the home folder) puts that file's options below its
+    own, as a shipped recipe's ``extends`` does; ``extends: PRESET`` is ``preset: PRESET``.
 
     Raises:
-        ConfigError: ``extends`` that is not a file name or a preset, a cycle, or ``extends`` and ``preset``
-            naming two presets; and the errors of :func:`lesa.options.load_yaml`, naming the ``extends``.
+        ConfigError: ``extends`` that is not a file name or a preset, a cycle, a chain over
+            :data:`MAX_EXTENDS` files, a name the system cannot look up, or ``extends`` and ``preset`` naming
+            two presets; and the errors of :func:`lesa.options.load_yaml`, naming the file.
         NotFoundError: a file named by ``extends`` does not exist.
     """
     name, path = str(path), Path(path)
@@ -239,33 +265,41 @@ def config_files(path: str | Path, presets: tuple[str, ...] = PRESETS, _seen: tu
         raise ConfigError(f"{where}: got {base!r}; name a YAML file (relative to {path.name}) or a preset "
                           f"({', '.join(presets)})")
     if base in presets:
-        if values.get("preset", base) != base:
+        if values.get("preset") not in (None, base):
             raise ConfigError(f"{where} names preset {base!r} and preset names {values['preset']!r}; keep one")
         return [(name, {**values, "preset": base})]
-    base_path = path.parent / base
-    if Path(base).suffix not in (".yaml", ".yml") and not base_path.is_file():
-        raise ConfigError(f"{where}: got {base!r}, neither a YAML file nor a preset; name a .yaml file (relative "
-                          f"to {path.name}) or a preset ({', '.join(presets)})")
-    chain = _seen + (path.resolve(),)
-    if base_path.resolve() in chain:
+    base_path = path.parent / Path(base).expanduser()
+    try:
+        kind = "file" if base_path.is_file() else "folder" if base_path.is_dir() else None
+        chain = _seen + (path.resolve(),)
+        cycle = base_path.resolve() in chain
+    except (OSError, ValueError, RuntimeError) as err:  # too long, a NUL byte, a symlink loop
+        raise ConfigError(f"{where}: {base!r} cannot be looked up ({err}); name a YAML file") from None
+    if Path(base).suffix not in (".yaml", ".yml") and kind != "file":
+        raise ConfigError(f"{where}: {preset_error(base, presets)}, or name a .yaml file (relative to {path.name})")
+    if cycle:
         raise ConfigError(f"{where}: {base} leads back to {path} (a cycle of extends); remove one of them")
-    if not base_path.is_file():
-        raise NotFoundError(f"{where}: {str(base_path)!r} does not exist; the path is relative to {path.name}'s "
-                            "folder")
+    if len(chain) >= MAX_EXTENDS:
+        raise ConfigError(f"{where}: more than {MAX_EXTENDS} files extend one another; merge some of them")
+    if kind != "file":
+        raise NotFoundError(f"{where}: {str(base_path)!r} " + ("is a folder, not a YAML file" if kind else
+                            f"does not exist; the path is relative to {path.name}'s folder"))
     return config_files(base_path, presets, chain) + [(name, values)]
 
 
-def _nest_layer_options(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+def _nest_layer_options(cls: type, values: dict[str, Any], source: str = "") -> dict[str, Any]:
+    """``values`` with the layer options of ``cls`` moved into ``model_kwargs`` (a file's nulls kept, the
+    command line's dropped)."""
     layer = {k: values[k] for k in getattr(cls, "LAYER_OPTIONS", ()) if k in values}
     if not layer:
         return values
     nested = {k: v for k, v in values.items() if k not in layer}
-    kept = {k: v for k, v in layer.items() if v is not None}
+    kept = {k: v for k, v in layer.items() if v is not None or source}
     given = nested.get("model_kwargs") if isinstance(nested.get("model_kwargs"), dict) else {}
     clash = [k for k, v in kept.items() if k in given and given[k] != v]
     if clash:
         raise ConfigError(f"{clash[0]} is given twice, as {kept[clash[0]]!r} and as {given[clash[0]]!r} in "
-                          "model_kwargs; keep one")
+                          f"model_kwargs{f' in {source}' if source else ''}; keep one")
     if kept:
         base = nested.get("model_kwargs")
         nested["model_kwargs"] = {**base, **kept} if isinstance(base, dict) else kept
