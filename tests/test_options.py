@@ -152,14 +152,18 @@ def test_a_config_name_the_system_cannot_look_up_is_one_line(tmp_path, capsys, n
     assert code == 2 and "cannot be read (OSError: File name too long); pass a readable YAML file" in err
 
 
-def test_a_files_null_sets_an_option_or_a_model_kwarg_back_to_its_default(tmp_path):
-    (tmp_path / "base.yaml").write_text("epochs: 7\nlabel_smoothing: 0.2\nmodel_kwargs: {heads: 2, pos_embed: rel2d}\n")
-    (tmp_path / "run.yaml").write_text("extends: base.yaml\nepochs: null\nheads: null\n")
-    default = build_config()
-    cfg = build_config(str(tmp_path / "run.yaml"))
-    assert (cfg.epochs, cfg.label_smoothing, cfg.model_kwargs) == (default.epochs, 0.2, {"pos_embed": "rel2d"})
-    (tmp_path / "run.yaml").write_text("extends: base.yaml\nmodel_kwargs: {pos_embed: null}\n")
-    assert build_config(str(tmp_path / "run.yaml")).model_kwargs == {"heads": 2}
+def test_a_files_null_is_the_value_none_named_where_an_option_takes_none(tmp_path, capsys, no_work):
+    """null clears a base's value where None is valid; elsewhere the error names the file (a null layer option
+    was dropped silently before)."""
+    (tmp_path / "base.yaml").write_text("epochs: 7\ntrain_subset: 100\nmodel_kwargs: {heads: 2, pos_embed: rel2d}\n")
+    (tmp_path / "run.yaml").write_text("extends: base.yaml\ntrain_subset: null\n")
+    assert build_config(str(tmp_path / "run.yaml")).train_subset is None
+    (tmp_path / "run.yaml").write_text("extends: base.yaml\nepochs: null\n")
+    code, err = run_cli(capsys, "train", "--config", tmp_path / "run.yaml", "--output", tmp_path / "r")
+    assert code == 2 and f"epochs in {tmp_path / 'run.yaml'}: got None" in err and not no_work
+    (tmp_path / "run.yaml").write_text("extends: base.yaml\nheads: null\n")
+    code, err = run_cli(capsys, "train", "--config", tmp_path / "run.yaml", "--output", tmp_path / "r")
+    assert code == 2 and "heads" in err and "None" in err and not no_work
 
 
 def test_extends_expands_the_home_folder_and_refuses_symlink_loops(tmp_path, monkeypatch, capsys, no_work):

@@ -200,8 +200,9 @@ def merge_values(cls: type, config_file: Optional[str] = None, preset: Optional[
                  presets: tuple[str, ...] = PRESETS, **overrides: Any) -> tuple[dict[str, Any], dict[str, str]]:
     """The options :func:`merge_config` builds, before validation, and where each was given.
 
-    A file's ``null`` sets an option (or a ``model_kwargs`` entry) back to its built-in default; a ``None``
-    override is an option the command line did not give.
+    A file's (or preset's) ``null`` is the value ``None``, which clears a base's value where an option takes
+    none (``train_subset``; the imagenet preset's ``data: null`` means "must be given"); a ``None`` override is
+    an option the command line did not give.
     """
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
@@ -220,14 +221,8 @@ def merge_values(cls: type, config_file: Optional[str] = None, preset: Optional[
                 continue
             if isinstance(value, dict) and isinstance(values.get(key), dict):
                 value = {**values[key], **value}  # mappings merge key by key: --heads 4 keeps the file's pos_embed
-            if isinstance(value, dict):
-                value = {k: v for k, v in value.items() if v is not None}  # a file's null: the model's default
-            if value is None:
-                values.pop(key, None)
-                sources.pop(key, None)
-            else:
-                values[key] = value
-                sources[key] = f"{key} in {source}" if source else flag(key)
+            values[key] = value
+            sources[key] = f"{key} in {source}" if source else flag(key)
     values.pop("preset", None)
     if preset:
         values["preset"] = preset
