@@ -64,6 +64,8 @@ def test_timm_lists_the_shipped_weights_and_the_tag_picks_their_configuration():
         timm.create_model("lesa_resnet_tiny.fashion_mnist", pretrained=True,
                           pretrained_cfg_overlay=dict(input_size=(3, 64, 64)))
     assert timm.create_model("lesa_resnet_tiny", pretrained=True, pretrained_cfg="").pretrained_cfg["tag"] == TAG
+    with pytest.raises(ConfigError, match="lesa's model names take no tag; use 'lesa_resnet_tiny' .with pretrained"):
+        create_model("lesa_resnet_tiny.fashion_mnist", pretrained=True)
     with pytest.raises(ConfigError, match="drop pretrained_cfg to load the shipped lesa_resnet_tiny weights"):
         timm.create_model("lesa_resnet_tiny", pretrained=True,
                           pretrained_cfg=timm.get_pretrained_cfg("lesa_resnet_tiny"))

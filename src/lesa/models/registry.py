@@ -95,6 +95,10 @@ def check_model_options(name: str, options: dict[str, Any]) -> None:
 
 
 def unknown_model(name: str) -> ConfigError:
+    base, _, tag = name.partition(".")
+    if tag and base in list_models():  # timm's 'name.tag' spelling
+        return ConfigError(f"unknown model {name!r}: lesa's model names take no tag; use {base!r} (with "
+                           "pretrained=True for the shipped weights; timm.create_model takes the tagged name)")
     close = difflib.get_close_matches(name, list_models(), n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     return ConfigError(f"unknown model {name!r}.{hint} Available: {', '.join(list_models())}")
