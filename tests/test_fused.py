@@ -228,3 +228,19 @@ def test_a_second_derivative_through_the_flat_kernels_is_refused_not_wrong(impl,
     grad, = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice"):
         grad.square().sum().backward()
+
+
+@pytest.mark.parametrize("impl", ["auto", "fused"])
+def test_sync_batch_norm_across_processes_trains_on_the_reference_path(monkeypatch, impl):
+    """The fused paths' BN moments are the local batch's: under DDP with SyncBatchNorm (convert_sync_batchnorm)
+    the layer trains on the reference path, which calls the synchronised modules; eval and one process keep
+    the fused path (running statistics, or local = global)."""
+    plain = LESA2d(32, 32, heads=4, feature_size=14, impl=impl)
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(plain))
+    fast = resolve_auto("flat", 14 * 14) if impl == "auto" else impl
+    assert synced.binary.resolve_impl(14, 14) == fast  # no process group
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    assert synced.binary.resolve_impl(14, 14) == "reference"
+    assert synced.eval().binary.resolve_impl(14, 14) == fast
+    assert plain.train().binary.resolve_impl(14, 14) == fast  # plain BatchNorm2d: per-process statistics anyway

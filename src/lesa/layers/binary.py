@@ -251,6 +251,16 @@ def free_memory(device: torch.device) -> Optional[int]:
     return None
 
 
+def syncs_batch_stats(*norms: nn.Module) -> bool:
+    """Whether one of ``norms`` is a :class:`torch.nn.SyncBatchNorm` whose statistics span more than one
+    process (``convert_sync_batchnorm`` under DDP): only the reference path, which calls the modules, gives
+    those; the fused paths compute the logits' and outputs' BN moments of the local batch."""
+    sync = [bn for bn in norms if isinstance(bn, nn.SyncBatchNorm)]
+    if not sync or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    return any(torch.distributed.get_world_size(bn.process_group) > 1 for bn in sync)
+
+
 def masked_norm(bn: nn.Module, x: Tensor, mask: KeyMask) -> Tensor:
     """``bn`` over an ``(N, C, H, W)`` map, batch statistics over the positions inside the images (a BN folded
     for inference is an ``nn.Identity``)."""
@@ -306,6 +316,11 @@ class BinaryAttention2d(nn.Module):
 
     # -- shared pieces -------------------------------------------------------------------------------
     def resolve_impl(self, height: int, width: int) -> str:
+        """The path a forward at ``height x width`` takes: ``impl``, with 'auto' by map size; the reference
+        path, whatever ``impl`` says, while training with SyncBatchNorms across processes
+        (:func:`syncs_batch_stats`), because the fused paths' BN moments are those of the local batch."""
+        if self.training and syncs_batch_stats(self.bn_logits, self.bn_out):
+            return "reference"
         return resolve_auto(self.pos_embed, height * width) if self.impl == "auto" else self.impl
 
     def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
