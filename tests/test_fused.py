@@ -242,5 +242,10 @@ def test_sync_batch_norm_across_processes_trains_on_the_reference_path(monkeypat
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
     assert synced.binary.resolve_impl(14, 14) == "reference"
+    assert synced.binary.resolve_impl(14, 14, masked=True) == fast  # padded: local moments on every path
     assert synced.eval().binary.resolve_impl(14, 14) == fast
+    synced.train()
+    for bn in (synced.binary.bn_logits, synced.binary.bn_out):
+        bn.eval()  # frozen, as the detection backbone keeps its BatchNorms: running statistics
+    assert synced.binary.resolve_impl(14, 14) == fast
     assert plain.train().binary.resolve_impl(14, 14) == fast  # plain BatchNorm2d: per-process statistics anyway

@@ -252,19 +252,20 @@ def free_memory(device: torch.device) -> Optional[int]:
 
 
 def syncs_batch_stats(*norms: nn.Module) -> bool:
-    """Whether one of ``norms`` is a :class:`torch.nn.SyncBatchNorm` whose statistics span more than one
-    process (``convert_sync_batchnorm`` under DDP): only the reference path, which calls the modules, gives
-    those; the fused paths compute the logits' and outputs' BN moments of the local batch."""
-    sync = [bn for bn in norms if isinstance(bn, nn.SyncBatchNorm)]
+    """Whether one of ``norms`` is a :class:`torch.nn.SyncBatchNorm` taking batch statistics (training; a
+    frozen one, as in the detection backbone, takes its running statistics) over more than one process
+    (``convert_sync_batchnorm`` under DDP): only the reference path, which calls the modules, gives those; the
+    fused paths compute the logits' and outputs' BN moments of the local batch."""
+    sync = [bn for bn in norms if isinstance(bn, nn.SyncBatchNorm) and uses_batch_stats(bn)]
     if not sync or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return False
     return any(torch.distributed.get_world_size(bn.process_group) > 1 for bn in sync)
 
 
 def masked_norm(bn: nn.Module, x: Tensor, mask: KeyMask) -> Tensor:
-    """``bn`` over an ``(N, C, H, W)`` map, batch statistics over the positions inside the images (a BN folded
-    for inference is an ``nn.Identity``)."""
-    if not isinstance(bn, nn.BatchNorm2d):
+    """``bn`` over an ``(N, C, H, W)`` map, batch statistics over the positions inside the images, of the local
+    batch for a SyncBatchNorm too (a BN folded for inference is an ``nn.Identity``)."""
+    if not isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)):
         return bn(x)
     return masked_batch_norm(bn, x, mask.inside().unsqueeze(1))
 
@@ -315,11 +316,13 @@ class BinaryAttention2d(nn.Module):
         self.rel_pos.reset_parameters()
 
     # -- shared pieces -------------------------------------------------------------------------------
-    def resolve_impl(self, height: int, width: int) -> str:
-        """The path a forward at ``height x width`` takes: ``impl``, with 'auto' by map size; the reference
-        path, whatever ``impl`` says, while training with SyncBatchNorms across processes
-        (:func:`syncs_batch_stats`), because the fused paths' BN moments are those of the local batch."""
-        if self.training and syncs_batch_stats(self.bn_logits, self.bn_out):
+    def resolve_impl(self, height: int, width: int, masked: bool = False) -> str:
+        """The path a forward at ``height x width`` takes: ``impl``, with 'auto' by map size; for an unpadded
+        batch, the reference path whatever ``impl`` says while ``bn_logits`` or ``bn_out`` is a SyncBatchNorm
+        taking batch statistics across processes (:func:`syncs_batch_stats`), because the fused paths' BN
+        moments are those of the local batch. (A padded batch's BN moments are the local batch's on every
+        path: they are taken over what lies inside the images.)"""
+        if not masked and syncs_batch_stats(self.bn_logits, self.bn_out):
             return "reference"
         return resolve_auto(self.pos_embed, height * width) if self.impl == "auto" else self.impl
 
@@ -431,7 +434,7 @@ class BinaryAttention2d(nn.Module):
         what lies inside (see the module docstring)."""
         height, width = x.shape[-2:]
         q, k, v = self.split_qkv(masked_norm(self.bn_qkv, self.qkv(x), mask))
-        if self.resolve_impl(height, width) == "reference":
+        if self.resolve_impl(height, width, masked=True) == "reference":
             check_reference_memory(q, 2)
             values = softmax_f32(self.masked_reference_logits(q, k, height, width, mask)).to(v.dtype) @ v
         else:
