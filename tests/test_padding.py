@@ -367,3 +367,20 @@ def test_masked_moments_are_the_moments_of_the_pairs_inside():
             chosen = logits[name][:, keep][:, :, keep].flatten(1)
             torch.testing.assert_close(mean[i], chosen.mean(-1))
             torch.testing.assert_close(m2[i], (chosen - chosen.mean(-1, keepdim=True)).square().sum(-1))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_a_sync_batch_norm_takes_the_padded_batchs_statistics_inside_the_images(training):
+    """convert_sync_batchnorm'd binary term (one process): the same function as the BatchNorm2d one in a padded
+    batch; its bn_qkv / bn_out statistics counted the padding before."""
+    sizes, size = SIZES[(6, 7)], (6, 7)
+    plain = make(BinaryAttention2d, "fused", size).train(training)
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(plain))
+    assert isinstance(synced.bn_qkv, torch.nn.SyncBatchNorm)
+    x = torch.randn(3, 32, *size, dtype=F64) * 1.5 + 0.3
+    keep = inside(sizes, *size)
+    junk = x + (1 - keep) * torch.randn_like(x) * 1e3
+    expected = plain(x, torch.tensor(sizes))
+    torch.testing.assert_close(synced(junk, torch.tensor(sizes)) * keep, expected * keep, rtol=1e-10, atol=1e-10)
+    for name in ("bn_qkv", "bn_out"):
+        torch.testing.assert_close(getattr(synced, name).running_mean, getattr(plain, name).running_mean)
