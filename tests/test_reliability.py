@@ -148,13 +148,16 @@ def test_a_run_of_the_other_kind_is_named(tmp_path, capsys, run_dir, scenes):
 
 
 def test_a_directory_in_use_is_refused_and_a_stale_lock_taken_over(tmp_path, capsys):
+    from lesa.ownership import claim
+
     out = tmp_path / "run"
-    out.mkdir()
+    claim(out, "run")  # the folder of a run that is still going
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (out / ".lock").write_text(f"{sleeper.pid} {socket.gethostname()} now\n")
         code, err = cli(capsys, "train", "--model", "resnet_tiny", "--epochs", "1", *QUICK, "--output", out)
-        assert code == 2 and f"in use by process {sleeper.pid}" in err and ".lock" in err
+        assert code == 2 and f"in use by a live run: process {sleeper.pid}" in err and ".lock" in err
+        assert "delete" not in err and "remove" not in err  # no advice that would harm the live run
     finally:
         sleeper.kill()
         sleeper.wait()
@@ -176,8 +179,9 @@ def test_run_output_without_last_pt_is_not_overwritten(tmp_path, capsys):
     (out / "best.pt").write_bytes(b"precious")
     (out / "metrics.csv").write_text("epoch\n1\n")
     code, err = cli(capsys, "train", "--model", "resnet_tiny", "--epochs", "1", *QUICK, "--output", out)
-    assert code == 2 and "holds run output (best.pt, metrics.csv) but no last.pt" in err
+    assert code == 2 and "holds files lesa did not write (best.pt, metrics.csv)" in err
     assert (out / "best.pt").read_bytes() == b"precious" and not (out / "last.pt").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "metrics.csv"]  # no marker, no lock written
 
 
 def test_resume_keeps_config_until_its_checkpoint_and_removes_interrupted_writes(tmp_path, capsys):
@@ -185,14 +189,16 @@ def test_resume_keeps_config_until_its_checkpoint_and_removes_interrupted_writes
     args = ["train", "--model", "resnet_tiny", *QUICK, "--output", out]
     assert cli(capsys, *args, "--epochs", "1")[0] == 0
     config = (out / "config.yaml").read_text()
-    (out / ".last.pt.abc123.tmp").write_bytes(b"\0" * 1000)  # what a kill during a write leaves
+    (out / ".lesa-tmp-last.pt.abc123.tmp").write_bytes(b"\0" * 1000)  # what a kill during a write leaves
+    (out / ".last.pt.abc123.tmp").write_bytes(b"user's")  # a user's file of the same shape: not lesa's prefix
     # a resume that fails before training leaves config.yaml as the run's
     code, err = cli(capsys, *args, "--epochs", "2", "--resume", "--img-size", "24")
     assert code == 2 and "img_size=None, this command 24" in err
     assert (out / "config.yaml").read_text() == config
     assert cli(capsys, *args, "--epochs", "2", "--resume")[0] == 0
     assert "epochs: 2" in (out / "config.yaml").read_text()
-    assert not list(out.glob(".*.tmp")) and not (out / ".lock").exists()
+    assert not list(out.glob(".lesa-tmp-*")) and not (out / ".lock").exists()
+    assert (out / ".last.pt.abc123.tmp").read_bytes() == b"user's"
 
 
 @pytest.mark.parametrize("args,message", [

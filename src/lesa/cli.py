@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal, Optional
+from typing import Annotated, Any, Callable, ClassVar, Literal, Optional
 
 from pydantic import AfterValidator, Field
 
 from .data import EMBEDDED
 from .detection.detectors import DETECTORS
+from .detection.train import EVAL_KINDS
 from .engine.config import PRESETS
 from .options import (
     ROLE_INPUT,
@@ -286,9 +288,17 @@ class AnalyzeOptions:
     data_root: Optional[Name] = Field(default=None, json_schema_extra=ROLE_INPUT)
     download: bool = False
 
+    OUTPUT_KINDS: ClassVar[dict[str, tuple[str, ...]]] = {"output": ("analysis",)}
+
     def default_outputs(self) -> dict[str, str]:
-        run = Path(self.run)
-        return {"output": str((run if run.is_dir() else run.parent) / "analysis")}
+        from .analysis.report import default_analysis_dir
+
+        return {"output": str(default_analysis_dir(Path(self.run)))}
+
+    def planned_outputs(self) -> dict[str, list[str]]:
+        from .analysis.report import ANALYSIS_FILES
+
+        return {"output": list(ANALYSIS_FILES)}
 
 
 def run_analyze(args: AnalyzeOptions) -> int:
@@ -353,9 +363,16 @@ class CompareOptions:
     max_steps_per_epoch: Optional[PositiveInt] = None
     quiet: bool = False
 
+    OUTPUT_KINDS: ClassVar[dict[str, tuple[str, ...]]] = {"output": ("compare",)}
+
+    def planned_outputs(self) -> dict[str, list[str]]:
+        from .analysis.report import COMPARE_FILES
+
+        return {"output": list(COMPARE_FILES)}
+
 
 def run_compare(args: CompareOptions) -> int:
-    from .analysis.report import COMPARE_OPS, compare, format_tables
+    from .analysis.report import COMPARE_FILES, COMPARE_OPS, compare, format_tables
     from .errors import ConfigError
 
     embedded_presets = {name: name.replace("-", "_") for name in EMBEDDED}  # each embedded set's own recipe
@@ -377,7 +394,7 @@ def run_compare(args: CompareOptions) -> int:
     rows = compare(arch, data, args.output, tuple(args.ops or COMPARE_OPS), preset, args.quiet,
                    seeds=tuple(range(first, first + n_seeds)), **options)
     print(format_tables(rows, f"{arch} on {data}"))
-    print(f"wrote {args.output}/compare.json, compare.md, compare_curves.png, compare_shares.png")
+    print(f"wrote {args.output}/" + ", ".join(COMPARE_FILES))
     return 0
 
 
@@ -446,6 +463,11 @@ class DetEvalOptions:
     max_images: Optional[PositiveInt] = None
     output: Optional[Name] = Field(default=None, json_schema_extra=ROLE_OUTPUT_DIR)
 
+    OUTPUT_KINDS: ClassVar[dict[str, tuple[str, ...]]] = {"output": EVAL_KINDS}
+
+    def planned_outputs(self) -> dict[str, list[str]]:
+        return {"output": ["coco_eval.json"]}
+
     def default_outputs(self) -> dict[str, str]:
         checkpoint = Path(self.checkpoint)
         try:
@@ -462,6 +484,8 @@ class DetPredictOptions:
     output: Name = Field(json_schema_extra=ROLE_OUTPUT_DIR)
     score_threshold: Annotated[float, Field(ge=0, le=1)] = 0.5
     device: Device = "auto"
+
+    OUTPUT_KINDS: ClassVar[dict[str, tuple[str, ...]]] = {"output": ("predictions",)}
 
     def planned_outputs(self) -> dict[str, list[str]]:
         from .detection.train import output_names
@@ -627,7 +651,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     code (2 for bad input); anything else is a bug and keeps its traceback. ``--debug`` or ``LESA_DEBUG=1``
     shows the traceback of every error."""
     from .errors import LesaError
-    from .outputs import guard_outputs
+    from .outputs import guard_outputs, input_paths
+    from .ownership import running
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -637,8 +662,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _, _, make_options, run = COMMANDS[args.command]
     try:
         options = make_options(args)
-        guard_outputs(options, {name: spelled(args, name) for name in vars(args)})
-        return run(options) or 0
+        extra = [args.config] if getattr(args, "config", None) else []
+        guard_outputs(options, {name: spelled(args, name) for name in vars(args)}, extra)
+        with running(" ".join(["lesa", *(shlex.quote(str(a)) for a in argv or sys.argv[1:])]),
+                     input_paths(options) + extra):
+            return run(options) or 0
     except LesaError as err:
         if args.debug or os.environ.get("LESA_DEBUG", "") not in ("", "0"):
             raise

@@ -49,6 +49,11 @@ class RunDirError(LesaError, FileExistsError):
     """A run directory that is in use, or holds a run that would be overwritten."""
 
 
+class OwnershipError(LesaError, PermissionError):
+    """A write that would replace or remove a file lesa did not write, or into a folder that is not lesa's
+    (see :mod:`lesa.ownership`)."""
+
+
 class NonFiniteLossError(LesaError, RuntimeError):
     """The loss became NaN or infinite; the run stopped without writing a checkpoint."""
 

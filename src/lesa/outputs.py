@@ -8,17 +8,22 @@ A command's options declare their paths by role (:mod:`lesa.options`: ``input``,
   ancestor: nothing is created here),
 * has a name longer than the file system allows,
 * is one of the command's input files, or would write a file that is one (``lesa convert ckpt.pth
-  ckpt.pth``; ``lesa det predict photos/*.png --output photos`` when a drawing would take a photo's name).
+  ckpt.pth``; ``lesa det predict photos/*.png --output photos`` when a drawing would take a photo's name),
+* is a folder that lesa may not write into, or a file it may not replace (:mod:`lesa.ownership`: a new or
+  empty folder, or one lesa made, of the kind the command writes; an existing file only if lesa wrote it in
+  its own folder).
 
 Writing itself stays atomic (:func:`lesa.utils.atomic_write`).
 """
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
-from .errors import ConfigError
+from .errors import ConfigError, OwnershipError
+from .ownership import check_folder, check_write, owns
 
 OUTPUT_ROLES = ("output_dir", "output_file")
 
@@ -39,12 +44,20 @@ def _paths(value: Any) -> list[str]:
     return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
 
 
-def guard_outputs(options: Any, names: Optional[dict[str, str]] = None) -> None:
+def input_paths(options: Any) -> list[str]:
+    """The paths an options instance reads (its ``input`` and ``input_tree`` options)."""
+    return [p for name, role in roles(options).items() if role in ("input", "input_tree")
+            for p in _paths(getattr(options, name))]
+
+
+def guard_outputs(options: Any, names: Optional[dict[str, str]] = None, extra_inputs: Sequence[str] = ()) -> None:
     """Check every destination of ``options`` (a :func:`lesa.options.schema` instance) before any work.
 
     A destination left unset is taken from ``options.default_outputs()`` when the command defines it;
     ``options.planned_outputs()`` may name the files a command writes inside an output directory (so that
-    none of them is an input).
+    none of them is an input); ``options.OUTPUT_KINDS`` the kinds of lesa folder an output directory may be
+    (default ``('run',)``, see :func:`lesa.ownership.check_folder`); ``extra_inputs`` are input files that are
+    not options of the schema (``--config``).
     ``names`` maps an option to how the user wrote it (default ``--kebab-case``).
 
     Raises:
@@ -54,8 +67,12 @@ def guard_outputs(options: Any, names: Optional[dict[str, str]] = None) -> None:
     inputs: list[str] = []
     trees: list[str] = []  # input folders the command lists recursively (datasets)
     outputs: list[tuple[str, str, str]] = []  # (path, kind, option)
+    # output directories: (path, kinds of lesa folder, option, whether it is the command's default)
+    folders: list[tuple[str, tuple[str, ...], str, bool]] = []
     defaults = options.default_outputs() if hasattr(options, "default_outputs") else {}
     planned = options.planned_outputs() if hasattr(options, "planned_outputs") else {}
+    kinds = getattr(options, "OUTPUT_KINDS", {})
+    inputs += list(extra_inputs)
     for name, role in roles(options).items():
         value = getattr(options, name)
         if role == "input":
@@ -64,16 +81,49 @@ def guard_outputs(options: Any, names: Optional[dict[str, str]] = None) -> None:
             inputs += _paths(value)
             trees += _paths(value)
         elif role in OUTPUT_ROLES:
+            defaulted = value is None
             value = value if value is not None else defaults.get(name)
             for path in _paths(value):
                 option = names.get(name, "--" + name.replace("_", "-"))
                 outputs.append((path, role, option))
+                if role == "output_dir":
+                    folders.append((path, kinds.get(name, ("run",)), option, defaulted))
                 # the files the command will write inside an output directory
                 outputs += [(str(Path(path) / file), "output_file", option) for file in planned.get(name, [])]
     for path, kind, option in outputs:
         check_destination(path, kind, option, inputs)
         for tree in trees:
             _check_not_inside(Path(path), Path(tree), f"{option} {path}")
+    for path, folder_kinds, option, defaulted in folders:
+        # a default beside the input (RUN/analysis, det eval's RUN) is checked by the command once it has read the
+        # input, so that a bad input is named first
+        if not (defaulted and any(_within(Path(path), Path(source)) for source in inputs)):
+            _owned_or_new(lambda p=path, k=folder_kinds, o=option: check_folder(p, k, o))
+    for path, kind, option in outputs:
+        if kind == "output_file":
+            _owned_or_new(lambda p=path: check_write(p), f"{option} ")
+
+
+def _within(target: Path, source: Path) -> bool:
+    """Whether ``target`` is the folder of ``source`` (a folder, or a file's folder) or lies inside it."""
+    try:
+        folder = (source if _is_dir(source) else source.parent).resolve()
+        return target.resolve().is_relative_to(folder)
+    except (OSError, RuntimeError, ValueError):
+        return False
+
+
+def _owned_or_new(check: Callable[[], Any], prefix: str = "") -> None:
+    """Run an ownership check (its error prefixed with the option); a path the system cannot look up is left to
+    the messages of the checks before."""
+    try:
+        check()
+    except OwnershipError as err:
+        if not prefix:
+            raise
+        raise OwnershipError(prefix + str(err)) from None
+    except OSError:
+        pass
 
 
 def check_destination(path: str, kind: str, option: str, inputs: list[str]) -> None:
@@ -175,8 +225,11 @@ def _check_not_input(target: Path, kind: str, source: Path, where: str) -> None:
         raise ConfigError(f"{where} is also this command's input {source}: it would be overwritten; write to "
                           "another path")
     # an existing file in an input folder, or beside an input file, may be what the input resolves to (a run
-    # directory's best.pt) or the user's own file: never overwritten
+    # directory's best.pt) or the user's own file: never overwritten (lesa's other outputs there are its own:
+    # det eval refreshes its run's coco_eval.json)
     folder = source if _is_dir(source) else source.parent
-    if kind == "output_file" and _is_file(target) and _same(target.parent, folder):
+    resolved_to = _is_dir(source) and target.name in ("best.pt", "last.pt")
+    if kind == "output_file" and _is_file(target) and _same(target.parent, folder) and (resolved_to or
+                                                                                         not owns(target)):
         raise ConfigError(f"{where} exists in the folder of this command's input {source}; it would be "
                           "overwritten: write to another path")

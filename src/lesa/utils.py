@@ -16,18 +16,29 @@ PathLike = Union[str, os.PathLike]
 def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place.
 
-    A crash or a kill during ``write`` leaves any previous ``path`` intact; a full disk raises
-    :class:`~lesa.errors.DiskFullError` saying so.
+    A crash or a kill during ``write`` leaves any previous ``path`` intact (the temporary file carries lesa's
+    prefix, :data:`lesa.ownership.TEMP_PREFIX`, so that only lesa's own leftovers are ever cleaned up).
+    ``path`` must be new or a file lesa wrote in a folder of its own, and no input of the running command
+    (:func:`lesa.ownership.check_write`); it is recorded in its folder's marker.
+
+    Raises:
+        OwnershipError: ``path`` exists and lesa did not write it, or is an input file.
+        DiskFullError: the disk filled up (the previous ``path``, if any, is kept).
     """
+    from .ownership import TEMP_PREFIX, check_write, make_folder, register
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    check_write(path)
+    if not path.parent.is_dir():
+        make_folder(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
+        register(path)
         os.replace(tmp, path)
     except BaseException as err:
         full = _is_disk_full(err, path.parent)  # before the temporary file frees its space
@@ -36,7 +47,7 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
         if full:
             kept = f"{path} keeps its previous contents" if path.exists() else f"{path} was not written"
             raise DiskFullError(f"no space left on device while writing {path}: {kept} (a checkpoint there is "
-                                "the last good one); free space and rerun (with --resume for a run)") from None
+                                "the last good one); free space and run the command again (a training run: with --resume)") from None
         raise
 
 

@@ -27,6 +27,7 @@ from ..errors import ConfigError
 from ..layers import ablate_unary
 from ..models.pretrained import FOLDER as PRETRAINED_FOLDER
 from ..models.registry import model_name
+from ..ownership import check_folder, claim
 from ..utils import atomic_write
 from .figures import plot_attention_map, plot_gate_maps, plot_shares
 from .maps import attention_layers_with_maps, attention_map, gate_maps
@@ -37,6 +38,8 @@ OP_LABELS = {"conv": "Convolution", "sa": "Self-Attention", "aa": "AA", "static_
              "lesa": "LESA", "sa_minus_unary": "SA - unary term"}
 SEED_METRICS = ("val_top1", "val_top5", "val_loss", "unary_pct", "binary_pct")
 TEST_METRICS = ("test_top1", "test_top5", "wall_time_min")  # where the data has a test split
+ANALYSIS_FILES = ("shares.json", "shares.png", "gate_maps.png", "attention_map.png", "curves.png")
+COMPARE_FILES = ("compare.json", "compare.md", "compare_curves.png", "compare_shares.png")
 
 
 def analyze_run(run: str | Path, data: Optional[str] = None, output: Optional[str | Path] = None,
@@ -58,6 +61,7 @@ def analyze_run(run: str | Path, data: Optional[str] = None, output: Optional[st
     if data is None or data == cfg.get("data"):
         data, root = cfg.get("data"), root or cfg.get("data_root")
     out = Path(output) if output else default_analysis_dir(run, cfg["model"])
+    check_folder(out, ("analysis",), "--output")
     val = build_classification_data(data, cfg["img_size"], train=False, root=root, download=download)
     class_map(cfg.get("classes"), val.classes, str(run))  # refuses data of other classes
     if split == "test" and val.test is None:
@@ -67,7 +71,7 @@ def analyze_run(run: str | Path, data: Optional[str] = None, output: Optional[st
     if not 0 <= image_index < len(dataset):
         raise ConfigError(f"--image-index {image_index} is outside the {split} split of {data}: pass one in "
                           f"0..{len(dataset) - 1}")
-    out.mkdir(parents=True, exist_ok=True)
+    claim(out, "analysis")
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=val.collate)
     shares = unary_binary_shares(model, loader, max_batches=max_batches)
     write_json(out / "shares.json", shares)
@@ -89,12 +93,12 @@ def analyze_run(run: str | Path, data: Optional[str] = None, output: Optional[st
     return dict(model=cfg["model"], shares=shares, figures=[str(f) for f in figures], output=str(out))
 
 
-def default_analysis_dir(run: Path, model: str) -> Path:
+def default_analysis_dir(run: Path, model: Optional[str] = None) -> Path:
     """``RUN/analysis`` (a run directory, or the folder of a checkpoint file); for weights shipped inside the
     package, ``runs/analysis-<model>`` in the working directory: never the installed package."""
     folder = run if run.is_dir() else run.parent
     if folder.resolve() == Path(str(resources.files("lesa").joinpath(PRETRAINED_FOLDER))).resolve():
-        return Path("runs") / f"analysis-{model}"
+        return Path("runs") / f"analysis-{model or run.name.split('.')[0]}"
     return folder / "analysis"
 
 
@@ -156,6 +160,7 @@ def compare(arch: str = "resnet_tiny", data: str = "digits", output: str | Path 
     if "seed" in train_options:
         raise ConfigError("compare trains one run per seed: pass seeds=(...) instead of seed=")
     out = Path(output)
+    claim(out, "compare")
     rows: list[dict[str, Any]] = []
     curves: dict[str, list[list[dict[str, float]]]] = {}
     shares_by_op: dict[str, dict[str, Any]] = {}

@@ -68,6 +68,8 @@ from ..engine import (
     write_json,
 )
 from ..errors import BadImageError, ConfigError, DataError, LesaError, NotFoundError
+from ..ownership import check_folder, claim
+from ..utils import atomic_write
 from ..models.registry import check_model_options
 from ..options import (
     ROLE_INPUT,
@@ -87,6 +89,7 @@ HEAD_LOSSES = ["loss_classifier", "loss_box_reg", "loss_mask"]
 NAMES = {"maskrcnn": "Mask R-CNN", "cascade_maskrcnn": "Cascade Mask R-CNN", "htc": "HTC",
          "fasterrcnn": "Faster R-CNN", "cascade_rcnn": "Cascade R-CNN"}
 DET_PRESETS = ("htc", "htc_1280")
+EVAL_KINDS = ("evaluation", "run")  # where det eval writes coco_eval.json: its own folder or the run's
 
 
 def has_masks(detector: str) -> bool:
@@ -555,12 +558,15 @@ def evaluate_run(checkpoint: str | Path, data: Optional[str] = None, device: str
     """
     dev = resolve_device(device)
     model, cfg, state = load_detector(checkpoint)
+    run_dir = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
+    folder = Path(output or run_dir)
+    check_folder(folder, EVAL_KINDS, "--output")
     model.to(dev)
     dataset = CocoDetection(*coco_splits(data or cfg.data, ("val",))["val"], categories=state["categories"],
                             max_repaired=cfg.max_repaired)
     result = evaluate_detector(model, dataset, DistContext(device=dev), max_images, quiet=False)
-    run_dir = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
-    path = Path(output or run_dir) / "coco_eval.json"
+    claim(folder, "evaluation", EVAL_KINDS)
+    path = folder / "coco_eval.json"
     write_json(path, result)
     return result, path
 
@@ -581,7 +587,7 @@ def predict_images(checkpoint: str | Path, images: list[str], output: str | Path
     model.to(dev)
     model.roi_heads.score_thresh = max(model.roi_heads.score_thresh, score_threshold)
     out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
+    claim(out, "predictions")
     for path, name in zip(images, output_names(images)):
         try:
             image = load_image(path)
@@ -593,7 +599,8 @@ def predict_images(checkpoint: str | Path, images: list[str], output: str | Path
         with torch.no_grad():
             prediction = {k: v.cpu() for k, v in model([image.to(dev)])[0].items()}
         target = out / name
-        draw_prediction(image, prediction, state["classes"], score_threshold).save(target)
+        drawing = draw_prediction(image, prediction, state["classes"], score_threshold)
+        atomic_write(target, lambda tmp, drawing=drawing: drawing.save(tmp, format="PNG"))
         yield path, int((prediction["scores"] >= score_threshold).sum()), target
 
 

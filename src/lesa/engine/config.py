@@ -45,6 +45,7 @@ AMP_MODES = ("auto", "none", "bf16", "fp16")
 RUN_SET_MODEL_OPTIONS = {"num_classes": "the data's class count", "img_size": "the option img_size (--img-size)"}
 
 C = TypeVar("C", bound="RunConfig")
+RUN_OUTPUTS = ("config.yaml", "last.pt", "best.pt", "metrics.csv", "summary.json", "curves.png", "coco_eval.json")
 
 
 @schema
@@ -90,6 +91,10 @@ class RunConfig:
     def default_outputs(self) -> dict[str, str]:
         """Where the run writes when ``output`` is unset (for :func:`lesa.outputs.guard_outputs`)."""
         return {"output": str(self.output_dir)}
+
+    def planned_outputs(self) -> dict[str, list[str]]:
+        """The files a run writes in its folder (none of them may be an input, such as ``--config``)."""
+        return {"output": list(RUN_OUTPUTS)}
 
     def total_epochs(self) -> int:
         return int(self.epochs or 1)

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, d
 from tqdm.auto import tqdm
 
 from ..errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
+from ..ownership import make_folder
 from ..utils import atomic_write, count_params
 from .checkpoint import rng_state, run_kind, save_checkpoint, set_rng_state
 from .config import RunConfig, flag
@@ -339,8 +340,11 @@ class Engine:
             if self.ctx.is_main:
                 if self.run_dir.removed_temp:
                     self.log(f"removed {len(self.run_dir.removed_temp)} temporary file(s) of interrupted writes")
+                if self.run_dir.restarted:
+                    self.log(f"{self.out}: its run finished no epoch (no last.pt); starting it again")
                 if self.start_epoch == 0:
                     self.write_config()
+                make_folder(self.out / "tb")
                 tb = TensorBoard(self.out / "tb")
             self.log(self.task.describe(self.params) + f"; {self.ctx.world_size} process(es) on {self.ctx.device}, "
                      f"{self.epochs} epochs, lr {self.lr:g}")
@@ -394,12 +398,16 @@ class Engine:
 
     def stop_non_finite(self, result: Step, epoch: int, step: int) -> None:
         done = int(self.history[-1]["epoch"]) if self.history else self.start_epoch
-        where = f"{self.out / 'last.pt'} (after epoch {done})" if done else "none was written yet"
         parts = ", ".join(f"{k} {v:.4g}" for k, v in result.stats.items())
+        if done:
+            after = (f"Last good checkpoint: {self.out / 'last.pt'} (after epoch {done}). Lower --lr (or use --amp "
+                     "none) and continue it with --resume, or start a new run with another --output.")
+        else:
+            after = ("No epoch finished, so there is nothing to resume: run the command again with a lower --lr (or "
+                     "--amp none); it starts again in the same folder.")
         raise NonFiniteLossError(
             f"the loss became {result.loss.item()} at epoch {epoch + 1}, step {step + 1} ({parts}); training "
-            f"stopped and wrote nothing more. Last good checkpoint: {where}. Lower --lr (or use --amp none) and "
-            "resume with --resume, or start again.")
+            f"stopped and wrote nothing more. {after}")
 
     def end_epoch(self, epoch: int, row: dict[str, float], tb: Optional[TensorBoard]) -> None:
         self.history.append(row)
@@ -444,7 +452,10 @@ class Engine:
         return row
 
     def write_config(self) -> None:
-        text = yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
+        """``config.yaml``: the run's options, a file ``--config`` takes again (without ``output`` and ``resume``,
+        which say where and how this run was started, not what it trains)."""
+        recipe = {k: v for k, v in self.cfg.to_dict().items() if k not in ("output", "resume")}
+        text = yaml.safe_dump(recipe, sort_keys=False)
         atomic_write(self.out / "config.yaml", lambda tmp: Path(tmp).write_text(text))
         self.config_written = True
 

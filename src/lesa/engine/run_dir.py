@@ -1,9 +1,11 @@
-"""The run directory: one run at a time (a lock), never overwritten, cleaned of interrupted writes.
+"""The run directory: lesa's own folder (:mod:`lesa.ownership`), one run at a time (a lock), never overwritten,
+cleaned of lesa's interrupted writes.
 
 A run directory holds ``last.pt`` (the state to resume from), ``best.pt``, ``config.yaml``, ``metrics.csv``,
-``summary.json``, TensorBoard events in ``tb/`` and the task's own outputs. ``.lock`` names the process
-(pid and host) that is using it; a lock whose process is gone (a run killed with SIGKILL) is stale and is
-taken over.
+``summary.json``, TensorBoard events in ``tb/``, the task's own outputs and lesa's marker ``.lesa``. ``.lock``
+names the process (pid and host) that is using it; a lock whose process is gone (a run killed with SIGKILL) is
+stale and is taken over. A run that finished no epoch (no ``last.pt``: killed, diverged or out of disk in its
+first epoch) starts again in place, with or without ``--resume``.
 """
 from __future__ import annotations
 
@@ -14,43 +16,44 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import NotFoundError, RunDirError
+from ..ownership import check_folder, claim, register, remove_interrupted_writes
 from .checkpoint import load_checkpoint
 
 LOCK = ".lock"
-OUTPUTS = ("best.pt", "metrics.csv", "summary.json", "tb")
 
 
 class RunDir:
     """``RunDir(path).open(resume)`` checks and locks the directory and returns the state to resume from
-    (``None`` for a new run); ``close()`` releases it. Only the main process locks and cleans."""
+    (``None`` for a new run, or a run that finished no epoch); ``close()`` releases it. Only the main process
+    claims, locks and cleans."""
 
     def __init__(self, path: str | Path, main: bool = True) -> None:
         self.path = Path(path)
         self.main = main
         self.locked = False
         self.removed_temp: list[str] = []
+        self.restarted = False  # a run that finished no epoch, started again in place
 
     def open(self, resume: bool) -> Optional[dict[str, Any]]:
         last = self.path / "last.pt"
-        if not resume:
-            if last.exists():
-                raise RunDirError(f"{self.path} already holds a run (last.pt): pass --resume to continue it, or "
-                                  "--output DIR for a new run")
-            found = [name for name in OUTPUTS if (self.path / name).exists()]
-            if found:
-                raise RunDirError(f"{self.path} holds run output ({', '.join(found)}) but no last.pt to resume "
-                                  "from: choose a new --output DIR, or remove that output first")
-        elif not last.exists():
-            raise NotFoundError(f"--resume: there is no {last} to continue from; drop --resume to start a new run")
+        if self.main:  # the other processes of a run meet the main process's own lock
+            check_not_in_use(self.path)
+        marker = check_folder(self.path, ("run",), "--output")
+        if not resume and last.exists():
+            raise RunDirError(f"{self.path} already holds a run (last.pt): pass --resume to continue it, or "
+                              "--output DIR for a new run")
+        if resume and not last.exists():
+            if marker is None:
+                raise NotFoundError(f"--resume: there is no {last} to continue from; drop --resume to start a new "
+                                    "run")
+            resume = False  # lesa's run folder, no epoch finished: nothing to continue, so start it again
+        self.restarted = marker is not None and not last.exists()
+        state = load_checkpoint(last) if resume else None  # a file that is no lesa run is named before any write
         if self.main:
-            self.path.mkdir(parents=True, exist_ok=True)
+            claim(self.path, "run")
             self.lock()
             self.removed_temp = remove_interrupted_writes(self.path)
-        try:
-            return load_checkpoint(last) if resume else None
-        except BaseException:
-            self.close()
-            raise
+        return state
 
     def lock(self) -> None:
         path = self.path / LOCK
@@ -59,16 +62,12 @@ class RunDir:
             try:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                holder = read_lock(path)
-                if holder is not None and lock_is_live(*holder):
-                    pid, host = holder
-                    raise RunDirError(
-                        f"{self.path} is in use by process {pid} on {host} ({path}); wait for that run to end, or "
-                        f"use another --output. If no run is using it, delete {path}") from None
+                check_not_in_use(self.path)
                 path.unlink(missing_ok=True)  # stale: its process is gone
                 continue
             with os.fdopen(fd, "w") as f:
                 f.write(me + "\n")
+            register(path)
             self.locked = True
             return
         raise RunDirError(f"could not lock {self.path}: another process keeps taking {path}")
@@ -77,6 +76,33 @@ class RunDir:
         if self.locked:
             (self.path / LOCK).unlink(missing_ok=True)
             self.locked = False
+
+
+def check_not_in_use(folder: Path) -> None:
+    """Refuse a run folder whose lock names a live process (a lock from another host counts as live).
+
+    Raises:
+        RunDirError: naming the process, the host and when it started; never advice that would harm it.
+    """
+    holder = read_lock(folder / LOCK)
+    if holder is None or not lock_is_live(*holder):
+        return
+    pid, host = holder
+    since = _lock_time(folder / LOCK)
+    if host == socket.gethostname():
+        raise RunDirError(f"{folder} is in use by a live run: process {pid} on this machine{since} holds its "
+                          f"lock ({folder / LOCK}); wait for that run to end (or stop it), or choose another --output")
+    raise RunDirError(f"{folder} is in use by process {pid} on host {host}{since} ({folder / LOCK}); wait for that "
+                      f"run to end, or choose another --output. If {host} runs no lesa there any more (a crashed "
+                      f"node), delete {folder / LOCK}")
+
+
+def _lock_time(path: Path) -> str:
+    try:
+        parts = path.read_text().split()
+    except OSError:
+        return ""
+    return f" since {parts[2]}" if len(parts) > 2 else ""
 
 
 def read_lock(path: Path) -> Optional[tuple[int, str]]:
@@ -100,14 +126,3 @@ def lock_is_live(pid: int, host: str) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def remove_interrupted_writes(path: Path) -> list[str]:
-    """Delete the temporary files of writes that a kill interrupted (``.<name>.<random>.tmp``, see
-    :func:`lesa.utils.atomic_write`); they can be as large as a checkpoint."""
-    removed = []
-    for tmp in path.glob(".*.tmp"):
-        if tmp.is_file():
-            tmp.unlink(missing_ok=True)
-            removed.append(tmp.name)
-    return removed
