@@ -69,6 +69,18 @@ def options_from(cls: type, args: argparse.Namespace) -> Any:
     return build(cls, values, {k: spelled(args, k) for k in values})
 
 
+class GivenOnce(argparse.Action):
+    """An option that may be given once (argparse would keep the last silently): a second ``--config`` is refused
+    with the way to combine two files."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[override]
+        first = getattr(namespace, self.dest, None)
+        if first is not None:
+            parser.error(f"{option_string} is given twice ({first}, {values}): pass one file; to build one on the "
+                         f"other, write 'extends: {first}' in {values} and pass {option_string} {values}")
+        setattr(namespace, self.dest, values)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose usage errors are one line (the usage itself is in ``--help``), exit code 2."""
 
@@ -121,12 +133,25 @@ class ConvertOptions:
 
 
 def run_convert(args: ConvertOptions) -> int:
-    from .convert import convert_official_state_dict, save_state_dict
+    from .convert import (
+        convert_official_state_dict,
+        is_official_state_dict,
+        save_state_dict,
+        strip_wrapper_prefixes,
+        unwrap_state_dict,
+    )
+    from .errors import CheckpointError
     from .weights import check_state_dict, model_state_dict, read_checkpoint
 
     # the one reader (wrapper prefixes removed, LESA layouts converted); convert_official_state_dict then also
     # keeps the backbone alone of an mmdetection file without LESA layers
-    sd = convert_official_state_dict(model_state_dict(read_checkpoint(args.input), args.input))
+    raw = read_checkpoint(args.input)
+    if not args.model and not is_official_state_dict(strip_wrapper_prefixes(unwrap_state_dict(raw))):
+        raise CheckpointError(f"{args.input} has no LESA keys of the authors' layout (qkv_transform, x_transform, "
+                              "bn_similarity, ...): it is not an official LESA checkpoint, and there is nothing to "
+                              "convert. To re-save weights lesa loads in another format, pass --model NAME (they are "
+                              "checked by loading them)")
+    sd = convert_official_state_dict(model_state_dict(raw, args.input))
     if args.model:
         from .models import create_model, parse_name
 
@@ -167,8 +192,9 @@ def _source_args(p: argparse.ArgumentParser, unset: Optional[bool] = None) -> No
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML file with any of the options below (the command line overrides it; "
-                   "'extends: base.yaml' or 'extends: PRESET' in it builds on another file or a preset)")
+    p.add_argument("--config", action=GivenOnce, help="YAML file with any of the options below, given once (the "
+                   "command line overrides it; 'extends: base.yaml' or 'extends: PRESET' in it builds on another file "
+                   "or a preset)")
     p.add_argument("--preset", choices=list(PRESETS), help="start from a shipped recipe")
     p.add_argument("--model", help="model name (lesa models); default lesa_resnet_tiny")
     p.add_argument("--data", help="'digits', 'cluttered-digits' (embedded), 'fashion-mnist' (apt-get install "
@@ -209,11 +235,15 @@ def run_train(cfg: Any) -> int:
     summary = train(cfg)
     if not cfg.quiet and summary:
         print(f"{summary['model']}: val top-1 {summary['val_top1']:.2f}%, top-5 {summary['val_top5']:.2f}% "
-              f"after {summary['epochs']} epochs ({summary['wall_time_s']:.0f}s) -> {summary['output']}")
+              f"after {epochs(summary['epochs'])} ({summary['wall_time_s']:.0f}s) -> {summary['output']}")
         if "test_top1" in summary:
             print(f"test split ({summary['test_images']} images, best.pt = epoch {summary['test_epoch']} by val "
                   f"top-1): top-1 {summary['test_top1']:.2f}%, top-5 {summary['test_top5']:.2f}%")
     return 0
+
+
+def epochs(n: int) -> str:
+    return f"{n} epoch" + ("" if n == 1 else "s")
 
 
 # -- lesa eval ------------------------------------------------------------------------------------------
@@ -402,8 +432,8 @@ def run_compare(args: CompareOptions) -> int:
 def _det_args(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="det_command", metavar="{train,eval,predict}", required=True)
     t = sub.add_parser("train", help="train a detector (default: Mask R-CNN on the embedded digit scenes)")
-    t.add_argument("--config", help="YAML file with any of the options below ('extends: base.yaml' or 'extends: "
-                   "htc' in it builds on another file or a preset)")
+    t.add_argument("--config", action=GivenOnce, help="YAML file with any of the options below, given once "
+                   "('extends: base.yaml' or 'extends: htc' in it builds on another file or a preset)")
     t.add_argument("--preset", choices=["htc", "htc_1280"], help="the paper's HTC recipe (Table 4)")
     t.add_argument("--detector", choices=DETECTORS, help="default maskrcnn (with --resume: the run's); on box-only "
                    "data (no 'segmentation') a mask detector trains as its box-only form: fasterrcnn, cascade_rcnn")
@@ -513,7 +543,7 @@ def run_det(args: Any) -> int:
     if not args.quiet:
         mask = f", mask AP {_ap(summary['segm_AP'])}" if has_masks(summary["detector"]) else ""
         print(f"{NAMES[summary['detector']]} + {summary['backbone']}: box AP {_ap(summary['bbox_AP'])}{mask} after "
-              f"{summary['epochs']} epochs ({summary['wall_time_s']:.0f}s) -> {summary['output']}")
+              f"{epochs(summary['epochs'])} ({summary['wall_time_s']:.0f}s) -> {summary['output']}")
     return 0
 
 

@@ -177,8 +177,13 @@ def make_folder(folder: Path) -> None:
         missing.append(current)
         current = current.parent
     for path in reversed(missing):
-        with contextlib.suppress(FileExistsError):
+        try:
             path.mkdir()
+        except FileExistsError:
+            pass
+        except OSError as err:  # e.g. under /proc, which root may "write" but where nothing can be created
+            raise OwnershipError(f"{path} cannot be created ({err.strerror or err}): choose a folder on a file "
+                                 "system you can write to") from None
         register(path)
 
 

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Union
 
-from .errors import DiskFullError
+from .errors import DiskFullError, OwnershipError
 
 PathLike = Union[str, os.PathLike]
 
@@ -31,7 +31,14 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
     check_write(path)
     if not path.parent.is_dir():
         make_folder(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(f"no space left on device to write {path}: free space and run the command again "
+                                "(a training run: with --resume)") from None
+        raise OwnershipError(f"{path} cannot be written ({err.strerror or err}): choose a path on a file system "
+                             "you can write to") from None
     os.close(fd)
     try:
         write(tmp)
@@ -47,7 +54,8 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
         if full:
             kept = f"{path} keeps its previous contents" if path.exists() else f"{path} was not written"
             raise DiskFullError(f"no space left on device while writing {path}: {kept} (a checkpoint there is "
-                                "the last good one); free space and run the command again (a training run: with --resume)") from None
+                                "the last good one); free space and run the command again (a training run: with "
+                                "--resume)") from None
         raise
 
 

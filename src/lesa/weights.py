@@ -111,8 +111,34 @@ def model_state_dict(obj: Any, source: Optional[PathLike] = None) -> dict[str, T
     """
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
         obj = obj["model"]
-    sd = strip_wrapper_prefixes(unwrap_state_dict(obj), source)
+    sd = strip_attribute_prefix(strip_wrapper_prefixes(unwrap_state_dict(obj), source), source)
     return convert_official_state_dict(sd) if is_official_state_dict(sd) else sd
+
+
+STEM = "conv1.weight"  # every lesa / torchvision ResNet starts with it
+
+
+def strip_attribute_prefix(sd: Mapping[str, Tensor], source: Optional[PathLike] = None) -> dict[str, Tensor]:
+    """``sd`` without the attribute a training framework keeps the network under (a LightningModule's
+    ``self.model``: ``model.conv1.weight``), when every key shares one first component and the rest is a
+    ResNet (its stem ``conv1.weight``); a warning names the prefix removed."""
+    first = {key.split(".", 1)[0] for key in sd}
+    if len(first) != 1 or STEM in sd or not all("." in key for key in sd):
+        return dict(sd)
+    prefix = next(iter(first)) + "."
+    if prefix + STEM not in sd:
+        return dict(sd)
+    warnings.warn(f"{source or 'the checkpoint'}: removed the key prefix {prefix!r} (the attribute a training "
+                  "framework, e.g. a LightningModule, keeps the network under) from its weights", stacklevel=3)
+    return {key[len(prefix):]: value for key, value in sd.items()}
+
+
+def shared_prefix_note(sd: Mapping[str, Tensor]) -> str:
+    """For errors about weights that fit nothing: the first component every key shares, if any."""
+    first = {key.split(".", 1)[0] for key in sd}
+    if len(first) == 1 and len(sd) > 1:
+        return f"; every key starts with {next(iter(first)) + '.'!r} (e.g. {next(iter(sd))})"
+    return ""
 
 
 def check_state_dict(model: nn.Module, sd: Mapping[str, Tensor], ignore: tuple[str, ...] = (),

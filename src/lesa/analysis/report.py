@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..data import build_classification_data
-from ..engine import build_config, evaluate_checkpoint, load_trained_model, train
+from ..engine import build_config, evaluate_checkpoint, load_checkpoint, load_trained_model, train
 from ..engine.classification import class_map
 from ..engine.records import plot_curves, read_metrics_csv, write_json
 from ..errors import ConfigError
@@ -169,9 +169,11 @@ def compare(arch: str = "resnet_tiny", data: str = "digits", output: str | Path 
         runs, ablated_runs, shares_runs, histories = [], [], [], []
         for seed in seeds:
             run = out / op / f"seed{seed}"
+            cfg = build_config(None, preset, model=name, data=data, output=str(run), quiet=quiet, seed=seed,
+                               resume=(run / "last.pt").is_file(), **train_options)
+            if (run / "last.pt").is_file():
+                check_same_recipe(run, cfg)
             if not (run / "summary.json").is_file():
-                cfg = build_config(None, preset, model=name, data=data, output=str(run), quiet=quiet, seed=seed,
-                                   resume=(run / "last.pt").is_file(), **train_options)
                 train(cfg)
             summary = json.loads((run / "summary.json").read_text())
             model, cfg = load_trained_model(run / "last.pt")
@@ -211,6 +213,26 @@ def compare(arch: str = "resnet_tiny", data: str = "digits", output: str | Path 
     plot_curves(curves, out / "compare_curves.png", f"{title}: training and validation (Fig. 5), {what}")
     plot_shares(shares_by_op, out / "compare_shares.png")
     return rows
+
+
+# options that say where and how a run is executed, not what it trains
+RUN_CONTROL = ("output", "resume", "quiet", "workers", "device", "channels_last", "compile", "data_root", "download")
+
+
+def check_same_recipe(run: Path, cfg: Any) -> None:
+    """A comparison reuses (or resumes) a run of its folder only when it was trained with this recipe.
+
+    Raises:
+        ConfigError: the options that differ, with the fix.
+    """
+    saved = load_checkpoint(run / "last.pt").get("config", {})
+    wanted = cfg.to_dict()
+    differ = [f"{key}={saved[key]!r} (this comparison: {wanted[key]!r})" for key in wanted
+              if key not in RUN_CONTROL and key in saved and saved[key] != wanted[key]]
+    if differ:
+        raise ConfigError(f"{run} holds a run trained with other options: {'; '.join(differ[:4])}; a comparison "
+                          "trains every run with one recipe: choose a new --output for these options, or pass the "
+                          "ones of the runs there")
 
 
 def _pm(row: dict[str, Any], key: str, digits: int, transform=None, signed: bool = False) -> str:

@@ -34,7 +34,7 @@ Policies of :class:`CocoDetection`, the same for every file it loads (training, 
   When more than ``max_repaired`` (:data:`MAX_REPAIRED`, 1%; ``lesa det train --max-repaired``) of a file's
   annotations needed any of these repairs (boxes, polygons), the file is refused instead: that many suggests
   boxes in other units or images that are not the annotated ones.
-  A missing ``area`` is the (clipped) box's.
+  A missing ``area`` (or ``0``, as some exporters write) is the (clipped) box's.
 * **Image sizes.** Every image's header (size and EXIF orientation, no pixels decoded) is read up front, 8
   files at a time: about 0.1-0.2 ms an image from a warm page cache (20 s for COCO's 118k training
   images), more from a cold disk or network storage. The JSON's width/height must match: the upright size
@@ -312,7 +312,8 @@ def clean_annotation(ann: dict[str, Any], image: dict[str, Any], path: Path, rep
     if box is None:
         return None
     ann = dict(ann, bbox=box, iscrowd=ann.get("iscrowd", 0))
-    ann.setdefault("area", box[2] * box[3])
+    if not ann.get("area"):  # missing, or 0 as some exporters write: pycocotools would count every object as small
+        ann["area"] = box[2] * box[3]
     segmentation = ann.get("segmentation")
     if isinstance(segmentation, dict):
         check_rle(segmentation, image, path, ann)

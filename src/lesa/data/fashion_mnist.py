@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torchvision.transforms import v2
 
-from ..errors import DataError, NotFoundError
+from ..errors import ConfigError, DataError, NotFoundError
 from .digits import MEAN, STD, GreyImages
 
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -66,9 +66,26 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
 def _candidates(root: Optional[str | Path]) -> list[Path]:
     bases = [Path(root)] if root else []
     if os.environ.get("LESA_DATA_DIR"):
-        bases.append(Path(os.environ["LESA_DATA_DIR"]))
+        bases.append(data_dir_from_environment())
     bases.append(DEBIAN_DIR)
     return [d for base in bases for d in (base, base / "fashion-mnist", base / "FashionMNIST" / "raw")]
+
+
+def data_dir_from_environment() -> Path:
+    """``$LESA_DATA_DIR`` as a folder (it may not exist yet: --download creates it).
+
+    Raises:
+        ConfigError: it names a file, or a path below a file.
+    """
+    value = os.environ["LESA_DATA_DIR"]
+    path = Path(value).expanduser()
+    current = path
+    while not current.exists() and current != current.parent:
+        current = current.parent
+    if current.exists() and not current.is_dir():
+        raise ConfigError(f"LESA_DATA_DIR={value} is {'a file' if current == path else f'below the file {current}'}, "
+                          "not a folder: set it to the folder that holds (or will hold) the data files, or unset it")
+    return path
 
 
 def _find(directory: Path, name: str) -> Optional[Path]:
@@ -91,7 +108,8 @@ def find_fashion_mnist(root: Optional[str | Path] = None, download: bool = False
     if download:
         from torchvision.datasets import FashionMNIST
 
-        target = Path(root or os.environ.get("LESA_DATA_DIR") or Path.home() / ".cache" / "lesa")
+        env = data_dir_from_environment() if os.environ.get("LESA_DATA_DIR") else None
+        target = Path(root or env or Path.home() / ".cache" / "lesa")
         for train in (True, False):
             FashionMNIST(str(target), train=train, download=True)
         return target / "FashionMNIST" / "raw"

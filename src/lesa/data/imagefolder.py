@@ -8,7 +8,8 @@ for the dataset alike, so what is checked is what is read:
   ``.jfif``, ``.png``, ``.webp``, ``.tif``, ...; any case);
 * names starting with ``.`` (``.ipynb_checkpoints/``, ``.DS_Store``, ``._x.jpg``) are skipped, folders and
   files alike, so they never become a class or a sample;
-* directory symlinks are followed, each real directory once, so a symlink loop is listed once and ends;
+* directory symlinks are followed, each real directory once, so a symlink loop is listed once and ends; a
+  link from a class folder back up to it or above it is not followed (it would list every class as this one);
 * a class folder without images is an error (it would silently never be predicted, and an all-one-class
   validation split scores 100%), not a warning.
 
@@ -102,17 +103,23 @@ def _visible(name: str) -> bool:
 
 def _walk_files(folder: Path) -> list[str]:
     """The visible files below ``folder``, sorted per directory; directory symlinks followed, each real
-    directory once (a loop is cut where it comes back)."""
+    directory once (a loop is cut where it comes back), and never one that leads back up to ``folder`` or
+    above it (``cat/loop -> ..`` would list the other classes' images as this one's)."""
     found, seen = [], set()
+    top = os.path.realpath(folder)
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         real = os.path.realpath(dirpath)
-        if real in seen:
+        if real in seen or (dirpath != str(folder) and _is_ancestor(real, top)):
             dirnames.clear()
             continue
         seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if _visible(d))
         found += [os.path.join(dirpath, f) for f in sorted(filenames) if _visible(f)]
     return found
+
+
+def _is_ancestor(path: str, of: str) -> bool:
+    return of == path or of.startswith(path.rstrip(os.sep) + os.sep)
 
 
 def _extension_hint(extensions: frozenset[str]) -> str:

@@ -37,6 +37,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign, batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes, roi_align
 from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
 
+from ..errors import InputError
 from .backbone import mark_image_sizes
 
 STAGE_IOUS = (0.5, 0.6, 0.7)
@@ -569,6 +570,9 @@ class DetectionTransform(GeneralizedRCNNTransform):
     def forward(self, images: list[Tensor], targets: Optional[list[dict[str, Tensor]]] = None):
         """torchvision's transform; the padded batch also carries its images' sizes, for the backbone
         (:func:`~lesa.detection.backbone.mark_image_sizes`: LESA masks the padding)."""
+        if not images:  # torchvision would fail with an IndexError deep in its batching
+            raise InputError("a detector takes a list of one or more images (each a (3, H, W) tensor); got an empty "
+                             "list: call it only when there are images")
         image_list, targets = super().forward(images, targets)
         mark_image_sizes(image_list)
         return image_list, targets

@@ -68,8 +68,6 @@ from ..engine import (
     write_json,
 )
 from ..errors import BadImageError, ConfigError, DataError, LesaError, NotFoundError
-from ..ownership import check_folder, claim
-from ..utils import atomic_write
 from ..models.registry import check_model_options
 from ..options import (
     ROLE_INPUT,
@@ -80,6 +78,8 @@ from ..options import (
     PositiveInt,
     schema,
 )
+from ..ownership import check_folder, claim
+from ..utils import atomic_write
 from .detectors import BOX_ONLY, DETECTORS, POS_INIT, build_detector, describe_init
 from .visualize import draw_prediction, load_image
 

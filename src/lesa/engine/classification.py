@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..data import build_classification_data
 from ..errors import CheckpointError, ConfigError, DataError, NotFoundError
 from ..models import create_model, default_cfg, resize_pos_embed
-from ..weights import load_state, model_state_dict, read_checkpoint
+from ..weights import load_state, model_state_dict, read_checkpoint, shared_prefix_note
 from .checkpoint import COMMANDS_OF, load_checkpoint, run_kind
 from .config import TrainConfig, flag
 from .distributed import DistContext, cleanup_distributed, setup_distributed
@@ -223,8 +223,8 @@ def read_classifier(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], di
         cfg["classes"] = list(state["classes"])
     sd = model_state_dict(state, checkpoint)
     if "fc.weight" not in sd:
-        raise CheckpointError(f"{checkpoint}: no classifier weights (fc.weight) found; is this a classification "
-                              "model? (a detector: use `lesa det eval`)")
+        raise CheckpointError(f"{checkpoint}: no classifier weights (fc.weight) found{shared_prefix_note(sd)}; is "
+                              "this a lesa classification model? (a detector: use `lesa det eval`)")
     return sd, cfg
 
 

@@ -305,6 +305,10 @@ class Engine:
         self.config_written = False
         if resume_state is not None:
             self._restore(resume_state)
+            if self.epochs < self.start_epoch:
+                raise ConfigError(f"--resume: the run in {self.out} has trained {self.start_epoch} epochs and "
+                                  f"--epochs {self.epochs} asks for fewer: pass --epochs {self.start_epoch} or more "
+                                  "(more trains further)")
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.task.model.load_state_dict(state["model"])
