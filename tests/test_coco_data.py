@@ -435,7 +435,7 @@ def test_det_commands_keep_the_epoch_map_categories_and_skip_bad_inputs(tmp_path
     code = main(["det", "predict", str(tmp_path / "broken.jpg"), str(tmp_path / "big.png"),
                  str(root / "val" / "v.png"), "--checkpoint", str(out / "last.pt"), "--output", str(tmp_path / "pred")])
     captured = capsys.readouterr()
-    assert code == 2 and sorted(p.name for p in (tmp_path / "pred").iterdir()) == ["v.png"]
+    assert code == 2 and sorted(p.name for p in (tmp_path / "pred").iterdir()) == [".lesa", "v.png"]  # and its marker
     assert "skipped: image" in captured.err and "broken.jpg cannot be read" in captured.err
     assert "big.png cannot be read: 4,096 pixels, more than PIL.Image.MAX_IMAGE_PIXELS" in captured.err
     assert "2 of 3 image(s) could not be read" in captured.err and "v.png: " in captured.out
@@ -519,8 +519,9 @@ def test_det_resume_keeps_the_run_detector_and_eval_needs_only_val(tmp_path, cap
     (val_only / "val").mkdir(parents=True)
     (val_only / "val.json").write_text((root / "val.json").read_text())
     (val_only / "val" / "v.png").write_bytes((root / "val" / "v.png").read_bytes())
-    assert main(["det", "eval", "--checkpoint", str(out), "--data", str(val_only), "--output", str(tmp_path)]) == 0
-    assert "bbox" in json.loads((tmp_path / "coco_eval.json").read_text())
+    evaluation = str(tmp_path / "e")
+    assert main(["det", "eval", "--checkpoint", str(out), "--data", str(val_only), "--output", evaluation]) == 0
+    assert "bbox" in json.loads((tmp_path / "e" / "coco_eval.json").read_text())
     capsys.readouterr()
     assert main(["det", "eval", "--checkpoint", str(out), "--data", str(root / "val.json")]) == 2
     assert f"detection data '{root / 'val.json'}' is a file, not a COCO root folder: pass the folder that holds " \

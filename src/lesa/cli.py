@@ -26,6 +26,7 @@ from .options import (
     ROLE_INPUT,
     ROLE_OUTPUT_DIR,
     ROLE_OUTPUT_FILE,
+    Checkpoint,
     Device,
     ImageSize,
     Name,
@@ -146,11 +147,12 @@ def run_convert(args: ConvertOptions) -> int:
     # the one reader (wrapper prefixes removed, LESA layouts converted); convert_official_state_dict then also
     # keeps the backbone alone of an mmdetection file without LESA layers
     raw = read_checkpoint(args.input)
-    if not args.model and not is_official_state_dict(strip_wrapper_prefixes(unwrap_state_dict(raw))):
+    lesa_run = isinstance(raw, dict) and isinstance(raw.get("model"), dict) and "epoch" in raw
+    if not (args.model or lesa_run or is_official_state_dict(strip_wrapper_prefixes(unwrap_state_dict(raw)))):
         raise CheckpointError(f"{args.input} has no LESA keys of the authors' layout (qkv_transform, x_transform, "
                               "bn_similarity, ...): it is not an official LESA checkpoint, and there is nothing to "
                               "convert. To re-save weights lesa loads in another format, pass --model NAME (they are "
-                              "checked by loading them)")
+                              "checked by loading them); a lesa run's checkpoint converts as it is")
     sd = convert_official_state_dict(model_state_dict(raw, args.input))
     if args.model:
         from .models import create_model, parse_name
@@ -248,7 +250,8 @@ def epochs(n: int) -> str:
 
 # -- lesa eval ------------------------------------------------------------------------------------------
 def _eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="run directory (uses best.pt), checkpoint or weights file")
+    p.add_argument("--checkpoint", required=True, help="run directory (uses best.pt), checkpoint or weights file, or "
+                   "shipped weights by name (lesa_resnet_tiny.fashion_mnist)")
     p.add_argument("--data", help="dataset (default: the run's)")
     p.add_argument("--model", help="model name, for a weights-only file")
     p.add_argument("--batch-size", type=int, default=128)
@@ -264,7 +267,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 @schema
 class EvalOptions:
-    checkpoint: Name = Field(json_schema_extra=ROLE_INPUT)
+    checkpoint: Checkpoint = Field(json_schema_extra=ROLE_INPUT)
     data: Optional[Name] = Field(default=None, json_schema_extra=ROLE_INPUT)
     split: Literal["val", "test"] = "val"
     data_root: Optional[Name] = Field(default=None, json_schema_extra=ROLE_INPUT)
@@ -307,7 +310,7 @@ def _analyze_args(p: argparse.ArgumentParser) -> None:
 
 @schema
 class AnalyzeOptions:
-    run: Name = Field(json_schema_extra=ROLE_INPUT)
+    run: Checkpoint = Field(json_schema_extra=ROLE_INPUT)
     data: Optional[Name] = Field(default=None, json_schema_extra=ROLE_INPUT)
     output: Optional[Name] = Field(default=None, json_schema_extra=ROLE_OUTPUT_DIR)
     layer: Optional[Name] = None
@@ -604,7 +607,7 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 
 @schema
 class ExportOptions:
-    checkpoint: Name = Field(json_schema_extra=ROLE_INPUT)
+    checkpoint: Checkpoint = Field(json_schema_extra=ROLE_INPUT)
     output: Annotated[Name, suffix_in(*EXPORT_SUFFIXES)] = Field(json_schema_extra=ROLE_OUTPUT_FILE)
     model: Optional[Name] = None
     batch_size: Optional[PositiveInt] = None

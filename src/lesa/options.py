@@ -78,6 +78,18 @@ def check_device(value: str) -> str:
 Device = Annotated[str, AfterValidator(check_device)]
 
 
+def shipped_or_path(value: str) -> str:
+    """A checkpoint option: a path as given, or the shipped weights a tagged model name names
+    (``lesa_resnet_tiny.fashion_mnist``, as in timm)."""
+    from .models.pretrained import shipped_file
+
+    found = shipped_file(value)
+    return str(found) if found is not None else value
+
+
+Checkpoint = Annotated[str, Field(min_length=1), AfterValidator(shipped_or_path)]
+
+
 def schema(cls: type[T]) -> type[T]:
     """Make ``cls`` a validated options dataclass (strict types, finite numbers, no unknown options)."""
     return pydantic.dataclasses.dataclass(config=OPTIONS)(cls)

@@ -61,7 +61,13 @@ def read_checkpoint(path: PathLike) -> Any:
 
 
 def _checkpoint_file(path: Path) -> Path:
-    """``path``, or the ``best.pt`` (else ``last.pt``) of a directory; raises NotFoundError when there is none."""
+    """``path``, the ``best.pt`` (else ``last.pt``) of a directory, or the shipped weights a tagged model name
+    names (``lesa_resnet_tiny.fashion_mnist``); raises NotFoundError when there is none."""
+    from .models.pretrained import shipped_file
+
+    shipped = shipped_file(str(path))
+    if shipped is not None:
+        return shipped
     if path.is_dir():
         for name in ("best.pt", "last.pt"):
             if (path / name).is_file():

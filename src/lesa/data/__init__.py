@@ -19,6 +19,7 @@ from .imagefolder import (
     check_image_folder,
     collate_skipping_bad,
     list_image_folder,
+    list_image_folder_root,
     scan_image_folders,
 )
 from .images import image_extensions, read_image, read_label_map
@@ -53,9 +54,10 @@ def build_classification_data(data: str, img_size: int, train: bool = True, mean
                               std: Sequence[float] = IMAGENET_STD, crop_pct: float = 0.875,
                               root: Optional[str | Path] = None, download: bool = False) -> ClassificationData:
     """A named set (:data:`EMBEDDED`, e.g. ``'digits'``, ``'fashion-mnist'``; normalised by the set itself) or
-    an ImageFolder root with ``train/`` and ``val/`` (normalised with ``mean`` / ``std``, validation centre
-    crop ``crop_pct``; the model's :func:`lesa.models.default_cfg` gives them). ``root`` / ``download``: where
-    a set that reads files (``reads_files``) looks first, and whether it may download them.
+    an ImageFolder root with ``train/`` and ``val/`` (``val/`` alone when ``train`` is false; normalised with
+    ``mean`` / ``std``, validation centre crop ``crop_pct``; the model's :func:`lesa.models.default_cfg` gives
+    them). ``root`` / ``download``: where a set that reads files (``reads_files``) looks first, and whether it
+    may download them.
 
     Raises:
         ConfigError: ``root`` or ``download`` for data that reads no such files.
@@ -70,12 +72,13 @@ def build_classification_data(data: str, img_size: int, train: bool = True, mean
             classes=list(cls.classes),
             test=(lambda: cls("test", img_size, **source)) if "test" in cls.splits else None,
         )
-    listings = scan_image_folders(data)  # the datasets read exactly what was checked
     root = Path(data)
+    # the datasets read exactly what was checked; evaluation lists (and needs) its split alone
+    listings = scan_image_folders(data) if train else {"val": list_image_folder_root(root, "val")}
     train_set = (TolerantImageFolder(root / "train", imagenet_train_transform(img_size, mean, std), listings["train"])
                  if train else None)
     val_set = TolerantImageFolder(root / "val", imagenet_val_transform(img_size, crop_pct, mean, std), listings["val"])
-    return ClassificationData(train_set, val_set, listings["train"].classes, collate_skipping_bad, may_skip=True)
+    return ClassificationData(train_set, val_set, listings["val"].classes, collate_skipping_bad, may_skip=True)
 
 
 __all__ = [
@@ -90,6 +93,7 @@ __all__ = [
     "collate_skipping_bad",
     "image_extensions",
     "list_image_folder",
+    "list_image_folder_root",
     "read_image",
     "read_label_map",
     "scan_image_folders",

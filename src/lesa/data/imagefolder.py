@@ -92,6 +92,18 @@ def scan_image_folders(root: str | Path) -> dict[str, FolderListing]:
     return listings
 
 
+def list_image_folder_root(root: str | Path, split: str) -> FolderListing:
+    """The listing of one split of the data folder ``root`` (evaluation reads no other).
+
+    Raises :class:`NotFoundError` for a missing folder and :class:`DataError` for a malformed layout.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise NotFoundError(f"data folder {str(root)!r} does not exist ({root / split}/<class>/<image>, or --data "
+                            "digits)")
+    return list_image_folder(root / split)
+
+
 def check_image_folder(root: str | Path) -> list[str]:
     """Validate the layout (:func:`scan_image_folders`); return the class names."""
     return scan_image_folders(root)["train"].classes

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import field
 from pathlib import Path
@@ -67,10 +68,12 @@ from ..engine import (
     warmup_multistep,
     write_json,
 )
+from ..engine.run_data import fingerprint_files, identity, locate
 from ..errors import BadImageError, ConfigError, DataError, LesaError, NotFoundError
 from ..models.registry import check_model_options
 from ..options import (
     ROLE_INPUT,
+    Checkpoint,
     ImageSize,
     Name,
     NonNegativeInt,
@@ -146,7 +149,7 @@ class DetConfig(RunConfig):
     max_size: Optional[ImageSize] = None
     dcn_stages: list[Annotated[int, Field(ge=1, le=4)]] = field(default_factory=list)
     deform_unary: bool = False
-    pretrained_backbone: Optional[Name] = Field(default=None, json_schema_extra=ROLE_INPUT)
+    pretrained_backbone: Optional[Checkpoint] = Field(default=None, json_schema_extra=ROLE_INPUT)
     pos_init: Literal[POS_INIT] = "reinit"
     trainable_layers: Optional[Annotated[int, Field(ge=0, le=5)]] = None  # default: 3 if pretrained, else all (5)
     frozen_bn: Optional[bool] = None  # default: frozen with a pretrained backbone; from scratch BN must train
@@ -159,6 +162,10 @@ class DetConfig(RunConfig):
     max_repaired: Annotated[float, Field(ge=0, le=1)] = MAX_REPAIRED
 
     def __post_init__(self) -> None:
+        # paths resolved once, here: eval / resume from another working folder find the same files
+        self.data = resolved(self.data, keep=(EMBEDDED,))
+        self.semantic_root = resolved(self.semantic_root, keep=(INSTANCE_SEMANTIC,))
+        self.pretrained_backbone = resolved(self.pretrained_backbone)
         for name, value in DATA_DEFAULTS["embedded" if self.data == EMBEDDED else "coco"].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
@@ -218,6 +225,28 @@ class DetConfig(RunConfig):
         changes the length)."""
         epochs, steps = SCHEDULES[self.schedule]
         return [s / epochs for s in steps]
+
+
+def resolved(path: Optional[str], keep: tuple[str, ...] = ()) -> Optional[str]:
+    """``path`` made absolute (``~`` expanded) where it exists; names in ``keep`` and missing paths as given (their
+    readers name them)."""
+    if path is None or path in keep:
+        return path
+    with contextlib.suppress(OSError, RuntimeError):
+        candidate = Path(path).expanduser()
+        if candidate.exists():
+            return str(candidate.resolve())
+    return path
+
+
+def coco_fingerprints(data: str, splits: tuple[str, ...]) -> dict[str, str]:
+    """Each split's fingerprint (:func:`lesa.engine.run_data.fingerprint_files`): its annotation file's bytes and
+    the names and sizes of the files in its image folder."""
+    found = {}
+    for split, (annotation_file, images) in coco_splits(data, splits).items():
+        files = [os.path.join(d, f) for d, _, names in os.walk(images) for f in names] if images.is_dir() else []
+        found[split] = fingerprint_files(images, files, [annotation_file])
+    return found
 
 
 def build_det_config(config_file: Optional[str] = None, **overrides: Any) -> DetConfig:
@@ -282,6 +311,10 @@ class DetectionTask(Task):
         self.losses = loss_names(cfg.detector, cfg.with_semantic)
         self.eval_columns = eval_column_names(cfg.detector)
         self.columns = ["epoch", "loss", *self.losses, *self.eval_columns, "lr", "epoch_time_s"]
+        described = dict(classes=list(self.train_set.classes), train_images=len(self.train_set),
+                         val_images=len(self.val_set))
+        self.identity = (identity(cfg.data, cfg.output_dir, coco_fingerprints(cfg.data, ("train", "val")), **described)
+                         if cfg.data != EMBEDDED else dict(data=cfg.data, **described))
         self.evaluation: dict[str, Any] = {}
         self.failure: Optional[Exception] = None
 
@@ -351,7 +384,10 @@ class DetectionTask(Task):
 
     def state_dict(self) -> dict[str, Any]:
         return dict(classes=self.train_set.classes, category_ids=self.train_set.category_ids,
-                    categories=self.train_set.categories, skipped=self.skipped.state)
+                    categories=self.train_set.categories, skipped=self.skipped.state, data_identity=self.identity)
+
+    def data_identity(self) -> dict[str, Any]:
+        return self.identity
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """On resume: the training file still has the run's categories, ids and names.
@@ -562,13 +598,28 @@ def evaluate_run(checkpoint: str | Path, data: Optional[str] = None, device: str
     folder = Path(output or run_dir)
     check_folder(folder, EVAL_KINDS, "--output")
     model.to(dev)
-    dataset = CocoDetection(*coco_splits(data or cfg.data, ("val",))["val"], categories=state["categories"],
+    if data is None:
+        data = located_data(run_dir, state["config"]["data"], state.get("data_identity"))  # as stored, unresolved
+    dataset = CocoDetection(*coco_splits(data, ("val",))["val"], categories=state["categories"],
                             max_repaired=cfg.max_repaired)
     result = evaluate_detector(model, dataset, DistContext(device=dev), max_images, quiet=False)
     claim(folder, "evaluation", EVAL_KINDS)
     path = folder / "coco_eval.json"
     write_json(path, result)
     return result, path
+
+
+def located_data(run_dir: Path, data: str, saved: Optional[dict[str, Any]]) -> str:
+    """A detection run's data as seen from here (:func:`lesa.engine.run_data.locate`); a run from before data
+    identities: its path if absolute (a relative one was relative to a folder no longer known: refused)."""
+    if data == EMBEDDED:
+        return data
+    if saved and saved.get("fingerprints"):
+        return locate(run_dir, saved, coco_fingerprints, ("val",))
+    if not Path(data).is_absolute():
+        raise ConfigError(f"the run stored its data as the relative path {data!r}, relative to the folder it was "
+                          "started from: pass --data with that folder")
+    return data
 
 
 def predict_images(checkpoint: str | Path, images: list[str], output: str | Path, score_threshold: float = 0.5,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -20,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from ..data import build_classification_data
+from ..data import EMBEDDED, build_classification_data, list_image_folder
 from ..errors import CheckpointError, ConfigError, DataError, NotFoundError
 from ..models import create_model, default_cfg, resize_pos_embed
 from ..weights import load_state, model_state_dict, read_checkpoint, shared_prefix_note
@@ -29,6 +30,7 @@ from .config import TrainConfig, flag
 from .distributed import DistContext, cleanup_distributed, setup_distributed
 from .loop import Precision, Runtime, ShardSampler, SkippedImages, Step, Task, run_task, warmup_cosine
 from .records import plot_curves
+from .run_data import fingerprint_files, identity, is_folder_data, locate
 
 COLUMNS = ["epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr", "epoch_time_s"]
 
@@ -42,6 +44,28 @@ def classification_data(model: str, data: str, img_size: int, train: bool = True
     inputs = default_cfg(model)
     return build_classification_data(data, img_size, train=train, mean=inputs["mean"], std=inputs["std"],
                                      crop_pct=inputs["crop_pct"], root=root, download=download)
+
+
+def fingerprint_listing(dataset: Any) -> str:
+    """The fingerprint of an image-folder split as listed (:func:`lesa.engine.run_data.fingerprint_files`)."""
+    return fingerprint_files(dataset.root, [path for path, _ in dataset.samples])
+
+
+def folder_fingerprints(data: str, splits: tuple[str, ...]) -> dict[str, str]:
+    """The fingerprints of ``splits`` of the image folder ``data``, each split listed alone."""
+    return {split: fingerprint_files(Path(data) / split, [p for p, _ in list_image_folder(Path(data) / split).samples])
+            for split in splits}
+
+
+def run_data(checkpoint: str | Path, cfg: dict[str, Any], splits: tuple[str, ...] = ("val",)) -> Optional[str]:
+    """The data of the run of ``checkpoint`` as seen from here: a named set as it is; a folder found by its
+    identity (:func:`lesa.engine.run_data.locate`); the stored path for a run from before identities."""
+    saved = cfg.get("data")
+    ident = cfg.get("data_identity") or {}
+    if not is_folder_data(saved, EMBEDDED) or not ident.get("fingerprints"):
+        return saved
+    folder = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
+    return locate(folder, ident, folder_fingerprints, splits)
 
 
 def training_subset(train: Dataset, size: Optional[int]) -> Dataset:
@@ -74,6 +98,7 @@ class ClassificationTask(Task):
                                      pin_memory=ctx.device.type == "cuda", persistent_workers=cfg.workers > 0)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.skipped = SkippedImages(cfg.max_bad_fraction, len(self.train_set))
+        self.identity = self._identity()  # once: a fingerprint stats every file
 
     def collate(self, batch: list) -> Any:
         return self.data.collate(batch)
@@ -129,9 +154,18 @@ class ClassificationTask(Task):
         return dict(classes=self.data.classes, skipped=self.skipped.state, data_identity=self.data_identity())
 
     def data_identity(self) -> dict[str, Any]:
-        """What the run was trained on: the data as given, its classes and its split sizes."""
-        return dict(data=self.cfg.data, classes=list(self.data.classes), train_images=len(self.train_set),
-                    val_images=len(self.data.val))
+        return self.identity
+
+    def _identity(self) -> dict[str, Any]:
+        """What the run was trained on (:mod:`lesa.engine.run_data`): the data, its classes and split sizes, and
+        for a folder its path relative to the run folder and each split's fingerprint."""
+        described = dict(classes=list(self.data.classes), train_images=len(self.train_set),
+                         val_images=len(self.data.val))
+        if not is_folder_data(self.cfg.data, EMBEDDED):
+            return dict(data=self.cfg.data, **described)
+        fingerprints = {split: fingerprint_listing(dataset) for split, dataset in (("train", self.data.train),
+                                                                                   ("val", self.data.val))}
+        return identity(self.cfg.data, self.cfg.output_dir, fingerprints, **described)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.skipped.state = list(state.get("skipped", [0.0, 0.0]))
@@ -215,6 +249,8 @@ def read_classifier(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], di
         raise CheckpointError(f"{checkpoint} is a {run_kind(state)} run, not a classifier: "
                               f"{COMMANDS_OF[run_kind(state)]}")
     cfg = dict(state.get("config", {})) if is_run else {}
+    if is_run and state.get("data_identity"):
+        cfg["data_identity"] = state["data_identity"]
     if not is_run:  # a shipped weights file names its model, input size and classes in its metadata
         from ..models.pretrained import file_description
 
@@ -242,6 +278,14 @@ def load_trained_model(checkpoint: str | Path, model_name: Optional[str] = None)
     return model, cfg
 
 
+def suggested_data(cfg: dict[str, Any]) -> str:
+    """`` (its data: --data NAME)`` where a weights file names a set lesa knows in its metadata, else the digits."""
+    data = cfg.get("data")
+    if data in EMBEDDED:
+        return f" (the model's data: --data {data})"
+    return " or --data digits" if not data else ""
+
+
 def init_model(cfg: TrainConfig, num_classes: int, img_size: int) -> nn.Module:
     """The model of a fine-tuning run (``--init``): built at the checkpoint's input size, loaded with all its
     weights but a classifier of another class count (re-initialised), then its position tables resized to
@@ -267,21 +311,34 @@ def init_model(cfg: TrainConfig, num_classes: int, img_size: int) -> nn.Module:
     return model
 
 
+def folder_name(class_name: str) -> str:
+    """The folder a class is kept in: its name with each ``/`` (which no folder name can hold) as ``_``
+    (Fashion-MNIST's ``T-shirt/top`` -> ``T-shirt_top``)."""
+    return class_name.replace("/", "_")
+
+
 def class_map(model_classes: Optional[list[str]], data_classes: list[str], source: str) -> Optional[torch.Tensor]:
-    """``label_map`` for :func:`evaluate`: the model's index of each of the data's classes, by name;
-    ``None`` when they are the same list (or the model's classes are unknown: a bare weights file).
+    """``label_map`` for :func:`evaluate`: the model's index of each of the data's classes, by name (a data
+    folder matches a class by its exact name or its :func:`folder_name`); ``None`` when they are the same list
+    (or the model's classes are unknown: a bare weights file).
 
     Raises:
         DataError: the data has a class the model was not trained on (named, with the fix).
     """
     if model_classes is None or list(model_classes) == list(data_classes):
         return None
-    unknown = [c for c in data_classes if c not in model_classes]
+    index = {name: i for i, name in enumerate(model_classes)}
+    safe = Counter(folder_name(name) for name in model_classes)
+    for i, name in enumerate(model_classes):
+        if safe[folder_name(name)] == 1:  # a folder name two classes share matches neither
+            index.setdefault(folder_name(name), i)
+    unknown = [c for c in data_classes if c not in index]
     if unknown:
         raise DataError(f"the data has {len(data_classes)} classes and {source} was trained on "
                         f"{len(model_classes)}; not among the model's: {unknown[:5]} (model's: "
-                        f"{list(model_classes)[:10]}); evaluate on data with the model's class folders")
-    return torch.tensor([list(model_classes).index(c) for c in data_classes])
+                        f"{list(model_classes)[:10]}); evaluate on data with the model's class folders (a '/' in a "
+                        "class name is '_' in its folder's)")
+    return torch.tensor([index[c] for c in data_classes])
 
 
 def evaluate_model(model: nn.Module, data: str, img_size: int, batch_size: int = 128, device: str = "auto",
@@ -327,9 +384,9 @@ def evaluate_checkpoint(checkpoint: str | Path, data: Optional[str] = None, batc
     analysis changing the model for the evaluation, say)."""
     model, cfg = load_trained_model(checkpoint, model_name)
     if not (data or cfg.get("data")):
-        raise ConfigError("no data to evaluate on: pass --data PATH or --data digits")
+        raise ConfigError(f"no data to evaluate on: pass --data PATH{suggested_data(cfg)}")
     if data is None or data == cfg.get("data"):
-        data, root = cfg.get("data"), root or cfg.get("data_root")
+        data, root = run_data(checkpoint, cfg), root or cfg.get("data_root")
     with within(model) if within else contextlib.nullcontext():
         metrics = evaluate_model(model, data, cfg["img_size"], batch_size, device, workers, quiet, cfg["model"],
                                  cfg.get("classes"), split, root, download)

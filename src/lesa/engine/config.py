@@ -26,6 +26,7 @@ from ..options import (
     ROLE_INPUT,
     ROLE_INPUT_TREE,
     ROLE_OUTPUT_DIR,
+    Checkpoint,
     Device,
     Fraction,
     ImageSize,
@@ -129,16 +130,19 @@ class TrainConfig(RunConfig):
     preset: Optional[Literal[PRESETS]] = None
     # fine-tune from a classification checkpoint: its weights (not its optimizer or epoch); build_config takes
     # the model from its run
-    init: Optional[Name] = Field(default=None, json_schema_extra=ROLE_INPUT)
+    init: Optional[Checkpoint] = Field(default=None, json_schema_extra=ROLE_INPUT)
 
     def __post_init__(self) -> None:
-        # a folder is stored absolute, so that eval / resume from another working directory find the same data
+        # paths are resolved once, here, and stored absolute: eval / resume from another working folder find the
+        # same files (lesa.engine.run_data finds a run's data that moved)
         folder = Path(self.data).expanduser() if self.data and self.data not in EMBEDDED else None
         with contextlib.suppress(OSError):  # a name too long to look up is refused where it is read
             if folder is not None and folder.is_dir():
                 self.data = str(folder.resolve())
             if self.data_root and Path(self.data_root).expanduser().is_dir():
                 self.data_root = str(Path(self.data_root).expanduser().resolve())
+            if self.init and Path(self.init).expanduser().exists():
+                self.init = str(Path(self.init).expanduser().resolve())
         super().__post_init__()
 
     def problems(self) -> list[str]:

@@ -38,6 +38,7 @@ from .checkpoint import rng_state, run_kind, save_checkpoint, set_rng_state
 from .config import RunConfig, flag
 from .distributed import DistContext, cleanup_distributed, setup_distributed
 from .records import TensorBoard, write_json, write_metrics_csv
+from .run_data import describe, difference
 from .run_dir import RunDir
 
 
@@ -213,7 +214,11 @@ class Task(ABC):
         return {}
 
     def state_dict(self) -> dict[str, Any]:
-        """The task's entries of each checkpoint (e.g. class names) besides the engine's."""
+        """The task's entries of each checkpoint (e.g. class names, ``data_identity``) besides the engine's."""
+        return {}
+
+    def data_identity(self) -> dict[str, Any]:
+        """What the run trains on (:mod:`lesa.engine.run_data`); ``{}``: nothing to compare on resume."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 - optional hook
@@ -304,7 +309,8 @@ class Engine:
         self.unevaluated: Optional[dict[str, float]] = None  # a resumed epoch whose evaluation did not finish
         self.config_written = False
         if resume_state is not None:
-            self._restore(resume_state)
+            self._restore(resume_state)  # the task's own checks of its data first (a category mapping, say)
+            check_same_data(resume_state.get("data_identity"), task.data_identity(), cfg.output_dir)
             if self.epochs < self.start_epoch:
                 raise ConfigError(f"--resume: the run in {self.out} has trained {self.start_epoch} epochs and "
                                   f"--epochs {self.epochs} asks for fewer: pass --epochs {self.start_epoch} or more "
@@ -479,11 +485,48 @@ def check_resume(state: dict[str, Any], cfg: RunConfig, task_cls: type[Task]) ->
                               "run; choose another --output")
     saved = state.get("config", {})
     for key in task_cls.resume_keys:
+        if key == "data" and moved_data(state, getattr(cfg, key)):
+            continue  # compared by identity once the task has listed it (check_same_data)
         if key in saved and not task_cls.same_setting(key, saved[key], getattr(cfg, key)):
             scalar = isinstance(saved[key], (int, float, str)) and not isinstance(saved[key], bool)
-            given = f" ({flag(key)} {saved[key]})" if scalar else ""
+            value = resume_data(state, cfg.output_dir) if key == "data" else saved[key]
+            given = f" ({flag(key)} {value})" if scalar else ""
             raise ConfigError(f"--resume: the run in {cfg.output_dir} has {key}={saved[key]!r}, this command "
                               f"{getattr(cfg, key)!r}; resume with the run's settings{given}")
+
+
+def moved_data(state: dict[str, Any], data: Any) -> bool:
+    """Whether ``data`` is a folder that may be the run's data moved: the run has a fingerprint to compare."""
+    saved = state.get("data_identity") or {}
+    return bool(saved.get("fingerprints")) and isinstance(data, str) and Path(data).is_dir()
+
+
+def resume_data(state: dict[str, Any], out: Path) -> str:
+    """The ``--data`` to resume with: the run's data where it is found from here (:func:`run_data.locate`:
+    relative to the run folder, then the stored path), else the stored path."""
+    saved = state.get("data_identity") or {}
+    data = str(state.get("config", {}).get("data"))
+    if not saved.get("relative") or not saved.get("fingerprints"):
+        return data
+    candidate = Path(out) / saved["relative"]
+    return str(candidate.resolve()) if candidate.is_dir() else data
+
+
+def check_same_data(saved: Optional[dict[str, Any]], current: dict[str, Any], out: Path) -> None:
+    """A resumed run given its data in another place meets the same files (fingerprints of every split).
+
+    Raises:
+        DataError: other data, with how it differs and the fix.
+    """
+    if not saved or not saved.get("fingerprints"):
+        return
+    common = [s for s in saved["fingerprints"] if s in current.get("fingerprints", {})]
+    if common and all(saved["fingerprints"][s] == current["fingerprints"][s] for s in common):
+        return
+    now = "now holds" if saved.get("data") == current.get("data") else f"and --data {current['data']} holds"
+    raise DataError(f"--resume: the run in {out} was trained on {saved['data']}{describe(saved)}, {now} other data "
+                    f"({difference(saved, current)}); resume with the run's data, or start a new run with another "
+                    "--output")
 
 
 def check_same_classes(saved: Optional[list[str]], current: Optional[list[str]], out: Path) -> None:

@@ -56,13 +56,27 @@ def pretrained_info(name: str, tag: str = TAG) -> Optional[dict[str, Any]]:
 
 def file_description(path: str | Path) -> Optional[dict[str, Any]]:
     """The run a weights file describes in its metadata (a shipped file, or one ``tools/ship_pretrained.py``
-    wrote): ``model``, ``img_size`` and ``classes``; ``None`` for any other file (no safetensors, no ``lesa``
-    metadata, or metadata without those three)."""
+    wrote): ``model``, ``img_size`` and ``classes``, and ``data`` where the command that trained it named a
+    ``--data``; ``None`` for any other file (no safetensors, no ``lesa`` metadata, or metadata without the first
+    three)."""
     info = file_metadata(path)
     if not (isinstance(info, dict) and isinstance(info.get("model"), str) and isinstance(info.get("img_size"), int)
             and isinstance(info.get("classes"), list)):
         return None
-    return dict(model=info["model"], img_size=info["img_size"], classes=[str(c) for c in info["classes"]])
+    described = dict(model=info["model"], img_size=info["img_size"], classes=[str(c) for c in info["classes"]])
+    data = _option(str(info.get("command", "")), "--data")
+    return {**described, "data": data} if data else described
+
+
+def _option(command: str, flag: str) -> Optional[str]:
+    """The value of ``flag`` in a command line (``None`` where it is not given)."""
+    import shlex
+
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return None
+    return next((b for a, b in zip(words, words[1:]) if a == flag), None)
 
 
 def pretrained_cfg_fields(name: str, tag: str = TAG) -> dict[str, Any]:
@@ -87,3 +101,12 @@ def pretrained_kwargs(name: str, tag: str = TAG) -> dict[str, Any]:
     """The model options the shipped weights were trained with (``img_size``, ``num_classes``)."""
     info = pretrained_info(name, tag)
     return {} if info is None else dict(img_size=info["img_size"], num_classes=len(info["classes"]))
+
+
+def shipped_file(value: str) -> Optional[Path]:
+    """The shipped file a ``NAME.TAG`` (timm's tagged name, e.g. ``lesa_resnet_tiny.fashion_mnist``) names, where
+    no file or folder of that name exists here (a user's own file always wins); ``None`` otherwise."""
+    name, dot, tag = str(value).rpartition(".")
+    if not dot or not name or "/" in str(value) or Path(value).exists():
+        return None
+    return pretrained_path(name, tag)
