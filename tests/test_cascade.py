@@ -407,4 +407,4 @@ def test_htc_commands_end_to_end(tmp_path, capsys):
         (tmp_path / d / "s.png").write_bytes((root / "val" / "00001.png").read_bytes())
     assert main(["det", "predict", str(tmp_path / "a" / "s.png"), str(tmp_path / "b" / "s.png"), "--checkpoint",
                  str(out), "--output", str(tmp_path / "pred")]) == 0
-    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == ["a_s.png", "b_s.png"]
+    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == [".lesa", "a_s.png", "b_s.png"]

@@ -203,8 +203,10 @@ def test_defaults_are_the_digits_preset():
 
 
 def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
+    from lesa.ownership import MARKER, claim
     from lesa.utils import atomic_write
 
+    claim(tmp_path, "run")  # lesa's folder: it may replace what it wrote there
     target = tmp_path / "f.txt"
     atomic_write(target, lambda tmp: Path(tmp).write_text("one"))
     assert target.read_text() == "one" and (target.stat().st_mode & 0o044)  # readable like any new file
@@ -213,6 +215,6 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
         Path(tmp).write_text("half")
         raise OSError("disk full")
 
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="disk full"):
         atomic_write(target, broken)
-    assert target.read_text() == "one" and list(tmp_path.iterdir()) == [target]
+    assert target.read_text() == "one" and sorted(tmp_path.iterdir()) == [tmp_path / MARKER, target]

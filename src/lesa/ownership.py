@@ -154,7 +154,7 @@ def claim(folder: str | Path, kind: str, kinds: Optional[tuple[str, ...]] = None
     marker = check_folder(folder, kinds or (kind,), option)
     if marker is not None:
         return marker
-    earlier = sorted(os.listdir(folder)) if folder.is_dir() else []
+    earlier = foreign_entries(folder, None) if folder.is_dir() else []
     if earlier:  # not empty, yet accepted: a run folder of an earlier lesa
         kind = "run"
     make_folder(folder)
