@@ -365,3 +365,83 @@ def test_claim_refuses_lesa_folders_of_another_kind_and_adopts_earlier_runs(tmp_
     for name in ("last.pt", "config.yaml", "metrics.csv"):
         (earlier / name).write_bytes(b"x")
     assert claim(earlier, "run").entries == {"last.pt", "config.yaml", "metrics.csv"}
+
+
+# -- found by a review of the finished feature -----------------------------------------------------------------
+def test_a_folder_that_looks_like_an_earlier_run_is_not_written_by_other_commands(tmp_path, built):
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    for name in ("last.pt", "best.pt", "coco_eval.json"):
+        (proj / name).write_text("mine")
+    code, err = cli("convert", built["weights"], proj / "best.pt", "--model", "resnet_tiny")
+    assert code == 2 and "lesa did not write it" in err
+    code, err = cli("det", "eval", "--checkpoint", built["det"], "--output", proj)
+    assert code == 2 and "holds files lesa did not write" in err
+    assert all((proj / name).read_text() == "mine" for name in ("last.pt", "best.pt", "coco_eval.json"))
+    assert not (proj / MARKER).exists()
+
+
+def test_export_and_convert_never_write_a_runs_own_files(tmp_path, built):
+    run = copy_tree(built["cls"], tmp_path / "run")
+    before = (run / "last.pt").read_bytes()
+    code, err = cli("convert", run / "best.pt", run / "last.pt")
+    assert code == 2 and "is one of the files of lesa's run" in err and (run / "last.pt").read_bytes() == before
+    assert cli("export", run, run / "model.pt2", "--no-check")[0] == 0  # another name in the run folder is fine
+
+
+def test_a_users_marker_or_temp_file_makes_the_folder_theirs(tmp_path, built):
+    for name, make in ((MARKER, lambda p: p.write_text("my dotfile")), (MARKER, lambda p: p.mkdir()),
+                       (".lesa-tmp-mynotes.txt", lambda p: p.write_text("notes"))):
+        folder = tmp_path / f"u{len(list(tmp_path.iterdir()))}"
+        folder.mkdir()
+        make(folder / name)
+        code, err = cli("analyze", built["cls"], "--output", folder, "--max-batches", "1")
+        assert code == 2 and "holds files lesa did not write" in err and sorted(os.listdir(folder)) == [name]
+
+
+def test_outputs_inside_the_data_are_refused(tmp_path, built):
+    data = digits_folder(tmp_path / "data")
+    code, err = cli("analyze", built["cls"], "--data", data, "--output", data / "val" / "a" / "an")
+    assert code == 2 and "inside the data folder" in err
+    code, err = cli("det", "train", "--data", built["scenes"], *DET, "--output", built["scenes"] / "val" / "r")
+    assert code == 2 and "inside the data folder" in err
+
+
+def test_analyze_takes_a_model_for_weights_only(tmp_path, built):
+    code, err = cli("analyze", built["weights"], "--data", "digits", "--output", tmp_path / "a")
+    assert code == 2 and "--model NAME" in err
+    assert cli("analyze", built["weights"], "--model", "resnet_tiny", "--data", "digits", "--output", tmp_path / "a",
+               "--max-batches", "1")[0] == 0
+
+
+def test_the_repeated_config_advice_names_the_path_from_the_second_file(tmp_path, monkeypatch):
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "a.yaml").write_text("epochs: 1\n")
+    (tmp_path / "cfg" / "b.yaml").write_text("model: resnet_tiny\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()) as err:
+        main(["train", "--config", "cfg/a.yaml", "--config", "cfg/b.yaml"])
+    assert "write 'extends: a.yaml' in cfg/b.yaml" in err.getvalue()
+
+
+def test_a_run_resumed_with_moved_data_and_moved_again_alone_still_finds_it(tmp_path):
+    args = ["--model", "resnet_tiny", "--img-size", "16", "--batch-size", "4", "--max-steps-per-epoch", "1",
+            "--quiet"]
+    old = digits_folder(tmp_path / "old" / "data")
+    assert cli("train", *args, "--epochs", "1", "--data", old, "--output", tmp_path / "old" / "run")[0] == 0
+    new = tmp_path / "new"
+    (tmp_path / "old").rename(new)
+    assert cli("train", *args, "--epochs", "2", "--data", new / "data", "--output", new / "run", "--resume")[0] == 0
+    (new / "run").rename(tmp_path / "run")  # the run alone: best.pt must name the data's new place too
+    assert cli("eval", "--checkpoint", tmp_path / "run", "--quiet")[0] == 0
+    assert cli("analyze", tmp_path / "run", "--output", tmp_path / "an", "--max-batches", "1")[0] == 0
+
+
+def test_compare_refuses_runs_whose_data_changed_in_place(tmp_path):
+    data = digits_folder(tmp_path / "data")
+    args = ["compare", "--ops", "conv", "--arch", "resnet_tiny", "--data", data, "--epochs", "1", "--batch-size", "4",
+            "--max-steps-per-epoch", "1", "--quiet", "--output", tmp_path / "cmp"]
+    assert cli(*args)[0] == 0
+    Image.new("RGB", (12, 12)).save(data / "val" / "a" / "new.png")
+    code, err = cli(*args)
+    assert code == 2 and "its files changed since the run" in err

@@ -12,6 +12,7 @@ import argparse
 import os
 import shlex
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Callable, ClassVar, Literal, Optional
@@ -24,6 +25,7 @@ from .detection.train import EVAL_KINDS
 from .engine.config import PRESETS
 from .options import (
     ROLE_INPUT,
+    ROLE_INPUT_TREE,
     ROLE_OUTPUT_DIR,
     ROLE_OUTPUT_FILE,
     Checkpoint,
@@ -77,8 +79,10 @@ class GivenOnce(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[override]
         first = getattr(namespace, self.dest, None)
         if first is not None:
+            base = os.path.relpath(os.path.abspath(first), os.path.dirname(os.path.abspath(values)))
             parser.error(f"{option_string} is given twice ({first}, {values}): pass one file; to build one on the "
-                         f"other, write 'extends: {first}' in {values} and pass {option_string} {values}")
+                         f"other, write 'extends: {base}' in {values} (relative to its folder) and pass "
+                         f"{option_string} {values}")
         setattr(namespace, self.dest, values)
 
 
@@ -296,8 +300,10 @@ def run_eval(args: EvalOptions) -> int:
 
 # -- lesa analyze / compare ----------------------------------------------------------------------------
 def _analyze_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", help="run directory (uses best.pt) or checkpoint")
+    p.add_argument("run", help="run directory (uses best.pt), checkpoint or weights file, or shipped weights by name "
+                   "(lesa_resnet_tiny.fashion_mnist)")
     p.add_argument("--data", help="dataset (default: the run's)")
+    p.add_argument("--model", help="model name, for a weights-only file")
     p.add_argument("--output", help="figure/JSON directory (default RUN/analysis)")
     p.add_argument("--layer", help="layer of the attention map (default: the first SA/LESA layer)")
     p.add_argument("--query", type=int, nargs=2, metavar=("Y", "X"), help="query of the attention map")
@@ -311,7 +317,8 @@ def _analyze_args(p: argparse.ArgumentParser) -> None:
 @schema
 class AnalyzeOptions:
     run: Checkpoint = Field(json_schema_extra=ROLE_INPUT)
-    data: Optional[Name] = Field(default=None, json_schema_extra=ROLE_INPUT)
+    data: Optional[Name] = Field(default=None, json_schema_extra=ROLE_INPUT_TREE)
+    model: Optional[Name] = None
     output: Optional[Name] = Field(default=None, json_schema_extra=ROLE_OUTPUT_DIR)
     layer: Optional[Name] = None
     query: Optional[Annotated[list[NonNegativeInt], Field(min_length=2, max_length=2)]] = None
@@ -339,7 +346,7 @@ def run_analyze(args: AnalyzeOptions) -> int:
 
     result = analyze_run(args.run, args.data, args.output, args.layer, tuple(args.query) if args.query else None,
                          args.image_index, args.max_batches, root=args.data_root, download=args.download,
-                         split=args.split)
+                         split=args.split, model_name=args.model)
     shares = result["shares"]
     print(f"{result['model']}: unary {shares['unary_pct']:.2f}% / binary {shares['binary_pct']:.2f}% "
           f"(mean over {len(shares['layers'])} layers)")
@@ -491,7 +498,7 @@ def _det_args(p: argparse.ArgumentParser) -> None:
 @schema
 class DetEvalOptions:
     checkpoint: Name = Field(json_schema_extra=ROLE_INPUT)
-    data: Optional[Name] = Field(default=None, json_schema_extra=ROLE_INPUT)
+    data: Optional[Name] = Field(default=None, json_schema_extra=ROLE_INPUT_TREE)
     device: Device = "auto"
     max_images: Optional[PositiveInt] = None
     output: Optional[Name] = Field(default=None, json_schema_extra=ROLE_OUTPUT_DIR)
@@ -693,6 +700,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return 2
     _, _, make_options, run = COMMANDS[args.command]
+    formatwarning = warnings.formatwarning
+    warnings.formatwarning = lambda message, *_, **__: f"lesa {args.command}: warning: {message}\n"
     try:
         options = make_options(args)
         extra = [args.config] if getattr(args, "config", None) else []
@@ -709,6 +718,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"lesa {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .errors import ConfigError, OwnershipError
-from .ownership import check_folder, check_write, owns
+from .ownership import MARKER, RUN_FILES, check_folder, check_write, is_earlier_run, owns, read_marker
 
 OUTPUT_ROLES = ("output_dir", "output_file")
 
@@ -89,11 +89,11 @@ def guard_outputs(options: Any, names: Optional[dict[str, str]] = None, extra_in
                 if role == "output_dir":
                     folders.append((path, kinds.get(name, ("run",)), option, defaulted))
                 # the files the command will write inside an output directory
-                outputs += [(str(Path(path) / file), "output_file", option) for file in planned.get(name, [])]
+                outputs += [(str(Path(path) / file), "planned_file", option) for file in planned.get(name, [])]
     for path, kind, option in outputs:
-        check_destination(path, kind, option, inputs)
+        check_destination(path, "output_file" if kind == "planned_file" else kind, option, inputs)
         for tree in trees:
-            _check_not_inside(Path(path), Path(tree), f"{option} {path}")
+            check_not_inside(Path(path), Path(tree), f"{option} {path}")
     for path, folder_kinds, option, defaulted in folders:
         # a default beside the input (RUN/analysis, det eval's RUN) is checked by the command once it has read the
         # input, so that a bad input is named first
@@ -101,7 +101,18 @@ def guard_outputs(options: Any, names: Optional[dict[str, str]] = None, extra_in
             _owned_or_new(lambda p=path, k=folder_kinds, o=option: check_folder(p, k, o))
     for path, kind, option in outputs:
         if kind == "output_file":
+            check_not_a_runs_own_file(Path(path), option)
+        # a run folder of an earlier lesa is adopted by the run that resumes it, once its last.pt is read
+        if kind in ("output_file", "planned_file") and not is_earlier_run(Path(path).parent):
             _owned_or_new(lambda p=path: check_write(p), f"{option} ")
+
+
+def check_not_a_runs_own_file(target: Path, option: str) -> None:
+    """An output file of export / convert is never one of a run folder's own files (its training state)."""
+    marker = read_marker(target.parent)
+    if marker is not None and marker.kind == "run" and (target.name in RUN_FILES or target.name == MARKER):
+        raise OwnershipError(f"{option} {target} is one of the files of lesa's run in {target.parent} (its training "
+                             f"state and records): write to another name, e.g. {target.parent / 'model.safetensors'}")
 
 
 def _within(target: Path, source: Path) -> bool:
@@ -204,7 +215,7 @@ def _same(a: Path, b: Path) -> bool:
         return False
 
 
-def _check_not_inside(target: Path, tree: Path, where: str) -> None:
+def check_not_inside(target: Path, tree: Path, where: str) -> None:
     """Outputs inside a dataset folder would be listed as data the next time it is read."""
     if not _is_dir(tree):
         return

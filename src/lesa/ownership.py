@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shlex
 import sys
 import time
@@ -37,6 +38,7 @@ from .errors import OwnershipError
 MARKER = ".lesa"
 FORMAT = 1
 TEMP_PREFIX = ".lesa-tmp-"
+TEMP_FILE = re.compile(r"^\.lesa-tmp-.+\.[A-Za-z0-9_]{8}\.tmp$")  # what atomic_write's mkstemp makes
 # what a run folder of an earlier lesa (before markers) may hold: adopted only when it holds nothing else
 RUN_FILES = ("last.pt", "best.pt", "config.yaml", "metrics.csv", "summary.json", "tb", "curves.png", "coco_eval.json",
              "analysis", ".lock")
@@ -98,19 +100,25 @@ def command_line() -> str:
 
 
 def foreign_entries(folder: Path, marker: Optional[Marker]) -> list[str]:
-    """The entries of ``folder`` that lesa did not write (all of them for a folder without a marker)."""
+    """The entries of ``folder`` that lesa did not write: for a folder without a (valid) marker, all of them
+    (a user's own ``.lesa`` or ``.lesa-tmp-*`` too)."""
     try:
         names = sorted(os.listdir(folder))
     except OSError:
         return []
-    own = marker.entries if marker else set()
-    return [n for n in names if n != MARKER and n not in own and not n.startswith(TEMP_PREFIX)]
+    if marker is None:
+        return names
+    return [n for n in names if n != MARKER and n not in marker.entries and not TEMP_FILE.match(n)]
 
 
-def _is_earlier_run(folder: Path, names: list[str]) -> bool:
-    """A run folder of a lesa from before markers: only run files, among them its checkpoint."""
+def is_earlier_run(folder: Path) -> bool:
+    """A run folder of a lesa from before markers (no ``.lesa``): only run files, among them its checkpoint.
+    Only a training command adopts one, once it has read its ``last.pt`` as lesa's (:class:`RunDir`)."""
+    if read_marker(folder) is not None:
+        return False
+    names = foreign_entries(folder, None)
     rest = [n for n in names if n not in RUN_FILES and not (n.startswith(".") and n.endswith(".tmp"))]
-    return not rest and all(n in names for n in RUN_EVIDENCE)
+    return bool(names) and not rest and all(n in names for n in RUN_EVIDENCE)
 
 
 def check_folder(folder: str | Path, kinds: tuple[str, ...], option: str) -> Optional[Marker]:
@@ -133,7 +141,7 @@ def check_folder(folder: str | Path, kinds: tuple[str, ...], option: str) -> Opt
                 f"{'n' if kinds[0][0] in 'aeiou' else ''} {kinds[0]} folder: choose a new folder (lesa creates it)")
         return marker
     names = foreign_entries(folder, None)
-    if not names or ("run" in kinds and _is_earlier_run(folder, names)):
+    if not names or (kinds == ("run",) and is_earlier_run(folder)):
         return None
     shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
     raise OwnershipError(
@@ -155,7 +163,7 @@ def claim(folder: str | Path, kind: str, kinds: Optional[tuple[str, ...]] = None
     if marker is not None:
         return marker
     earlier = foreign_entries(folder, None) if folder.is_dir() else []
-    if earlier:  # not empty, yet accepted: a run folder of an earlier lesa
+    if earlier:  # not empty, yet accepted: a run folder of an earlier lesa (check_folder)
         kind = "run"
     make_folder(folder)
     header = dict(lesa=FORMAT, kind=kind, command=command_line(), created=time.strftime("%Y-%m-%dT%H:%M:%S"))
@@ -202,13 +210,10 @@ def register(path: str | Path) -> None:
 
 
 def owns(path: str | Path) -> bool:
-    """Whether ``path`` is an entry lesa wrote in a folder of its own (or a run file of an earlier lesa's run
-    folder, which becomes lesa's once claimed)."""
+    """Whether ``path`` is an entry lesa wrote in a folder of its own."""
     path = Path(path)
     marker = read_marker(path.parent)
-    if marker is None:
-        return path.name in RUN_FILES and _is_earlier_run(path.parent, foreign_entries(path.parent, None))
-    return path.name in marker.entries
+    return marker is not None and path.name in marker.entries
 
 
 def check_write(path: str | Path) -> None:
@@ -256,14 +261,14 @@ def is_input(path: Path) -> bool:
 
 def remove_interrupted_writes(folder: str | Path) -> list[str]:
     """Delete the temporary files that writes interrupted by a kill left in lesa's ``folder``
-    (``.lesa-tmp-*``, see :func:`lesa.utils.atomic_write`; they can be as large as a checkpoint). Nothing else,
-    and nothing in a folder that is not lesa's."""
+    (``.lesa-tmp-NAME.XXXXXXXX.tmp``, :data:`TEMP_FILE`, see :func:`lesa.utils.atomic_write`; they can be as
+    large as a checkpoint). Nothing else, and nothing in a folder that is not lesa's."""
     folder = Path(folder)
     if read_marker(folder) is None:
         return []
     removed = []
     for tmp in folder.glob(f"{TEMP_PREFIX}*"):
-        if tmp.is_file() and not tmp.is_symlink():
+        if TEMP_FILE.match(tmp.name) and tmp.is_file() and not tmp.is_symlink():
             tmp.unlink(missing_ok=True)
             removed.append(tmp.name)
     return removed

@@ -21,12 +21,13 @@ from torch.utils.data import DataLoader
 
 from ..data import build_classification_data
 from ..engine import build_config, evaluate_checkpoint, load_checkpoint, load_trained_model, train
-from ..engine.classification import class_map
+from ..engine.classification import class_map, folder_fingerprints, run_data, suggested_data
 from ..engine.records import plot_curves, read_metrics_csv, write_json
 from ..errors import ConfigError
 from ..layers import ablate_unary
 from ..models.pretrained import FOLDER as PRETRAINED_FOLDER
 from ..models.registry import model_name
+from ..outputs import check_not_inside
 from ..ownership import check_folder, claim
 from ..utils import atomic_write
 from .figures import plot_attention_map, plot_gate_maps, plot_shares
@@ -45,23 +46,25 @@ COMPARE_FILES = ("compare.json", "compare.md", "compare_curves.png", "compare_sh
 def analyze_run(run: str | Path, data: Optional[str] = None, output: Optional[str | Path] = None,
                 layer: Optional[str] = None, query: Optional[tuple[int, int]] = None, image_index: int = 0,
                 max_batches: Optional[int] = None, batch_size: int = 128, root: Optional[str] = None,
-                download: bool = False, split: str = "val") -> dict[str, Any]:
+                download: bool = False, split: str = "val", model_name: Optional[str] = None) -> dict[str, Any]:
     """Shares (``shares.json``) and figures (``shares.png``, ``gate_maps.png``, ``attention_map.png``,
     ``curves.png``) of a trained run on the ``split`` (``'val'``, or ``'test'`` where the data has one) of
     ``data`` (default: the run's, found where the run found it; ``root`` / ``download`` as
-    :func:`lesa.data.build_classification_data`), in ``output`` (default: :func:`default_analysis_dir`).
+    :func:`lesa.data.build_classification_data`), in ``output`` (default: :func:`default_analysis_dir`);
+    ``model_name`` builds a weights-only file (as ``lesa eval --model``).
 
     Raises:
         ConfigError: ``split='test'`` for data without a test split; an ``image_index`` outside the split.
     """
     run = Path(run)
-    model, cfg = load_trained_model(run)
+    model, cfg = load_trained_model(run, model_name)
     if not (data or cfg.get("data")):
-        raise ConfigError("no data: pass --data PATH or --data digits")
+        raise ConfigError(f"no data: pass --data PATH{suggested_data(cfg)}")
     if data is None or data == cfg.get("data"):
-        data, root = cfg.get("data"), root or cfg.get("data_root")
+        data, root = run_data(run, cfg), root or cfg.get("data_root")
     out = Path(output) if output else default_analysis_dir(run, cfg["model"])
     check_folder(out, ("analysis",), "--output")
+    check_not_inside(out, Path(data), f"--output {out}")
     val = build_classification_data(data, cfg["img_size"], train=False, root=root, download=download)
     class_map(cfg.get("classes"), val.classes, str(run))  # refuses data of other classes
     if split == "test" and val.test is None:
@@ -225,10 +228,15 @@ def check_same_recipe(run: Path, cfg: Any) -> None:
     Raises:
         ConfigError: the options that differ, with the fix.
     """
-    saved = load_checkpoint(run / "last.pt").get("config", {})
-    wanted = cfg.to_dict()
+    state = load_checkpoint(run / "last.pt")
+    saved, wanted = state.get("config", {}), cfg.to_dict()
     differ = [f"{key}={saved[key]!r} (this comparison: {wanted[key]!r})" for key in wanted
               if key not in RUN_CONTROL and key in saved and saved[key] != wanted[key]]
+    identity = state.get("data_identity") or {}
+    if not differ and identity.get("fingerprints") and Path(str(cfg.data)).is_dir():
+        now = folder_fingerprints(str(cfg.data), tuple(identity["fingerprints"]))
+        if now != identity["fingerprints"]:
+            differ.append(f"data {cfg.data} (its files changed since the run)")
     if differ:
         raise ConfigError(f"{run} holds a run trained with other options: {'; '.join(differ[:4])}; a comparison "
                           "trains every run with one recipe: choose a new --output for these options, or pass the "

@@ -73,6 +73,7 @@ from ..errors import BadImageError, ConfigError, DataError, LesaError, NotFoundE
 from ..models.registry import check_model_options
 from ..options import (
     ROLE_INPUT,
+    ROLE_INPUT_TREE,
     Checkpoint,
     ImageSize,
     Name,
@@ -81,6 +82,7 @@ from ..options import (
     PositiveInt,
     schema,
 )
+from ..outputs import check_not_inside
 from ..ownership import check_folder, claim
 from ..utils import atomic_write
 from .detectors import BOX_ONLY, DETECTORS, POS_INIT, build_detector, describe_init
@@ -132,7 +134,7 @@ class DetConfig(RunConfig):
     # its box-only form (BOX_ONLY), said in one line
     detector: Optional[Literal[tuple(DETECTORS)]] = None
     backbone: Name = "lesa_resnet_tiny"
-    data: Name = Field(default=EMBEDDED, json_schema_extra=ROLE_INPUT)
+    data: Name = Field(default=EMBEDDED, json_schema_extra=ROLE_INPUT_TREE)
     preset: Optional[Literal[DET_PRESETS]] = None
     semantic: Optional[bool] = None  # HTC's semantic branch; default: where maps exist (digit scenes, semantic_root)
     # COCO-stuff stuffthingmaps (train2017/, val2017/), or 'instances'
@@ -600,6 +602,7 @@ def evaluate_run(checkpoint: str | Path, data: Optional[str] = None, device: str
     model.to(dev)
     if data is None:
         data = located_data(run_dir, state["config"]["data"], state.get("data_identity"))  # as stored, unresolved
+        check_not_inside(folder, Path(data), f"--output {folder}")
     dataset = CocoDetection(*coco_splits(data, ("val",))["val"], categories=state["categories"],
                             max_repaired=cfg.max_repaired)
     result = evaluate_detector(model, dataset, DistContext(device=dev), max_images, quiet=False)

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from ..errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
 from ..ownership import make_folder
 from ..utils import atomic_write, count_params
-from .checkpoint import rng_state, run_kind, save_checkpoint, set_rng_state
+from .checkpoint import load_checkpoint, rng_state, run_kind, save_checkpoint, set_rng_state
 from .config import RunConfig, flag
 from .distributed import DistContext, cleanup_distributed, setup_distributed
 from .records import TensorBoard, write_json, write_metrics_csv
@@ -311,6 +311,9 @@ class Engine:
         if resume_state is not None:
             self._restore(resume_state)  # the task's own checks of its data first (a category mapping, say)
             check_same_data(resume_state.get("data_identity"), task.data_identity(), cfg.output_dir)
+            saved_data = (resume_state.get("data_identity") or {}).get("data")
+            if ctx.is_main and saved_data is not None and saved_data != task.data_identity().get("data"):
+                self.record_moved_data()
             if self.epochs < self.start_epoch:
                 raise ConfigError(f"--resume: the run in {self.out} has trained {self.start_epoch} epochs and "
                                   f"--epochs {self.epochs} asks for fewer: pass --epochs {self.start_epoch} or more "
@@ -338,6 +341,18 @@ class Engine:
         if self.ctx.rank < len(rngs):
             set_rng_state(rngs[self.ctx.rank])
         self.log(f"resuming {self.out} after epoch {self.start_epoch}")
+
+    def record_moved_data(self) -> None:
+        """The data moved (same files, another place): ``best.pt`` says where it is now, as ``last.pt`` will, so
+        that either finds it (:mod:`lesa.engine.run_data`)."""
+        best = self.out / "best.pt"
+        if not best.is_file():
+            return
+        state = load_checkpoint(best)
+        state["data_identity"] = self.task.data_identity()
+        state["config"] = {**state.get("config", {}), "data": self.task.data_identity().get("data")}
+        save_checkpoint(best, state)
+        self.log(f"the run's data moved to {self.task.data_identity().get('data')}")
 
     def log(self, message: str) -> None:
         if not self.quiet:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import NotFoundError, RunDirError
-from ..ownership import check_folder, claim, register, remove_interrupted_writes
+from ..ownership import check_folder, claim, read_marker, register, remove_interrupted_writes
 from .checkpoint import load_checkpoint
 
 LOCK = ".lock"
@@ -36,9 +36,11 @@ class RunDir:
 
     def open(self, resume: bool) -> Optional[dict[str, Any]]:
         last = self.path / "last.pt"
-        if self.main:  # the other processes of a run meet the main process's own lock
+        if self.main:  # the other processes meet the main process's lock and marker: they only read
             check_not_in_use(self.path)
-        marker = check_folder(self.path, ("run",), "--output")
+            marker = check_folder(self.path, ("run",), "--output")
+        else:
+            marker = read_marker(self.path)
         if not resume and last.exists():
             raise RunDirError(f"{self.path} already holds a run (last.pt): pass --resume to continue it, or "
                               "--output DIR for a new run")
