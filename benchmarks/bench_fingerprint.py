@@ -67,7 +67,8 @@ def main() -> None:
                 times[fingerprint].append(measure(root, fingerprint))
     listing, both = statistics.median(times[False]), statistics.median(times[True])
     per_file = (both - listing) / args.files
-    print("| files | listing (s) | listing + fingerprint (s) | fingerprint per file (us) | ImageNet train, extrapolated (s) |")
+    print("| files | listing (s) | listing + fingerprint (s) | fingerprint per file (us) | "
+          "ImageNet train, extrapolated (s) |")
     print("|---|---|---|---|---|")
     print(f"| {args.files:,} in {args.classes} classes | {listing:.2f} | {both:.2f} | {per_file * 1e6:.2f} | "
           f"{both / args.files * IMAGENET_TRAIN:.1f} (listing {listing / args.files * IMAGENET_TRAIN:.1f}) |")

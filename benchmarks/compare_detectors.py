@@ -68,7 +68,7 @@ def figure(runs: Path, out: Path, scenes: int, score_threshold: float) -> None:
     import matplotlib.pyplot as plt
 
     from lesa.data.digit_scenes import ensure_digit_scenes
-    from lesa.detection.train import predict_images
+    from lesa.detection.predict import predict_images
 
     root = ensure_digit_scenes()
     images = json.loads((root / "val.json").read_text())["images"][:scenes]

@@ -406,7 +406,7 @@ def coco_root(tmp_path):
 
 
 def test_det_commands_keep_the_epoch_map_categories_and_skip_bad_inputs(tmp_path, capsys, monkeypatch):
-    import lesa.detection.train as det
+    import lesa.detection.task as det
 
     root, out = coco_root(tmp_path), tmp_path / "run"
 

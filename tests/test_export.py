@@ -13,9 +13,9 @@ import torch
 
 import lesa
 from lesa import LESA2d
+from lesa.classification import load_trained_model
 from lesa.cli import main
 from lesa.convert import save_state_dict
-from lesa.engine import load_trained_model
 from lesa.errors import ConfigError
 from lesa.export import export_model
 

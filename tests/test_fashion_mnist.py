@@ -9,6 +9,8 @@ import pytest
 import torch
 import yaml
 
+from lesa.classification.config import PRESETS
+from lesa.classification.task import training_subset
 from lesa.data import fashion_mnist
 from lesa.data.fashion_mnist import (
     DEBIAN_DIR,
@@ -18,7 +20,6 @@ from lesa.data.fashion_mnist import (
     find_fashion_mnist,
     load_split,
 )
-from lesa.engine.classification import training_subset
 from lesa.engine.config import preset_values
 from lesa.errors import DataError, NotFoundError
 
@@ -181,7 +182,7 @@ def test_the_test_split_is_reported_apart_by_train_eval_and_compare(tmp_path, no
 
 
 def test_the_quick_preset_is_the_full_one_shortened():
-    full, quick = preset_values("fashion_mnist"), preset_values("fashion_mnist_quick")
+    full, quick = preset_values("fashion_mnist", PRESETS), preset_values("fashion_mnist_quick", PRESETS)
     assert "extends" not in quick and quick["model"] == full["model"] and quick["img_size"] == full["img_size"]
     assert quick["epochs"] < full["epochs"] and quick["train_subset"] == 20000
 

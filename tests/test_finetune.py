@@ -9,11 +9,10 @@ import timm
 import torch
 from PIL import Image
 
+from lesa.classification import ClassificationTask, build_config, load_trained_model
 from lesa.cli import main
 from lesa.convert import save_state_dict
 from lesa.detection import build_detector
-from lesa.engine import build_config, load_trained_model
-from lesa.engine.classification import ClassificationTask
 from lesa.engine.distributed import DistContext
 from lesa.engine.records import read_metrics_csv
 from lesa.errors import CheckpointError, ConfigError

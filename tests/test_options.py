@@ -11,8 +11,8 @@ from PIL import Image
 from test_train import make_folder
 
 import lesa.cli as cli_module
+from lesa.classification import build_config
 from lesa.cli import main
-from lesa.engine import build_config
 from lesa.errors import ConfigError
 from lesa.options import load_yaml
 
@@ -307,8 +307,8 @@ def test_resume_refuses_data_whose_classes_changed(tmp_path, capsys, change, mes
 
 
 def test_eval_maps_classes_by_name_and_refuses_unknown_ones(tmp_path, capsys, folder_run):
-    from lesa.engine import evaluate_checkpoint, load_trained_model
-    from lesa.engine.classification import classification_data
+    from lesa.classification import evaluate_checkpoint, load_trained_model
+    from lesa.classification.predict import classification_data
 
     root, out = folder_run
     subset = tmp_path / "subset"  # the same images without one class: its labels shift unless mapped by name
@@ -351,7 +351,7 @@ def test_review_findings_on_outputs(tmp_path, capsys, folder_run, no_work):
 
 
 def test_review_findings_on_names_and_yaml(tmp_path, capsys, no_work):
-    from lesa.detection.train import output_names
+    from lesa.detection.predict import output_names
 
     names = output_names(["p/x.png", "p/x.png", "q/p_x_2.png"])
     assert len(set(names)) == 3  # was: p_x_2.png twice, one drawing lost

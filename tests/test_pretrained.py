@@ -101,8 +101,8 @@ def test_the_shipped_lesa_reaches_its_stated_test_top1_on_the_real_photos():
 def test_a_shipped_file_names_its_model_and_input_size_to_eval_export_and_init(name):
     # `lesa eval/export/analyze FILE` and `lesa train --init FILE` read the file's own description: the model,
     # its 28 px input (a table of the default 32 px would not fit) and the class names
-    from lesa.engine.classification import load_trained_model
-    from lesa.engine.config import with_init_run
+    from lesa.classification import load_trained_model
+    from lesa.classification.config import with_init_run
 
     model, cfg = load_trained_model(pretrained_path(name))
     assert cfg["model"] == name and cfg["img_size"] == 28 and cfg["classes"] == CLASSES

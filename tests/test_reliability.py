@@ -212,7 +212,7 @@ def test_resume_keeps_config_until_its_checkpoint_and_removes_interrupted_writes
     (["--config", "CONFIG"], "epochs in CONFIG: got '3'; give a whole number"),
 ])
 def test_options_are_validated_before_anything_is_built(tmp_path, capsys, monkeypatch, args, message):
-    import lesa.engine.classification as classification
+    import lesa.classification.task as classification
 
     (tmp_path / "c.yaml").write_text('epochs: "3"\n')
     args = [str(tmp_path / "c.yaml") if a == "CONFIG" else a for a in args]

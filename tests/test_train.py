@@ -12,8 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
+from lesa.classification import build_config
+from lesa.classification.config import PRESETS
 from lesa.cli import main
-from lesa.engine import build_config
 from lesa.engine import warmup_cosine as lr_factor
 from lesa.engine.config import preset_values
 from lesa.engine.records import read_metrics_csv
@@ -80,7 +81,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
 def test_an_epoch_is_saved_before_its_evaluation_and_evaluated_on_resume(tmp_path, monkeypatch):
     """last.pt holds a trained epoch before evaluation starts; a run stopped during the evaluation resumes by
     evaluating that epoch, so its row and best.pt are as if nothing happened."""
-    from lesa.engine.classification import ClassificationTask
+    from lesa.classification import ClassificationTask
 
     out = tmp_path / "run"
 
@@ -198,7 +199,7 @@ def test_warmup_then_cosine_per_step():
 
 def test_defaults_are_the_digits_preset():
     defaults = build_config().to_dict()
-    for key, value in preset_values("digits").items():
+    for key, value in preset_values("digits", PRESETS).items():
         assert defaults[key] == value or (key == "img_size" and defaults[key] is None), key
 
 

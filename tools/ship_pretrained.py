@@ -17,8 +17,9 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+from lesa.classification import evaluate_model, load_trained_model
+from lesa.classification.config import PRESETS
 from lesa.engine.checkpoint import load_checkpoint
-from lesa.engine.classification import evaluate_model, load_trained_model
 from lesa.engine.config import preset_values
 from lesa.models.pretrained import FOLDER, TAG
 
@@ -31,7 +32,7 @@ COMMAND_OPTIONS = ("epochs", "batch_size", "lr", "train_subset", "img_size")  # 
 def command(cfg: dict) -> str:
     """The ``lesa train`` command that reproduces a run: its preset, model, seed and what it changed."""
     preset = cfg.get("preset")
-    base = preset_values(preset) if preset else {}
+    base = preset_values(preset, PRESETS) if preset else {}
     words = ["lesa train", f"--data {DATA}", f"--model {cfg['model']}"] + ([f"--preset {preset}"] if preset else [])
     words += [f"--{k.replace('_', '-')} {cfg[k]}" for k in COMMAND_OPTIONS
               if cfg.get(k) is not None and cfg.get(k) != base.get(k)]

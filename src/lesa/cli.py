@@ -19,10 +19,10 @@ from typing import Annotated, Any, Callable, ClassVar, Literal, Optional
 
 from pydantic import AfterValidator, Field
 
+from .classification.config import PRESETS
 from .data import EMBEDDED
 from .detection.detectors import DETECTORS
-from .detection.train import EVAL_KINDS
-from .engine.config import PRESETS
+from .detection.evaluate import EVAL_KINDS
 from .options import (
     ROLE_INPUT,
     ROLE_INPUT_TREE,
@@ -229,14 +229,14 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 
 def train_options(args: argparse.Namespace) -> Any:
-    from .engine import build_config
+    from .classification import build_config
 
     options = {k: v for k, v in vars(args).items() if k not in ("command", "debug", "config", "preset")}
     return build_config(args.config, args.preset, **options)
 
 
 def run_train(cfg: Any) -> int:
-    from .engine import train
+    from .classification import train
 
     summary = train(cfg)
     if not cfg.quiet and summary:
@@ -288,7 +288,7 @@ def run_eval(args: EvalOptions) -> int:
     if args.ablate_unary:
         from .analysis.report import evaluate_without_unary as evaluate
     else:
-        from .engine import evaluate_checkpoint as evaluate
+        from .classification import evaluate_checkpoint as evaluate
 
     result = evaluate(args.checkpoint, args.data, args.batch_size, args.device, args.workers, args.quiet, args.model,
                       split=args.split, root=args.data_root, download=args.download)
@@ -528,14 +528,14 @@ class DetPredictOptions:
     OUTPUT_KINDS: ClassVar[dict[str, tuple[str, ...]]] = {"output": ("predictions",)}
 
     def planned_outputs(self) -> dict[str, list[str]]:
-        from .detection.train import output_names
+        from .detection.predict import output_names
 
         return {"output": output_names(self.images)}
 
 
 def det_options(args: argparse.Namespace) -> Any:
     if args.det_command == "train":
-        from .detection.train import build_det_config
+        from .detection.config import build_det_config
 
         options = {k: v for k, v in vars(args).items() if k not in ("command", "debug", "det_command", "config")}
         return build_det_config(args.config, **options)
@@ -547,7 +547,8 @@ def run_det(args: Any) -> int:
         return _det_eval(args)
     if isinstance(args, DetPredictOptions):
         return _det_predict(args)
-    from .detection.train import NAMES, has_masks, train_detector
+    from .detection.config import NAMES, has_masks
+    from .detection.task import train_detector
 
     summary = train_detector(args)
     if not args.quiet:
@@ -562,7 +563,7 @@ def _ap(value: Optional[float]) -> str:
 
 
 def _det_eval(args: DetEvalOptions) -> int:
-    from .detection.train import evaluate_run
+    from .detection.evaluate import evaluate_run
 
     result, path = evaluate_run(args.checkpoint, args.data, args.device, args.max_images, args.output)
     print(result["data"])
@@ -582,7 +583,7 @@ def _det_eval(args: DetEvalOptions) -> int:
 
 def _det_predict(args: DetPredictOptions) -> int:
     """Draw each image; one that cannot be read is named on stderr and skipped, and the exit code is then 2."""
-    from .detection.train import predict_images
+    from .detection.predict import predict_images
 
     failed = []
 
@@ -623,7 +624,7 @@ class ExportOptions:
 
 
 def run_export(args: ExportOptions) -> int:
-    from .engine import load_trained_model
+    from .classification import load_trained_model
     from .export import export_model
 
     model, cfg = load_trained_model(args.checkpoint, args.model)

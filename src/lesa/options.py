@@ -5,8 +5,8 @@ type *and* its range (``PositiveInt``, ``Fraction``, ``Device``, a ``Literal`` o
 infinities are refused wherever a number is meant; unknown options are errors. :func:`build` makes the
 options from plain values and turns every validation failure into one :class:`~lesa.errors.ConfigError`
 that names the option as the user wrote it (``--batch-size`` on the command line, ``batch_size in
-run.yaml`` in a file), the value, and the fix. The training configurations (``lesa.engine.TrainConfig``,
-``lesa.detection.train.DetConfig``) and the other commands' options (``lesa.cli``) are all built this way.
+run.yaml`` in a file), the value, and the fix. The training configurations (``lesa.classification.TrainConfig``,
+``lesa.detection.config.DetConfig``) and the other commands' options (``lesa.cli``) are all built this way.
 
 Fields may carry a role (``Field(json_schema_extra=ROLE_...)``): the paths a command reads (``input``) and
 the places it writes (``output_dir`` / ``output_file``), so that :func:`lesa.outputs.guard_outputs` can

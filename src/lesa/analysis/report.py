@@ -19,9 +19,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from ..classification import build_config, evaluate_checkpoint, load_trained_model, train
+from ..classification.evaluate import class_map, folder_fingerprints, run_data, suggested_data
 from ..data import build_classification_data
-from ..engine import build_config, evaluate_checkpoint, load_checkpoint, load_trained_model, train
-from ..engine.classification import class_map, folder_fingerprints, run_data, suggested_data
+from ..engine import load_checkpoint
 from ..engine.records import plot_curves, read_metrics_csv, write_json
 from ..errors import ConfigError
 from ..layers import ablate_unary
@@ -109,7 +110,7 @@ def evaluate_without_unary(checkpoint: str | Path, data: Optional[str] = None, b
                            device: str = "auto", workers: int = 0, quiet: bool = False,
                            model_name: Optional[str] = None, **source: Any) -> dict[str, Any]:
     """Table 1's ablation: a trained classifier evaluated with each query's own attention term removed
-    (``source``: ``split``, ``root``, ``download`` of :func:`lesa.engine.evaluate_checkpoint`)."""
+    (``source``: ``split``, ``root``, ``download`` of :func:`lesa.classification.evaluate_checkpoint`)."""
     return evaluate_checkpoint(checkpoint, data, batch_size, device, workers, quiet, model_name, within=ablate_unary,
                                **source)
 

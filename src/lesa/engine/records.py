@@ -9,12 +9,10 @@ from typing import Any, Optional
 
 from ..utils import atomic_write
 
-METRIC_COLUMNS = ["epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr", "epoch_time_s"]
 
-
-def write_metrics_csv(path: Path, history: list[dict[str, Any]], columns: Optional[list[str]] = None) -> None:
-    """The whole history, rewritten atomically (a resumed run rewrites it from its checkpoint)."""
-    columns = columns or METRIC_COLUMNS
+def write_metrics_csv(path: Path, history: list[dict[str, Any]], columns: list[str]) -> None:
+    """The whole history in the task's ``columns``, rewritten atomically (a resumed run rewrites it from its
+    checkpoint)."""
 
     def write(tmp: str) -> None:
         with open(tmp, "w", newline="") as f:

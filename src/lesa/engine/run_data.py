@@ -36,10 +36,12 @@ def fingerprint_files(root: str | Path, files: Iterable[str | Path], annotations
         NotFoundError: a file vanished while it was listed.
     """
     digest = hashlib.sha256()
-    root = str(root)
+    root = str(root).rstrip(os.sep) + os.sep
     try:
-        for rel, size in sorted((os.path.relpath(f, root), os.stat(f).st_size) for f in files):
-            digest.update(f"{rel}\0{size}\n".encode("utf-8", "surrogateescape"))
+        # slicing, not os.path.relpath: the files are listed below root, and relpath costs more than the stat
+        entries = sorted((f[len(root):] if f.startswith(root) else os.path.relpath(f, root), os.stat(f).st_size)
+                         for f in map(str, files))
+        digest.update("".join(f"{rel}\0{size}\n" for rel, size in entries).encode("utf-8", "surrogateescape"))
         for annotation in annotations:
             with open(annotation, "rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):

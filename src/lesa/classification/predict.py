@@ -1,0 +1,71 @@
+"""A trained classifier for inference: its weights from any file lesa reads (a run directory's ``best.pt``, a
+training checkpoint, a weights file, shipped weights by name) with its run's configuration, and the data as
+the model takes it (its input size and normalisation).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ..data import build_classification_data
+from ..engine.checkpoint import COMMANDS_OF, run_kind
+from ..errors import CheckpointError, ConfigError
+from ..models import create_model, default_cfg
+from ..weights import load_state, model_state_dict, read_checkpoint, shared_prefix_note
+
+
+def model_img_size(model: str, img_size: Optional[int] = None) -> int:
+    return img_size or default_cfg(model)["input_size"][-1]
+
+
+def classification_data(model: str, data: str, img_size: int, train: bool = True, root: Optional[str] = None,
+                        download: bool = False):
+    inputs = default_cfg(model)
+    return build_classification_data(data, img_size, train=train, mean=inputs["mean"], std=inputs["std"],
+                                     crop_pct=inputs["crop_pct"], root=root, download=download)
+
+
+def read_classifier(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The weights of a classifier's run directory (its ``best.pt``), training checkpoint or weights file, and
+    its run's configuration with its ``classes`` (``{}`` for a bare weights file).
+
+    Raises:
+        NotFoundError, CheckpointError: an unreadable file (:func:`lesa.weights.read_checkpoint`), a detection
+            run, or weights without a classifier.
+    """
+    state = read_checkpoint(checkpoint)
+    is_run = isinstance(state, dict) and isinstance(state.get("model"), dict) and "epoch" in state
+    if is_run and run_kind(state) != "classification":
+        raise CheckpointError(f"{checkpoint} is a {run_kind(state)} run, not a classifier: "
+                              f"{COMMANDS_OF[run_kind(state)]}")
+    cfg = dict(state.get("config", {})) if is_run else {}
+    if is_run and state.get("data_identity"):
+        cfg["data_identity"] = state["data_identity"]
+    if not is_run:  # a shipped weights file names its model, input size and classes in its metadata
+        from ..models.pretrained import file_description
+
+        cfg = file_description(checkpoint) or {}
+    if is_run and state.get("classes") is not None:
+        cfg["classes"] = list(state["classes"])
+    sd = model_state_dict(state, checkpoint)
+    if "fc.weight" not in sd:
+        raise CheckpointError(f"{checkpoint}: no classifier weights (fc.weight) found{shared_prefix_note(sd)}; is "
+                              "this a lesa classification model? (a detector: use `lesa det eval`)")
+    return sd, cfg
+
+
+def load_trained_model(checkpoint: str | Path, model_name: Optional[str] = None) -> tuple[nn.Module, dict[str, Any]]:
+    """The model of a run directory (its ``best.pt``), a training checkpoint or a weights file, with the
+    run's configuration (``{}`` for a bare weights file, which then needs ``model_name``)."""
+    sd, cfg = read_classifier(checkpoint)
+    name = model_name or cfg.get("model")
+    if not name:
+        raise ConfigError(f"{checkpoint} holds weights only: pass the model name (--model NAME)")
+    img_size = model_img_size(name, cfg.get("img_size"))
+    model = create_model(name, num_classes=sd["fc.weight"].shape[0], img_size=img_size, **cfg.get("model_kwargs", {}))
+    load_state(model, sd, checkpoint)
+    cfg.update(model=name, img_size=img_size)
+    return model, cfg

@@ -1,0 +1,235 @@
+"""The options of a detection run (``lesa det train``): :class:`DetConfig` with its data-dependent defaults
+and the paper's schedules, the HTC presets, where a COCO root keeps its splits (:func:`coco_splits`) and the
+fingerprint of its files (:mod:`lesa.engine.run_data`).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import field
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional
+
+import torch
+from pydantic import Field
+
+from ..data.coco import (
+    INSTANCE_SEMANTIC,
+    MAX_REPAIRED,
+)
+from ..data.digit_scenes import ensure_digit_scenes
+from ..engine import (
+    RunConfig,
+    load_checkpoint,
+    merge_config,
+)
+from ..engine.run_data import fingerprint_files
+from ..errors import ConfigError, DataError, LesaError, NotFoundError
+from ..models.registry import check_model_options
+from ..options import (
+    ROLE_INPUT,
+    ROLE_INPUT_TREE,
+    Checkpoint,
+    ImageSize,
+    Name,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    schema,
+)
+from .detectors import BOX_ONLY, DETECTORS, POS_INIT
+
+SCHEDULES = {"1x": (12, (8, 11)), "20e": (20, (16, 19))}
+NAMES = {"maskrcnn": "Mask R-CNN", "cascade_maskrcnn": "Cascade Mask R-CNN", "htc": "HTC",
+         "fasterrcnn": "Faster R-CNN", "cascade_rcnn": "Cascade R-CNN"}
+DET_PRESETS = ("htc", "htc_1280")
+
+
+def has_masks(detector: str) -> bool:
+    """Whether ``detector`` predicts instance masks (the box-only ones are :data:`BOX_ONLY`'s values)."""
+    return detector not in BOX_ONLY.values()
+
+
+EMBEDDED = "digit-scenes"
+# Options left unset take these by data: CPU-sized for the embedded digit scenes; torchvision's and
+# mmdetection's usual COCO settings (800-1333 px, 2 images per GPU, 512 RoIs, 2000 proposals) otherwise.
+DATA_DEFAULTS = {
+    "embedded": {"batch_size": 4, "min_size": 320, "max_size": 512,
+                 "box_batch_size_per_image": 128, "rpn_post_nms_top_n_train": 1000},
+    "coco": {"batch_size": 2, "min_size": 800, "max_size": 1333,
+             "box_batch_size_per_image": 512, "rpn_post_nms_top_n_train": 2000},
+}
+
+
+@schema
+class DetConfig(RunConfig):
+    """A detection run; the defaults train the CPU-sized LESA backbone on the embedded digit scenes."""
+
+    # default: maskrcnn, or with --resume the run's detector; on box-only training data a mask detector becomes
+    # its box-only form (BOX_ONLY), said in one line
+    detector: Optional[Literal[tuple(DETECTORS)]] = None
+    backbone: Name = "lesa_resnet_tiny"
+    data: Name = Field(default=EMBEDDED, json_schema_extra=ROLE_INPUT_TREE)
+    preset: Optional[Literal[DET_PRESETS]] = None
+    semantic: Optional[bool] = None  # HTC's semantic branch; default: where maps exist (digit scenes, semantic_root)
+    # COCO-stuff stuffthingmaps (train2017/, val2017/), or 'instances'
+    semantic_root: Optional[Name] = Field(default=None, json_schema_extra=ROLE_INPUT)
+    semantic_classes: Optional[PositiveInt] = None  # default: 183 with semantic_root (COCO-stuff), classes + 1
+    # [[probability, low, high], ...]: longer side drawn per image
+    train_scales: Optional[list[Annotated[list[PositiveFloat], Field(min_length=3, max_length=3)]]] = None
+    schedule: Literal[tuple(SCHEDULES)] = "1x"
+    lr: PositiveFloat = 0.02
+    lr_base_batch: PositiveInt = 16
+    warmup_iters: NonNegativeInt = 500
+    warmup_ratio: Annotated[float, Field(gt=0, le=1)] = 0.001
+    min_size: Optional[ImageSize] = None
+    max_size: Optional[ImageSize] = None
+    dcn_stages: list[Annotated[int, Field(ge=1, le=4)]] = field(default_factory=list)
+    deform_unary: bool = False
+    pretrained_backbone: Optional[Checkpoint] = Field(default=None, json_schema_extra=ROLE_INPUT)
+    pos_init: Literal[POS_INIT] = "reinit"
+    trainable_layers: Optional[Annotated[int, Field(ge=0, le=5)]] = None  # default: 3 if pretrained, else all (5)
+    frozen_bn: Optional[bool] = None  # default: frozen with a pretrained backbone; from scratch BN must train
+    checkpoint_layers: bool = False
+    box_batch_size_per_image: Optional[PositiveInt] = None  # RoIs per image for the box/mask heads
+    rpn_post_nms_top_n_train: Optional[PositiveInt] = None  # proposals kept in training
+    impl: Literal["reference", "fused", "auto"] = "auto"
+    max_eval_images: Optional[PositiveInt] = None
+    # share of a COCO file's annotations that may be repaired (clipped or dropped) before it is refused
+    max_repaired: Annotated[float, Field(ge=0, le=1)] = MAX_REPAIRED
+
+    def __post_init__(self) -> None:
+        # paths resolved once, here: eval / resume from another working folder find the same files
+        self.data = resolved(self.data, keep=(EMBEDDED,))
+        self.semantic_root = resolved(self.semantic_root, keep=(INSTANCE_SEMANTIC,))
+        self.pretrained_backbone = resolved(self.pretrained_backbone)
+        for name, value in DATA_DEFAULTS["embedded" if self.data == EMBEDDED else "coco"].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        # The run's folder is named by the detector asked for, before it is resolved here or turned into its
+        # box-only form by the data (choose_detector): it stays where the command found it.
+        if self.output is None:
+            self.output = str(self.output_dir)
+        if self.detector is None:
+            self.detector = (run_detector(self.output_dir) if self.resume else None) or "maskrcnn"
+        super().__post_init__()
+
+    def problems(self) -> list[str]:
+        problems = super().problems()
+        try:
+            check_model_options(self.backbone, {})
+        except ConfigError as err:
+            problems.append(f"--backbone: {err}")
+        if self.semantic and self.detector != "htc":
+            problems.append(f"--semantic is HTC's branch; {self.detector} has none (use --detector htc)")
+        if self.semantic_classes and not self.with_semantic:
+            problems.append("--semantic-classes sets the classes of HTC's semantic branch, which is off here "
+                            "(use --detector htc with --semantic-root, or drop --semantic-classes)")
+        if self.semantic and self.data != EMBEDDED and not self.semantic_root:
+            problems.append("--semantic on COCO needs the COCO-stuff maps: pass --semantic-root (stuffthingmaps)")
+        for scale in self.train_scales or []:
+            if not scale[0] <= 1 or not scale[1] <= scale[2]:
+                problems.append(f"train_scales entries are [probability, low, high] with probability <= 1 and "
+                                f"low <= high (got {scale})")
+        if self.min_size > self.max_size:
+            problems.append(f"--min-size {self.min_size} exceeds --max-size {self.max_size}: the shorter side "
+                            "cannot be longer than the longer one")
+        return problems
+
+    def default_run_name(self) -> str:
+        kind = "" if self.detector in (None, "maskrcnn") else f"{self.detector}-"
+        return f"det-{kind}{self.backbone}-{Path(self.data).name}"
+
+    @property
+    def with_semantic(self) -> bool:
+        """Whether HTC's semantic branch is on (by default where maps exist)."""
+        if self.semantic is not None:
+            return self.semantic
+        return self.detector == "htc" and (self.data == EMBEDDED or bool(self.semantic_root))
+
+    def semantic_source(self, split: str) -> Optional[str | Path]:
+        if not self.with_semantic:
+            return None
+        if self.data == EMBEDDED or self.semantic_root == INSTANCE_SEMANTIC:
+            return INSTANCE_SEMANTIC
+        return Path(self.semantic_root) / f"{split}2017"
+
+    def total_epochs(self) -> int:
+        return self.epochs or SCHEDULES[self.schedule][0]
+
+    def lr_fractions(self) -> list[float]:
+        """The lr steps of the schedule as fractions of training (they keep their place when ``epochs``
+        changes the length)."""
+        epochs, steps = SCHEDULES[self.schedule]
+        return [s / epochs for s in steps]
+
+
+def resolved(path: Optional[str], keep: tuple[str, ...] = ()) -> Optional[str]:
+    """``path`` made absolute (``~`` expanded) where it exists; names in ``keep`` and missing paths as given (their
+    readers name them)."""
+    if path is None or path in keep:
+        return path
+    with contextlib.suppress(OSError, RuntimeError):
+        candidate = Path(path).expanduser()
+        if candidate.exists():
+            return str(candidate.resolve())
+    return path
+
+
+def coco_fingerprints(data: str, splits: tuple[str, ...]) -> dict[str, str]:
+    """Each split's fingerprint (:func:`lesa.engine.run_data.fingerprint_files`): its annotation file's bytes and
+    the names and sizes of the files in its image folder."""
+    found = {}
+    for split, (annotation_file, images) in coco_splits(data, splits).items():
+        files = [os.path.join(d, f) for d, _, names in os.walk(images) for f in names] if images.is_dir() else []
+        found[split] = fingerprint_files(images, files, [annotation_file])
+    return found
+
+
+def build_det_config(config_file: Optional[str] = None, **overrides: Any) -> DetConfig:
+    """Defaults < YAML file < explicit overrides (``None`` values are ignored)."""
+    return merge_config(DetConfig, config_file, overrides.pop("preset", None), presets=DET_PRESETS, **overrides)
+
+
+def coco_splits(data: str, needed: tuple[str, ...] = ("train", "val")) -> dict[str, tuple[Path, Path]]:
+    """``{'train': (annotations, images), 'val': ...}`` (the ``needed`` splits) for the embedded digit scenes,
+    COCO 2017's layout (``annotations/instances_train2017.json``, ``train2017/``) or ``train.json`` + ``train/``.
+
+    Raises:
+        NotFoundError: no such folder, or a needed split missing from it.
+        DataError: ``data`` is a file (an annotation file given for the folder).
+    """
+    root = ensure_digit_scenes() if data == EMBEDDED else Path(data)
+    if root.is_file():
+        raise DataError(f"detection data {str(root)!r} is a file, not a COCO root folder: pass the folder that holds "
+                        "train.json + train/ and val.json + val/ (or COCO 2017's annotations/instances_train2017.json "
+                        "+ train2017/, ...)")
+    if not root.is_dir():
+        raise NotFoundError(f"detection data {str(root)!r} does not exist (a COCO root, or {EMBEDDED})")
+    splits = {}
+    for split in needed:
+        for ann, images in ((root / "annotations" / f"instances_{split}2017.json", root / f"{split}2017"),
+                            (root / f"{split}.json", root / split)):
+            if ann.is_file():
+                splits[split] = (ann, images)
+                break
+        else:
+            raise NotFoundError(
+                f"{root}: no {split} annotations (expected annotations/instances_{split}2017.json with "
+                f"{split}2017/, or {split}.json with {split}/)")
+    return splits
+
+
+def run_detector(run: Path) -> Optional[str]:
+    """The detector of the run in folder ``run`` (its ``last.pt``'s config); None where none can be read (the
+    engine names a missing or bad checkpoint when it resumes)."""
+    path = Path(run) / "last.pt"
+    state = None
+    with contextlib.suppress(Exception):  # mmap: the config alone is read, the tensors stay on disk
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if state is None:
+        with contextlib.suppress(LesaError):  # a checkpoint torch cannot map (written by torch's legacy format)
+            state = load_checkpoint(path)
+    config = state.get("config") if isinstance(state, dict) else None
+    detector = config.get("detector") if isinstance(config, dict) else None
+    return detector if detector in DETECTORS else None
