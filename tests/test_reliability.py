@@ -189,7 +189,7 @@ def test_resume_keeps_config_until_its_checkpoint_and_removes_interrupted_writes
     args = ["train", "--model", "resnet_tiny", *QUICK, "--output", out]
     assert cli(capsys, *args, "--epochs", "1")[0] == 0
     config = (out / "config.yaml").read_text()
-    (out / ".lesa-tmp-last.pt.abc123.tmp").write_bytes(b"\0" * 1000)  # what a kill during a write leaves
+    (out / ".lesa-tmp-last.pt.abc123xy.tmp").write_bytes(b"\0" * 1000)  # what a kill during a write leaves
     (out / ".last.pt.abc123.tmp").write_bytes(b"user's")  # a user's file of the same shape: not lesa's prefix
     # a resume that fails before training leaves config.yaml as the run's
     code, err = cli(capsys, *args, "--epochs", "2", "--resume", "--img-size", "24")
