@@ -64,3 +64,18 @@ def test_the_package_has_no_import_cycle():
     for name in sorted(GRAPH):
         if name not in state:
             visit(name)
+
+
+def test_the_old_detection_train_path_warns_and_still_provides_its_names():
+    import importlib
+    import sys
+
+    import pytest
+
+    sys.modules.pop("lesa.detection.train", None)
+    with pytest.warns(DeprecationWarning, match="lesa.detection.train is deprecated"):
+        old = importlib.import_module("lesa.detection.train")
+    from lesa.detection import config, evaluate, predict, task
+
+    assert (old.DetConfig, old.train_detector, old.evaluate_run, old.predict_images) == \
+        (config.DetConfig, task.train_detector, evaluate.evaluate_run, predict.predict_images)

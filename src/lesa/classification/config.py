@@ -104,11 +104,12 @@ class TrainConfig(RunConfig):
 
 
 def build_config(config_file: Optional[str] = None, preset: Optional[str] = None, **overrides: Any) -> TrainConfig:
-    """The classification configuration (see :func:`merge_config`); with ``init``, completed from the
-    checkpoint's run (:func:`with_init_run`).
+    """The classification configuration (see :func:`lesa.engine.merge_config`); with ``init``, completed from
+    the checkpoint's run (:func:`with_init_run`).
 
     Raises:
-        ConfigError, NotFoundError, CheckpointError: see :func:`merge_config` and :func:`with_init_run`.
+        ConfigError, NotFoundError, CheckpointError: see :func:`lesa.engine.merge_config` and
+            :func:`with_init_run`.
     """
     values, sources = merge_values(TrainConfig, config_file, preset, PRESETS, **overrides)
     if isinstance(values.get("init"), str) and values["init"]:  # other values: the schema names the error

@@ -1,6 +1,6 @@
-"""A trained classifier for inference: its weights from any file lesa reads (a run directory's ``best.pt``, a
-training checkpoint, a weights file, shipped weights by name) with its run's configuration, and the data as
-the model takes it (its input size and normalisation).
+"""A classifier and its inputs: the data as a model takes it (its input size and normalisation, for training
+and inference alike), and a trained classifier from any file lesa reads (a run directory's ``best.pt``, a
+training checkpoint, a weights file, shipped weights by name) with its run's configuration.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..data import build_classification_data
-from ..engine.checkpoint import COMMANDS_OF, run_kind
+from ..engine.checkpoint import commands_of, run_kind
 from ..errors import CheckpointError, ConfigError
 from ..models import create_model, default_cfg
 from ..weights import load_state, model_state_dict, read_checkpoint, shared_prefix_note
@@ -40,7 +40,7 @@ def read_classifier(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], di
     is_run = isinstance(state, dict) and isinstance(state.get("model"), dict) and "epoch" in state
     if is_run and run_kind(state) != "classification":
         raise CheckpointError(f"{checkpoint} is a {run_kind(state)} run, not a classifier: "
-                              f"{COMMANDS_OF[run_kind(state)]}")
+                              f"{commands_of(run_kind(state))}")
     cfg = dict(state.get("config", {})) if is_run else {}
     if is_run and state.get("data_identity"):
         cfg["data_identity"] = state["data_identity"]

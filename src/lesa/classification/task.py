@@ -1,4 +1,5 @@
-"""Image classification on the one training engine (``lesa train`` / ``lesa eval``).
+"""Image classification on the one training engine (``lesa train``; evaluation is
+:mod:`lesa.classification.evaluate`).
 
 The task: a registered model (:func:`lesa.create_model`) on an embedded set or an ImageFolder root,
 cross-entropy with optional label smoothing, the paper's warm-up + cosine schedule per step, top-1 / top-5

@@ -120,9 +120,11 @@ def build_detector(
             rpn_post_nms_top_n_train=rpn_post_nms_top_n_train)
         model.transform = transform
     else:
+        # torchvision's Faster R-CNN defaults, by name (its RPN takes them positionally)
         rpn = RegionProposalNetwork(
-            _default_anchorgen(), RPNHead(fpn.out_channels, 3), 0.7, 0.3, 256, 0.5,
-            dict(training=2000, testing=1000), dict(training=rpn_post_nms_top_n_train, testing=1000), 0.7)
+            _default_anchorgen(), RPNHead(fpn.out_channels, 3), fg_iou_thresh=0.7, bg_iou_thresh=0.3,
+            batch_size_per_image=256, positive_fraction=0.5, pre_nms_top_n=dict(training=2000, testing=1000),
+            post_nms_top_n=dict(training=rpn_post_nms_top_n_train, testing=1000), nms_thresh=0.7)
         heads = build_cascade_heads(num_classes, htc=kind == "htc", masks=kind != "cascade_rcnn",
                                     semantic_classes=semantic_classes,
                                     out_channels=fpn.out_channels, batch_size_per_image=box_batch_size_per_image)

@@ -35,9 +35,6 @@ from .predict import load_detector
 EVAL_KINDS = ("evaluation", "run")  # where det eval writes coco_eval.json: its own folder or the run's
 
 
-
-
-
 @torch.no_grad()
 def evaluate_detector(model: nn.Module, dataset: CocoDetection, ctx: DistContext,
                       max_images: Optional[int] = None, quiet: bool = True, batch_size: int = 2) -> dict[str, Any]:

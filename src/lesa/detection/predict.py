@@ -1,5 +1,7 @@
-"""A trained detector for inference: the model of a run (:func:`load_detector`) and drawings of its boxes, labels,
-scores and masks on images (:func:`predict_images`).
+"""A detector and its predictions: the model a config describes (:func:`detector_of`, for training and
+inference alike), the model of a trained run (:func:`load_detector`) and drawings of its boxes, labels, scores
+and masks on images (:func:`predict_images`, ``lesa det predict``: an input it cannot read, a folder too, is
+named on stderr and skipped, the others are done).
 """
 from __future__ import annotations
 

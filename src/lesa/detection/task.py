@@ -1,5 +1,5 @@
-"""Training and COCO evaluation of Mask R-CNN, Cascade Mask R-CNN and HTC with lesa backbones
-(``lesa det train / eval / predict``), a task on the one training engine.
+"""Training Mask R-CNN, Cascade Mask R-CNN and HTC with lesa backbones (``lesa det train``), a task on the one
+training engine; their evaluation is :mod:`lesa.detection.evaluate`, drawings :mod:`lesa.detection.predict`.
 
 Schedules as the paper (Sec. 4.2): ``1x`` = 12 epochs with the learning rate divided by 10 after epochs
 8 and 11, ``20e`` = 20 epochs with steps after 16 and 19; SGD (momentum 0.9, weight decay 1e-4), lr 0.02
@@ -23,7 +23,6 @@ Policies:
 * **A resumed run keeps its detector.** Without ``--detector`` (command line, YAML or preset) ``--resume``
   builds the detector the run saved; a ``--detector`` that would build another one (on this data) is one
   line naming the run's.
-* ``det predict`` names each input it cannot read (a folder too) on stderr, skips it and does the others.
 """
 from __future__ import annotations
 
@@ -71,6 +70,8 @@ def eval_column_names(detector: str) -> list[str]:
     """The AP columns of ``metrics.csv``: box AP / AP50, and mask AP / AP50 for the mask detectors."""
     iou_types = ("bbox", "segm") if has_masks(detector) else ("bbox",)
     return [f"{iou_type}_{stat}" for iou_type in iou_types for stat in ("AP", "AP50")]
+
+
 class DetectionTask(Task):
     """Mask R-CNN, Cascade Mask R-CNN, HTC or their box-only forms (Faster R-CNN, Cascade R-CNN: on box-only
     training data, see :func:`choose_detector`) with a lesa backbone on COCO-format data (see the module

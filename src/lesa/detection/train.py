@@ -10,5 +10,5 @@ from .predict import *  # noqa: F403
 from .task import *  # noqa: F403
 from .task import ap_text, eval_columns, evaluation_failed, finite  # noqa: F401
 
-warnings.warn("lesa.detection.train is deprecated: import from lesa.detection (or lesa.detection.config / task / "
-              "evaluate / predict)", DeprecationWarning, stacklevel=2)
+warnings.warn("lesa.detection.train is deprecated: import from lesa.detection.config, lesa.detection.task, "
+              "lesa.detection.evaluate or lesa.detection.predict", DeprecationWarning, stacklevel=2)

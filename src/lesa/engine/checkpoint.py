@@ -52,7 +52,7 @@ def load_checkpoint(path: Path, kind: Optional[str] = None) -> dict[str, Any]:
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict) or "epoch" not in state:
         raise CheckpointError(f"{path} holds weights only, not a training checkpoint of a lesa run (last.pt / best.pt)")
     if kind is not None and run_kind(state) != kind:
-        raise CheckpointError(f"{path} is a {run_kind(state)} run, not a {kind} run: {COMMANDS_OF[run_kind(state)]}")
+        raise CheckpointError(f"{path} is a {run_kind(state)} run, not a {kind} run: {commands_of(run_kind(state))}")
     return state
 
 
@@ -61,6 +61,11 @@ COMMANDS_OF = {
     "classification": "use `lesa eval` / `lesa analyze` (or --pretrained-backbone to initialise a detector from it)",
     "detection": "use `lesa det eval` / `lesa det predict`",
 }
+
+
+def commands_of(kind: str) -> str:
+    """What to do with a run of ``kind`` (a task the engine does not list: its own commands)."""
+    return COMMANDS_OF.get(kind, f"use the commands of {kind} runs")
 
 
 def run_kind(state: dict[str, Any]) -> str:
