@@ -100,7 +100,10 @@ def analyze_run(run: str | Path, data: Optional[str] = None, output: Optional[st
 def default_analysis_dir(run: Path, model: Optional[str] = None) -> Path:
     """``RUN/analysis`` (a run directory, or the folder of a checkpoint file); for weights shipped inside the
     package, ``runs/analysis-<model>`` in the working directory: never the installed package."""
-    folder = run if run.is_dir() else run.parent
+    try:
+        folder = run if run.is_dir() else run.parent
+    except OSError:  # a name the system cannot look up: the checkpoint reader names it
+        folder = run.parent
     if folder.resolve() == Path(str(resources.files("lesa").joinpath(PRETRAINED_FOLDER))).resolve():
         return Path("runs") / f"analysis-{model or run.name.split('.')[0]}"
     return folder / "analysis"

@@ -107,6 +107,11 @@ def shipped_file(value: str) -> Optional[Path]:
     """The shipped file a ``NAME.TAG`` (timm's tagged name, e.g. ``lesa_resnet_tiny.fashion_mnist``) names, where
     no file or folder of that name exists here (a user's own file always wins); ``None`` otherwise."""
     name, dot, tag = str(value).rpartition(".")
-    if not dot or not name or "/" in str(value) or Path(value).exists():
+    if not dot or not name or "/" in str(value):
         return None
-    return pretrained_path(name, tag)
+    try:
+        if Path(value).exists():
+            return None
+        return pretrained_path(name, tag)
+    except (OSError, ValueError):  # a name too long, a NUL byte: no shipped file has it
+        return None
