@@ -148,13 +148,14 @@ def test_a_run_of_the_other_kind_is_named(tmp_path, capsys, run_dir, scenes):
 
 
 def test_a_directory_in_use_is_refused_and_a_stale_lock_taken_over(tmp_path, capsys):
-    from lesa.ownership import claim
+    from lesa.ownership import claim, register
 
     out = tmp_path / "run"
     claim(out, "run")  # the folder of a run that is still going
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (out / ".lock").write_text(f"{sleeper.pid} {socket.gethostname()} now\n")
+        register(out / ".lock")  # as lesa's lock() does
         code, err = cli(capsys, "train", "--model", "resnet_tiny", "--epochs", "1", *QUICK, "--output", out)
         assert code == 2 and f"in use by a live run: process {sleeper.pid}" in err and ".lock" in err
         assert "delete" not in err and "remove" not in err  # no advice that would harm the live run
@@ -164,6 +165,12 @@ def test_a_directory_in_use_is_refused_and_a_stale_lock_taken_over(tmp_path, cap
     # the process is gone: its lock is stale, taken over and released at the end
     code, _ = cli(capsys, "train", "--model", "resnet_tiny", "--epochs", "1", *QUICK, "--output", out)
     assert code == 0 and (out / "last.pt").is_file() and not (out / ".lock").exists()
+    # a .lock lesa did not write (in a folder lesa made) is never removed
+    other = tmp_path / "other"
+    claim(other, "run")
+    (other / ".lock").write_text("my notes")
+    code, err = cli(capsys, "train", "--model", "resnet_tiny", "--epochs", "1", *QUICK, "--output", other)
+    assert code == 2 and "lesa did not write it" in err and (other / ".lock").read_text() == "my notes"
 
 
 def test_resume_needs_a_run_of_the_same_kind(tmp_path, capsys, run_dir, scenes):

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import NotFoundError, RunDirError
-from ..ownership import check_folder, claim, read_marker, register, remove_interrupted_writes
+from ..ownership import check_folder, claim, owns, read_marker, register, remove_interrupted_writes
 from .checkpoint import load_checkpoint
 
 LOCK = ".lock"
@@ -65,6 +65,9 @@ class RunDir:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 check_not_in_use(self.path)
+                if not owns(path):  # a .lock lesa did not write is the user's: never removed
+                    raise RunDirError(f"{path} exists and lesa did not write it; it is left as it is: choose "
+                                      "another --output") from None
                 path.unlink(missing_ok=True)  # stale: its process is gone
                 continue
             with os.fdopen(fd, "w") as f:
