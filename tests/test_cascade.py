@@ -13,9 +13,10 @@ from torchvision.ops import MultiScaleRoIAlign
 from lesa.cli import main
 from lesa.data.digit_scenes import ensure_digit_scenes
 from lesa.detection import DetectionTransform, FusedSemanticHead, build_detector, build_maskrcnn
-from lesa.detection.cascade import CascadeRoIAlign, RoIMaps, cascade_box_loss, semantic_targets
+from lesa.detection.cascade import cascade_box_loss, semantic_targets
 from lesa.detection.config import build_det_config
 from lesa.detection.predict import output_names
+from lesa.detection.roi_align import CascadeRoIAlign, RoIMaps
 from lesa.engine import read_metrics_csv
 from lesa.errors import ConfigError
 

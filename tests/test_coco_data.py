@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from lesa.cli import main
-from lesa.data.coco import CocoDetection, coco_evaluate, encode_mask, hflip, rle_counts, to_coco_results
+from lesa.data.coco import CocoDetection, encode_mask, hflip, rle_counts
+from lesa.detection.evaluate import coco_evaluate, to_coco_results
 from lesa.errors import BadImageError, DataError
 
 pytest.importorskip("pycocotools")

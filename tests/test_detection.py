@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from lesa.cli import main
-from lesa.data.coco import CocoDetection, coco_evaluate, encode_mask, to_coco_results, write_coco
+from lesa.data.coco import CocoDetection, encode_mask, write_coco
 from lesa.data.digit_scenes import ensure_digit_scenes
 from lesa.detection import build_backbone, build_maskrcnn, load_backbone_weights
 from lesa.detection.config import DetConfig
+from lesa.detection.evaluate import coco_evaluate, to_coco_results
 from lesa.engine.records import read_metrics_csv
 from lesa.layers import DeformConv2dPack, LESA2d
 from lesa.layers.rel_pos import resize_rel_table

@@ -17,7 +17,7 @@ from same_step import assert_same_step
 from lesa.errors import ConfigError
 from lesa.layers import BinaryAttention2d
 from lesa.layers import rel2d_attention as rel2d_module
-from lesa.layers.binary import batch_padding
+from lesa.layers.padding import batch_padding
 from lesa.layers.rel2d_attention import (
     CUDA_EFFICIENT,
     CUDA_FLASH,

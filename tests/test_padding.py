@@ -16,7 +16,7 @@ from lesa.detection import build_maskrcnn
 from lesa.detection.backbone import IMAGE_SIZES_ATTR
 from lesa.errors import ConfigError, InputError
 from lesa.layers import BinaryAttention2d, ablate_unary, bn_moments
-from lesa.layers.binary import BatchPadding, batch_padding
+from lesa.layers.padding import BatchPadding, batch_padding
 from lesa.layers.rel2d_attention import ROWS_PER_GROUP
 
 F64 = torch.float64

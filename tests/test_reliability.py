@@ -343,11 +343,11 @@ def test_atomic_write_names_a_full_disk_that_torch_reports_otherwise(tmp_path, m
 
 
 def test_the_reference_path_refuses_what_cannot_be_allocated(monkeypatch):
-    import lesa.layers.binary as binary
+    import lesa.layers.guards as guards
 
     layer = LESA2d(32, 32, heads=4, pos_embed="rel2d", feature_size=16, impl="reference")
     x = torch.randn(2, 32, 16, 16)
-    monkeypatch.setattr(binary, "free_memory", lambda device: 1 << 20)  # 1 MiB free
+    monkeypatch.setattr(guards, "free_memory", lambda device: 1 << 20)  # 1 MiB free
     with pytest.raises(ConfigError, match=r"impl='reference' would materialise 2x8x256x256 .*use impl='fused'"):
         layer(x)
     layer.binary.impl = "fused"

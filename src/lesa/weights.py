@@ -1,12 +1,21 @@
-"""Reading weights from files and loading them into models with errors that name what did not fit."""
+"""Any weights file lesa reads, and loading weights into models with errors that name what did not fit.
+
+One reader for every kind of file (:func:`read_weights`): a lesa run (its directory, ``best.pt`` / ``last.pt``),
+a weights file that describes its run (the shipped ``NAME.TAG`` files and those ``tools/ship_pretrained.py``
+writes), the authors' checkpoint (official LESA layout, converted on reading) and a bare or wrapped state dict
+(DDP's ``module.``, a LightningModule's attribute). Tasks, analysis, ``convert`` and ``export`` ask it what a
+file is (:class:`WeightsFile`) instead of inspecting the loaded object themselves.
+"""
 from __future__ import annotations
 
 import pickle
 import re
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
 from torch import Tensor, nn
@@ -20,10 +29,141 @@ from .convert import (
 from .errors import CheckpointError, NotFoundError
 from .utils import PathLike
 
+Kind = Literal["run", "described", "official", "state_dict"]
 
-def read_checkpoint(path: PathLike) -> Any:
+# What to do with each task's runs, for errors that meet a run of another task.
+COMMANDS_OF = {
+    "classification": "use `lesa eval` / `lesa analyze` (or --pretrained-backbone to initialise a detector from it)",
+    "detection": "use `lesa det eval` / `lesa det predict`",
+}
+
+
+def commands_of(task: str) -> str:
+    """What to do with a run of ``task`` (a task not listed: its own commands)."""
+    return COMMANDS_OF.get(task, f"use the commands of {task} runs")
+
+
+def is_run(obj: Any) -> bool:
+    """A lesa training checkpoint: the model's weights with the epoch that wrote them (and the rest of the
+    training state)."""
+    return isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "epoch" in obj
+
+
+def run_kind(state: dict[str, Any]) -> str:
+    """The task of a training checkpoint: its ``kind`` (checkpoints from before the field: detection where
+    the config names a backbone, else classification)."""
+    if "kind" in state:
+        return state["kind"]
+    return "detection" if "backbone" in state.get("config", {}) else "classification"
+
+
+@dataclass
+class WeightsFile:
+    """What :func:`read_weights` found in a file.
+
+    Attributes:
+        source: the path or name as given (messages name it).
+        path: the file read (a run directory's ``best.pt`` / ``last.pt``, a tagged name's shipped file).
+        kind: ``'run'`` (a lesa training checkpoint), ``'described'`` (weights whose safetensors metadata names
+            the model, input size and classes), ``'official'`` (the authors' layout), ``'state_dict'``.
+        task: the task the weights were trained for where the file says (``'classification'`` /
+            ``'detection'``), else ``None``.
+        contents: the object as read (for a run: the whole training checkpoint).
+    """
+
+    source: str
+    path: Path
+    kind: Kind
+    task: Optional[str]
+    contents: Any
+
+    @cached_property
+    def state_dict(self) -> dict[str, Tensor]:
+        """The model's weights in lesa's layout (see :func:`model_state_dict`)."""
+        return model_state_dict(self.contents, self.source)
+
+    @property
+    def checkpoint(self) -> dict[str, Any]:
+        """The training checkpoint of a run.
+
+        Raises:
+            CheckpointError: the file holds weights only.
+        """
+        if self.kind != "run":
+            raise CheckpointError(f"{self.source} holds weights only, not a training checkpoint of a lesa run "
+                                  "(last.pt / best.pt)")
+        return self.contents
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The run's configuration as far as the file records it: a run's options with its ``classes`` and
+        ``data_identity``; a described file's ``model``, ``img_size``, ``classes`` (and ``data``); else ``{}``."""
+        if self.kind == "described":
+            from .models.pretrained import file_description
+
+            return file_description(self.path) or {}
+        if self.kind != "run":
+            return {}
+        cfg = dict(self.contents.get("config", {}))
+        if self.contents.get("data_identity"):
+            cfg["data_identity"] = self.contents["data_identity"]
+        if self.contents.get("classes") is not None:
+            cfg["classes"] = list(self.contents["classes"])
+        return cfg
+
+    def require_task(self, task: str) -> WeightsFile:
+        """``self``, where the file is not a run of another task.
+
+        Raises:
+            CheckpointError: a run of another task, with the commands that take it.
+        """
+        if self.task is not None and self.task != task:
+            raise CheckpointError(f"{self.source} is a {self.task} run, not a {task} run: {commands_of(self.task)}")
+        return self
+
+
+def read_weights(source: PathLike, *, task: Optional[str] = None, run: bool = False, mmap: bool = False
+                 ) -> WeightsFile:
+    """Read any weights file lesa takes and say what it is.
+
+    Args:
+        source: a file, a run directory (its ``best.pt``, else ``last.pt``) or a tagged shipped name
+            (``lesa_resnet_tiny.fashion_mnist``).
+        task: refuse a run of another task (:meth:`WeightsFile.require_task`).
+        run: refuse anything but a lesa training checkpoint.
+        mmap: map the tensors instead of reading them (to look at a large checkpoint's other entries).
+
+    Raises:
+        NotFoundError, CheckpointError: see :func:`read_checkpoint`; a run of another task; weights only
+            where ``run``.
+    """
+    from .models.pretrained import file_description
+
+    path = _checkpoint_file(Path(source))
+    contents = read_checkpoint(path, mmap=mmap)
+    if is_run(contents):
+        found = WeightsFile(str(source), path, "run", run_kind(contents), contents)
+    elif file_description(path) is not None:
+        found = WeightsFile(str(source), path, "described", "classification", contents)
+    else:
+        found = WeightsFile(str(source), path, "official" if _official(contents) else "state_dict", None, contents)
+    if run:
+        found.checkpoint  # noqa: B018 - raises for weights only
+    return found.require_task(task) if task else found
+
+
+def _official(contents: Any) -> bool:
+    """Weights in the authors' layout (wrapped or not); anything that holds no state dict is not."""
+    try:
+        return is_official_state_dict(unwrap_state_dict(contents))
+    except CheckpointError:  # named when the weights are asked for (WeightsFile.state_dict)
+        return False
+
+
+def read_checkpoint(path: PathLike, mmap: bool = False) -> Any:
     """Load a torch checkpoint (``weights_only=True``: pickled code is never run) or a ``.safetensors``
-    file; a directory means its ``best.pt`` (else ``last.pt``).
+    file; a directory means its ``best.pt`` (else ``last.pt``). ``mmap``: tensors mapped, not read, where the
+    file's format allows it.
 
     Whatever is wrong with the file (missing, a name the system refuses, empty, truncated, not a checkpoint,
     or carrying code) raises one :class:`~lesa.errors.CheckpointError` / :class:`~lesa.errors.NotFoundError`
@@ -43,7 +183,7 @@ def read_checkpoint(path: PathLike) -> Any:
     if is_safetensors(head, size):
         return _read_safetensors(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return _torch_load(path, mmap)
     except pickle.UnpicklingError as err:
         if "global" in str(err).lower():  # a class or function to import and call: code
             what = _unsafe_global(str(err))
@@ -58,6 +198,15 @@ def read_checkpoint(path: PathLike) -> Any:
         what = "truncated or corrupt" if head.startswith(b"PK") else "not a torch checkpoint"
         raise CheckpointError(f"{path} is {what} ({_first_line(err)}): copy the file again, or pass another "
                               "checkpoint") from None
+
+
+def _torch_load(path: Path, mmap: bool) -> Any:
+    if mmap:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # torch's legacy (pre-zip) format cannot be mapped: read it
+            pass
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _checkpoint_file(path: Path) -> Path:
@@ -237,9 +386,8 @@ def load_weights(model: nn.Module, source: PathLike | Mapping[str, Any], *, num_
     converted); ``num_classes_given``: see :func:`load_state`.
 
     Raises:
-        NotFoundError, CheckpointError: an unreadable file (:func:`read_checkpoint`), or weights that do not fit.
+        NotFoundError, CheckpointError: an unreadable file (:func:`read_weights`), or weights that do not fit.
     """
-    is_file = isinstance(source, (str, Path))
-    name = source if is_file else None
-    sd = model_state_dict(read_checkpoint(source) if is_file else source, name)
-    return load_state(model, sd, name, num_classes_given)
+    if isinstance(source, (str, Path)):
+        return load_state(model, read_weights(source).state_dict, source, num_classes_given)
+    return load_state(model, model_state_dict(source), None, num_classes_given)

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..layers import LESA2d, SelfAttention2d
+from ..layers.inspection import attention_row
 
 
 @torch.no_grad()
@@ -57,7 +58,7 @@ def attention_map(model: nn.Module, image: Tensor, layer: Optional[str] = None,
         y, xq = query if query is not None else (height // 2, width // 2)
         if not (0 <= y < height and 0 <= xq < width):
             raise ConfigError(f"query {(y, xq)} is outside the {height}x{width} map of {name}")
-        weights = binary.attention_map(x, y * width + xq)[0]
+        weights = attention_row(binary, x, y * width + xq)[0]
     finally:
         handle.remove()
         model.train(was_training)

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from ..classification import build_config, evaluate_checkpoint, load_trained_model, train
 from ..classification.evaluate import class_map, folder_fingerprints, run_data, suggested_data
+from ..classification.task import CURVE_METRIC
 from ..data import build_classification_data
 from ..engine import load_checkpoint
 from ..engine.records import plot_curves, read_metrics_csv, write_json
@@ -92,7 +93,8 @@ def analyze_run(run: str | Path, data: Optional[str] = None, output: Optional[st
         figures.append(out / "attention_map.png")
     metrics = run / "metrics.csv" if run.is_dir() else None
     if metrics is not None and metrics.is_file():
-        plot_curves({cfg["model"]: [read_metrics_csv(metrics)]}, out / "curves.png", f"{cfg['model']} on {data}")
+        plot_curves({cfg["model"]: [read_metrics_csv(metrics)]}, out / "curves.png", CURVE_METRIC,
+                    f"{cfg['model']} on {data}")
         figures.append(out / "curves.png")
     return dict(model=cfg["model"], shares=shares, figures=[str(f) for f in figures], output=str(out))
 
@@ -217,7 +219,7 @@ def compare(arch: str = "resnet_tiny", data: str = "digits", output: str | Path 
     table = format_tables(rows, title)
     atomic_write(out / "compare.md", lambda tmp: Path(tmp).write_text(table))
     what = f"mean ± std over {len(seeds)} seeds" if len(seeds) > 1 else f"seed {seeds[0]}"
-    plot_curves(curves, out / "compare_curves.png", f"{title}: training and validation (Fig. 5), {what}")
+    plot_curves(curves, out / "compare_curves.png", CURVE_METRIC, f"{title}: training and validation (Fig. 5), {what}")
     plot_shares(shares_by_op, out / "compare_shares.png")
     return rows
 

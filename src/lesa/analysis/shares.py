@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from ..layers import AttentionAugmentedConv2d, LESA2d, SelfAttention2d
+from ..layers.inspection import attention_diagonal
 from ..models.resnet import ResNet
 
 
@@ -66,7 +67,7 @@ def _hook(module: nn.Module, op: str, meter: _Mean):
     if op == "lesa":
         return module.fusion_gate.register_forward_hook(lambda m, args, omega: meter.add(1.0 / (1.0 + omega)))
     if op == "sa":
-        return module.binary.register_forward_hook(lambda m, args, out: meter.add(m.attention_diagonal(args[0])))
+        return module.binary.register_forward_hook(lambda m, args, out: meter.add(attention_diagonal(m, args[0])))
 
     if op == "aa":
 

@@ -11,10 +11,9 @@ import torch
 from torch import nn
 
 from ..data import build_classification_data
-from ..engine.checkpoint import commands_of, run_kind
 from ..errors import CheckpointError, ConfigError
 from ..models import create_model, default_cfg
-from ..weights import load_state, model_state_dict, read_checkpoint, shared_prefix_note
+from ..weights import load_state, read_weights, shared_prefix_note
 
 
 def model_img_size(model: str, img_size: Optional[int] = None) -> int:
@@ -33,28 +32,15 @@ def read_classifier(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], di
     its run's configuration with its ``classes`` (``{}`` for a bare weights file).
 
     Raises:
-        NotFoundError, CheckpointError: an unreadable file (:func:`lesa.weights.read_checkpoint`), a detection
+        NotFoundError, CheckpointError: an unreadable file (:func:`lesa.weights.read_weights`), a detection
             run, or weights without a classifier.
     """
-    state = read_checkpoint(checkpoint)
-    is_run = isinstance(state, dict) and isinstance(state.get("model"), dict) and "epoch" in state
-    if is_run and run_kind(state) != "classification":
-        raise CheckpointError(f"{checkpoint} is a {run_kind(state)} run, not a classifier: "
-                              f"{commands_of(run_kind(state))}")
-    cfg = dict(state.get("config", {})) if is_run else {}
-    if is_run and state.get("data_identity"):
-        cfg["data_identity"] = state["data_identity"]
-    if not is_run:  # a shipped weights file names its model, input size and classes in its metadata
-        from ..models.pretrained import file_description
-
-        cfg = file_description(checkpoint) or {}
-    if is_run and state.get("classes") is not None:
-        cfg["classes"] = list(state["classes"])
-    sd = model_state_dict(state, checkpoint)
+    found = read_weights(checkpoint, task="classification")
+    sd = found.state_dict
     if "fc.weight" not in sd:
         raise CheckpointError(f"{checkpoint}: no classifier weights (fc.weight) found{shared_prefix_note(sd)}; is "
                               "this a lesa classification model? (a detector: use `lesa det eval`)")
-    return sd, cfg
+    return sd, found.config
 
 
 def load_trained_model(checkpoint: str | Path, model_name: Optional[str] = None) -> tuple[nn.Module, dict[str, Any]]:

@@ -50,6 +50,9 @@ def training_subset(train: Dataset, size: Optional[int]) -> Dataset:
     return Subset(train, order[:size].sort().values.tolist())
 
 
+CURVE_METRIC = ("val_top1", "val top-1 (%)")  # the column drawn beside the losses (Fig. 5), its axis label
+
+
 class ClassificationTask(Task):
     kind = "classification"
     best_metric = "val_top1"
@@ -143,7 +146,8 @@ class ClassificationTask(Task):
         self.skipped.state = list(state.get("skipped", [0.0, 0.0]))
 
     def write_outputs(self, out_dir: Path, history: list[dict[str, float]]) -> None:
-        plot_curves({self.cfg.model: [history]}, out_dir / "curves.png", f"{self.cfg.model} on {self.cfg.data}")
+        plot_curves({self.cfg.model: [history]}, out_dir / "curves.png", CURVE_METRIC,
+                    f"{self.cfg.model} on {self.cfg.data}")
 
     def summary(self, last: dict[str, float]) -> dict[str, Any]:
         return dict(model=self.cfg.model, data=self.cfg.data, classes=list(self.data.classes), img_size=self.img_size,

@@ -10,8 +10,8 @@ their aspect ratio and sizes may differ per batch.
 
 Padded batches: torchvision's transform pads the images of a batch to one size (at the bottom and right, to
 multiples of 32) and passes the backbone only the padded tensor. The detectors' transform
-(:class:`~lesa.detection.cascade.DetectionTransform`) records each image's size on that tensor
-(:func:`mark_image_sizes`); the backbone runs its body inside :func:`~lesa.layers.binary.batch_padding`, so
+(:class:`~lesa.detection.transform.DetectionTransform`) records each image's size on that tensor
+(:func:`mark_image_sizes`); the backbone runs its body inside :func:`~lesa.layers.padding.batch_padding`, so
 every attention layer attends only to keys inside each image (its valid size at the layer's stride:
 ``ceil(size / stride)``). A feature of an image then depends on what it is batched with only through the
 convolutions' view of the border, as in a convolutional backbone (``docs/detection.md``).
@@ -29,7 +29,8 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from ..errors import ConfigError, InputError
-from ..layers.binary import BinaryAttention2d, batch_padding
+from ..layers.binary import BinaryAttention2d
+from ..layers.padding import batch_padding
 from ..models import create_model
 from ..models.resnet import ResNet
 

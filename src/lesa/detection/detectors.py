@@ -14,15 +14,16 @@ from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from ..engine import run_kind
 from ..errors import CheckpointError, ConfigError
 from ..layers.binary import IMPLS
 from ..layers.checks import check_bool, check_choice, check_int, check_ints, check_optional_int, describe
+from ..layers.factory import takes_factory_kwargs
 from ..layers.rel_pos import resize_rel_table
 from ..models import list_models
-from ..weights import model_state_dict, read_checkpoint
+from ..weights import read_weights
 from .backbone import LesaFPNBackbone, build_backbone
-from .cascade import DetectionTransform, build_cascade_heads
+from .cascade import build_cascade_heads
+from .transform import DetectionTransform
 
 DETECTORS = ("maskrcnn", "cascade_maskrcnn", "htc", "fasterrcnn", "cascade_rcnn")
 # Each mask detector's box-only form (HTC's box part is Cascade R-CNN: interleaving and mask information flow
@@ -31,6 +32,7 @@ BOX_ONLY = {"maskrcnn": "fasterrcnn", "cascade_maskrcnn": "cascade_rcnn", "htc":
 POS_INIT = ("reinit", "interpolate")
 
 
+@takes_factory_kwargs
 def build_detector(
     kind: str,
     backbone: str,
@@ -76,11 +78,13 @@ def build_detector(
         impl: the attention layers' implementation.
         min_size, max_size: the aspect-preserving resize (shorter side, longer side at most).
         train_scales: multi-scale training, ``[(probability, low, high), ...]``: the longer side drawn from a
-            range (see :class:`~lesa.detection.cascade.DetectionTransform`).
+            range (see :class:`~lesa.detection.transform.DetectionTransform`).
         table_size: input size the position tables are built for (default ``max_size``).
         semantic_classes: HTC's semantic branch with this many classes (COCO-stuff: 183); ``None``: without.
         box_batch_size_per_image: RoIs sampled per image (per stage for the cascades).
         rpn_post_nms_top_n_train: proposals kept in training.
+        device, dtype: torch.nn's factory arguments (keyword-only): every parameter and buffer created there
+            and so, not copied afterwards.
 
     Raises:
         ConfigError: an argument of the wrong type, out of range or not among its choices (one line naming it;
@@ -120,10 +124,12 @@ def build_detector(
             rpn_post_nms_top_n_train=rpn_post_nms_top_n_train)
         model.transform = transform
     else:
-        # torchvision's Faster R-CNN defaults, by name (its RPN takes them positionally)
+        # torchvision's Faster R-CNN defaults (its rpn_fg_iou_thresh, rpn_bg_iou_thresh, ...)
+        anchors = _default_anchorgen()
         rpn = RegionProposalNetwork(
-            _default_anchorgen(), RPNHead(fpn.out_channels, 3), fg_iou_thresh=0.7, bg_iou_thresh=0.3,
-            batch_size_per_image=256, positive_fraction=0.5, pre_nms_top_n=dict(training=2000, testing=1000),
+            anchor_generator=anchors, head=RPNHead(fpn.out_channels, anchors.num_anchors_per_location()[0]),
+            fg_iou_thresh=0.7, bg_iou_thresh=0.3, batch_size_per_image=256, positive_fraction=0.5,
+            pre_nms_top_n=dict(training=2000, testing=1000),
             post_nms_top_n=dict(training=rpn_post_nms_top_n_train, testing=1000), nms_thresh=0.7)
         heads = build_cascade_heads(num_classes, htc=kind == "htc", masks=kind != "cascade_rcnn",
                                     semantic_classes=semantic_classes,
@@ -162,11 +168,11 @@ def build_maskrcnn(backbone: str, num_classes: int, **kwargs) -> MaskRCNN:
 def load_backbone_weights(backbone: LesaFPNBackbone, source: str | Path, pos_init: str = "reinit"
                           ) -> dict[str, list[str]]:
     """Initialise ``backbone.body`` from a classification checkpoint; return what was skipped and why."""
-    state = read_checkpoint(source)
-    if isinstance(state, dict) and isinstance(state.get("model"), dict) and run_kind(state) == "detection":
+    found = read_weights(source)
+    if found.task == "detection":
         raise CheckpointError(f"{source} is a detection run: --pretrained-backbone takes a classification checkpoint "
                               "(a lesa run or weights file, or the authors' converted one)")
-    sd = model_state_dict(state, source)
+    sd = found.state_dict
     body = backbone.body
     own = body.state_dict()
     tables = [k for k in sd if ".rel_pos." in k]

@@ -1,23 +1,25 @@
 """COCO evaluation of a detector: box and mask AP over a validation split, one process or torchrun
 (:func:`evaluate_detector`), and of a trained run on its data, found by identity, or another
-(:func:`evaluate_run`, ``lesa det eval``).
+(:func:`evaluate_run`, ``lesa det eval``); detections as COCO results entries (:func:`to_coco_results`) and
+their AP against a :class:`~lesa.data.coco.CocoDetection`'s ground truth (:func:`coco_evaluate`).
 """
 from __future__ import annotations
 
+import contextlib
+import io
+from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..data.coco import (
     CocoDetection,
-    coco_evaluate,
     collate_detection,
-    ground_truth_counts,
-    to_coco_results,
+    encode_mask,
 )
 from ..engine import (
     DistContext,
@@ -39,7 +41,7 @@ EVAL_KINDS = ("evaluation", "run")  # where det eval writes coco_eval.json: its 
 def evaluate_detector(model: nn.Module, dataset: CocoDetection, ctx: DistContext,
                       max_images: Optional[int] = None, quiet: bool = True, batch_size: int = 2) -> dict[str, Any]:
     """COCO AP over the first ``max_images`` images of ``dataset`` (``bbox``, and ``segm`` where the model and
-    the data have masks; see :func:`lesa.data.coco.coco_evaluate`), the run's ``categories`` with their
+    the data have masks; see :func:`coco_evaluate`), the run's ``categories`` with their
     ground truth there, the data's one-line summary (``data``) and ``skipped_images``: the ids of images that
     could not be decoded, left out of AP (a warning names each). All processes share the images and score
     the gathered results.
@@ -92,6 +94,81 @@ def detect(model: nn.Module, dataset: CocoDetection, ctx: DistContext, count: in
             if "masks" in output:
                 results.setdefault("segm", []).extend(segm)
     return results
+
+
+def to_coco_results(dataset: CocoDetection, image_id: int, prediction: dict[str, Tensor],
+                    mask_threshold: float = 0.5) -> tuple[list[dict], list[dict]]:
+    """One image's detections as COCO ``bbox`` and ``segm`` result entries, with the run's category ids."""
+    boxes = prediction["boxes"].detach().cpu()
+    scores = prediction["scores"].detach().cpu().tolist()
+    labels = prediction["labels"].detach().cpu().tolist()
+    category = [dataset.category_ids[label - 1] for label in labels]
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+    bbox = [dict(image_id=image_id, category_id=c, bbox=[round(v, 2) for v in b], score=s)
+            for b, c, s in zip(xywh, category, scores)]
+    segm = []
+    if "masks" in prediction:
+        masks = (prediction["masks"].detach().cpu()[:, 0] >= mask_threshold).numpy()
+        segm = [dict(image_id=image_id, category_id=c, segmentation=encode_mask(m), score=s)
+                for m, c, s in zip(masks, category, scores)]
+    return bbox, segm
+
+
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def coco_evaluate(dataset: CocoDetection, results: dict[str, list[dict]], quiet: bool = True,
+                  image_ids: Optional[list[int]] = None) -> dict[str, dict]:
+    """COCO AP (percent) of ``results`` against the dataset's ground truth over ``image_ids`` (default: all of
+    the dataset's images), for each IoU type in ``results`` (``'bbox'``; ``'segm'`` where the model predicts
+    masks) that the data has (no ``'segm'`` on box-only data).
+
+    ``None`` exactly where a size range has no (non-crowd) ground truth, with or without detections; 0.0
+    where it has ground truth and nothing was detected. The AP averages over the categories with ground
+    truth in these images.
+    """
+    from pycocotools.cocoeval import COCOeval
+
+    image_ids = list(image_ids or dataset.ids)
+    out: dict[str, dict] = {}
+    for iou_type in [t for t in ("bbox", "segm") if t in results and (t == "bbox" or dataset.has_masks)]:
+        if not results[iou_type]:  # pycocotools cannot load an empty result list
+            out[iou_type] = stats_without_detections(dataset, image_ids)
+            continue
+        sink = io.StringIO() if quiet else None
+        with contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext():
+            detections = dataset.coco.loadRes(results[iou_type])
+            evaluator = COCOeval(dataset.coco, detections, iouType=iou_type)
+            evaluator.params.imgIds = image_ids
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+        # pycocotools reports -1 where no ground truth falls in a range (e.g. no large objects): None.
+        stats = [float(v) * 100.0 if v >= 0 else None for v in evaluator.stats[:6]]
+        out[iou_type] = dict(zip(STAT_NAMES, stats))
+    return out
+
+
+def stats_without_detections(dataset: CocoDetection, image_ids: list[int]) -> dict[str, Optional[float]]:
+    """The stats of no detections: 0.0 for each size range with non-crowd ground truth, None for the others
+    (pycocotools' area ranges, bounds included as there)."""
+    from pycocotools.cocoeval import Params
+
+    ranges = dict(zip(Params().areaRngLbl, Params().areaRng))  # all, small, medium, large
+    areas = [a["area"] for a in dataset.coco.loadAnns(dataset.coco.getAnnIds(imgIds=image_ids)) if not a["iscrowd"]]
+
+    def stat(label: str) -> Optional[float]:
+        low, high = ranges[label]
+        return 0.0 if any(low <= area <= high for area in areas) else None
+
+    return dict(zip(STAT_NAMES, [stat("all")] * 3 + [stat("small"), stat("medium"), stat("large")]))
+
+
+def ground_truth_counts(dataset: CocoDetection, image_ids: list[int]) -> list[dict[str, Any]]:
+    """The run's categories with their non-crowd ground-truth objects in ``image_ids`` (0: not in the AP)."""
+    anns = dataset.coco.loadAnns(dataset.coco.getAnnIds(imgIds=image_ids))
+    counts = Counter(a["category_id"] for a in anns if not a["iscrowd"])
+    return [dict(c, ground_truth=counts[c["id"]]) for c in dataset.categories]
 
 
 def evaluate_run(checkpoint: str | Path, data: Optional[str] = None, device: str = "auto",

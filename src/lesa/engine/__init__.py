@@ -1,7 +1,7 @@
 """The one training engine (run directory, loop, checkpoints, resume, DDP, records, the config merge). It knows
 no task: the tasks (``lesa.classification``, ``lesa.detection``) implement :class:`Task` and train with
 :func:`run_task`."""
-from .checkpoint import load_checkpoint, run_kind
+from .checkpoint import load_checkpoint
 from .config import RunConfig, load_yaml, merge_config, merge_values
 from .distributed import DistContext, resolve_device, setup_distributed
 from .loop import (
@@ -33,7 +33,6 @@ __all__ = [
     "merge_values",
     "read_metrics_csv",
     "resolve_device",
-    "run_kind",
     "run_task",
     "setup_distributed",
     "warmup_cosine",

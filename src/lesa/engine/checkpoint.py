@@ -8,9 +8,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from ..errors import CheckpointError
 from ..utils import atomic_write
-from ..weights import read_checkpoint
+from ..weights import read_weights
 
 
 def rng_state() -> dict[str, Any]:
@@ -46,30 +45,10 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: Path, kind: Optional[str] = None) -> dict[str, Any]:
-    """A training checkpoint (``last.pt`` / ``best.pt``), read safely (see :func:`lesa.weights.read_checkpoint`);
-    with ``kind``, one of that kind of run (``'classification'`` / ``'detection'``)."""
-    state = read_checkpoint(path)
-    if not isinstance(state, dict) or not isinstance(state.get("model"), dict) or "epoch" not in state:
-        raise CheckpointError(f"{path} holds weights only, not a training checkpoint of a lesa run (last.pt / best.pt)")
-    if kind is not None and run_kind(state) != kind:
-        raise CheckpointError(f"{path} is a {run_kind(state)} run, not a {kind} run: {commands_of(run_kind(state))}")
-    return state
+    """A training checkpoint (``last.pt`` / ``best.pt``), read by the one reader (:func:`lesa.weights.read_weights`);
+    with ``kind``, one of that task's runs.
 
-
-# What to do with each kind of run, for errors that meet the other kind.
-COMMANDS_OF = {
-    "classification": "use `lesa eval` / `lesa analyze` (or --pretrained-backbone to initialise a detector from it)",
-    "detection": "use `lesa det eval` / `lesa det predict`",
-}
-
-
-def commands_of(kind: str) -> str:
-    """What to do with a run of ``kind`` (a task the engine does not list: its own commands)."""
-    return COMMANDS_OF.get(kind, f"use the commands of {kind} runs")
-
-
-def run_kind(state: dict[str, Any]) -> str:
-    """``'classification'`` or ``'detection'`` (checkpoints from before the field: from their config)."""
-    if "kind" in state:
-        return state["kind"]
-    return "detection" if "backbone" in state.get("config", {}) else "classification"
+    Raises:
+        NotFoundError, CheckpointError: an unreadable file, weights only, or a run of another task.
+    """
+    return read_weights(path, task=kind, run=True).checkpoint

@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 from ..errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
 from ..ownership import make_folder
 from ..utils import atomic_write, count_params
-from .checkpoint import load_checkpoint, rng_state, run_kind, save_checkpoint, set_rng_state
+from ..weights import run_kind
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import RunConfig, flag
 from .distributed import DistContext, cleanup_distributed, setup_distributed
 from .records import TensorBoard, write_json, write_metrics_csv

@@ -56,12 +56,13 @@ class TensorBoard:
             self.writer.close()
 
 
-def plot_curves(runs: dict[str, list[list[dict[str, float]]]], path: Path, title: str = "") -> None:
+def plot_curves(runs: dict[str, list[list[dict[str, float]]]], path: Path, metric: tuple[str, str], title: str = ""
+                ) -> None:
     """The paper's Fig. 5 for one run or several seeds per label: per epoch, the mean (line) and mean ±
-    sample standard deviation (band) of the training and validation loss and of the validation top-1.
-    ``runs`` maps a label to its histories (``metrics.csv`` rows, one list per seed); epochs beyond the
-    shortest history are left out. A single history is drawn as a line without a band; histories of one
-    epoch as points with error bars."""
+    sample standard deviation (band) of the training and validation loss and of the validation ``metric`` (its
+    column and axis label, e.g. ``("val_top1", "val top-1 (%)")``). ``runs`` maps a label to its histories
+    (``metrics.csv`` rows, one list per seed); epochs beyond the shortest history are left out. A single history
+    is drawn as a line without a band; histories of one epoch as points with error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -81,7 +82,7 @@ def plot_curves(runs: dict[str, list[list[dict[str, float]]]], path: Path, title
         suffix = f" (n={len(histories)})" if len(histories) > 1 else ""
         for ax, key, style, name in ((ax_loss, "train_loss", "-", f"{label} train"),
                                      (ax_loss, "val_loss", "--", f"{label} val"),
-                                     (ax_acc, "val_top1", "-", label)):
+                                     (ax_acc, metric[0], "-", label)):
             values = np.array([[row[key] for row in h[:n]] for h in histories], dtype=np.float64)
             mean = values.mean(0)
             # markers wherever a line would be too short to see (a run of one epoch has a point, no line)
@@ -96,7 +97,7 @@ def plot_curves(runs: dict[str, list[list[dict[str, float]]]], path: Path, title
                 else:
                     ax.fill_between(epochs, lower, mean + std, color=color, alpha=0.15, lw=0)
     ax_loss.set(xlabel="epoch", ylabel="loss (log scale)", title="loss", yscale="log")
-    ax_acc.set(xlabel="epoch", ylabel="val top-1 (%)", title="validation accuracy")
+    ax_acc.set(xlabel="epoch", ylabel=metric[1], title="validation")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

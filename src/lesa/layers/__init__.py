@@ -1,8 +1,9 @@
 """LESA layers: one paper concept a module."""
 from .attention_augmented import AttentionAugmentedConv2d
-from .binary import BinaryAttention2d, ablate_unary
+from .binary import BinaryAttention2d
 from .deform import DeformConv2dPack
 from .fusion import DynamicFusionGate
+from .inspection import ablate_unary
 from .lesa import LESA2d
 from .rel_pos import FlatRelPosEmbed, RelPosEmbed2d, resize_rel_table
 from .self_attention import SelfAttention2d

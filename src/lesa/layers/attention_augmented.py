@@ -16,9 +16,11 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from .binary import IMPLS, Impl, resolve_auto, softmax_diagonal
+from .binary import IMPLS, Impl, resolve_auto
 from .checks import check_choice, check_divisible, check_input, check_int, check_optional_int, graph_mode
+from .factory import takes_factory_kwargs
 from .flat_attention import softmax_f32
+from .inspection import softmax_diagonal
 from .rel2d_attention import augment_rel2d, block_sizes, rel2d_attention
 from .rel_pos import RelPosEmbed2d, Size2d
 
@@ -40,6 +42,7 @@ class AttentionAugmentedConv2d(nn.Module):
         InputError: (forward) an input that is not ``(N, in_channels, H, W)`` of the parameters' dtype and device.
     """
 
+    @takes_factory_kwargs
     def __init__(
         self,
         in_channels: int,

@@ -8,7 +8,7 @@ moments of ``q``, ``k`` and the relative logits in ``O(HW d^2)`` instead of ``O(
 sums (per sample, then combined with the law of total variance) so that no large moments are subtracted.
 They are computed in at least float32 (float64 for float64 inputs); the result is differentiable.
 
-Padded batches (:class:`~lesa.layers.binary.KeyMask`): the batch statistics count only what lies inside the
+Padded batches (:class:`~lesa.layers.padding.KeyMask`): the batch statistics count only what lies inside the
 images, the positions ``V_n`` of each image ``n`` for ``bn_qkv`` / ``bn_out`` and the pairs ``V_n x V_n``
 (valid query, valid key) for the logit BN. The ``masked_*`` helpers take 0/1 weights for that:
 :func:`masked_batch_norm` on materialised tensors, :func:`masked_dot_product_moments` and

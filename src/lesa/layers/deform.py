@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torchvision.ops import DeformConv2d
 
 from .checks import check_bool, check_divisible, check_input, check_int
+from .factory import takes_factory_kwargs
 
 
 class DeformConv2dPack(DeformConv2d):
@@ -23,6 +24,7 @@ class DeformConv2dPack(DeformConv2d):
         InputError: (forward) an input that is not ``(N, in_channels, H, W)`` of the parameters' dtype and device.
     """
 
+    @takes_factory_kwargs
     def __init__(
         self,
         in_channels: int,

@@ -12,12 +12,14 @@ from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .checks import check_int
+from .factory import takes_factory_kwargs
 
 
 class DynamicFusionGate(nn.Module):
     """``omega`` of Eq. 7 for ``channels``-channel terms; raises :class:`~lesa.errors.ConfigError` unless
     ``channels`` is an int >= 1."""
 
+    @takes_factory_kwargs
     def __init__(self, channels: int) -> None:
         super().__init__()
         channels = check_int("channels", channels)

@@ -8,7 +8,7 @@
   with ``fusion='static'`` (the paper's "static LESA", Table 6).
 
 With ``stride > 1`` the output is average-pooled, as in the authors' code. In a padded batch (inside
-:func:`~lesa.layers.binary.batch_padding`) the binary term attends only to keys inside each image and both
+:func:`~lesa.layers.padding.batch_padding`) the binary term attends only to keys inside each image and both
 terms see the input as zero outside it (:meth:`LESA2d.terms`).
 """
 from __future__ import annotations
@@ -18,10 +18,12 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .binary import BinaryAttention2d, Impl, KeyMask, PosEmbed, padding_valid_size
+from .binary import BinaryAttention2d, Impl, PosEmbed
 from .checkpointing import checkpointed
 from .checks import check_bool, check_choice, check_input, check_int, graph_mode
+from .factory import takes_factory_kwargs
 from .fusion import DynamicFusionGate
+from .padding import KeyMask, padding_valid_size
 from .rel_pos import Size2d
 from .unary import UnaryConv2d
 
@@ -49,6 +51,7 @@ class LESA2d(nn.Module):
         InputError: (forward) an input that is not ``(N, in_channels, H, W)`` of the parameters' dtype and device.
     """
 
+    @takes_factory_kwargs
     def __init__(
         self,
         in_channels: int,
@@ -80,7 +83,7 @@ class LESA2d(nn.Module):
     def terms(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The unary and binary terms ``(m, b)`` at the input resolution.
 
-        In a padded batch (:func:`~lesa.layers.binary.batch_padding`) the input is zeroed outside each image:
+        In a padded batch (:func:`~lesa.layers.padding.batch_padding`) the input is zeroed outside each image:
         the unary convolution then sees at an image's border what it sees around the image alone (zero
         padding), and the layer's output over the image and its margin does not depend on the batch.
         """

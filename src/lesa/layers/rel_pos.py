@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from .checks import check_int, check_size2d
+from .factory import takes_factory_kwargs
 
 Size2d = Union[int, tuple[int, int]]
 FEATURE_SIZE_HINT = "the input map size the position tables are built for"
@@ -73,6 +74,7 @@ class FlatRelPosEmbed(nn.Module):
     ``k_j . r_k[j - i]`` and the output gains ``sum_j p_ij r_v[i - j]``.
     """
 
+    @takes_factory_kwargs
     def __init__(self, qk_dim: int, v_dim: int, feature_size: Size2d) -> None:
         """Raises :class:`~lesa.errors.ConfigError` for dimensions or a ``feature_size`` that are not ints >= 1."""
         super().__init__()
@@ -133,6 +135,7 @@ class RelPosEmbed2d(nn.Module):
     At run time :meth:`tables_for` crops or interpolates them to the actual map size.
     """
 
+    @takes_factory_kwargs
     def __init__(self, dim: int, feature_size: Size2d) -> None:
         """Raises :class:`~lesa.errors.ConfigError` for a ``dim`` or ``feature_size`` that is not ints >= 1."""
         super().__init__()

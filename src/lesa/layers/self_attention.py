@@ -8,15 +8,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .binary import BinaryAttention2d, Impl, PosEmbed, padding_valid_size
+from .binary import BinaryAttention2d, Impl, PosEmbed
 from .checkpointing import checkpointed
 from .checks import check_bool, check_input, check_int, graph_mode
+from .factory import takes_factory_kwargs
+from .padding import padding_valid_size
 from .rel_pos import Size2d
 
 
 class SelfAttention2d(nn.Module):
     """The binary term of :class:`~lesa.layers.lesa.LESA2d` alone; arguments, and errors raised, as there."""
 
+    @takes_factory_kwargs
     def __init__(
         self,
         in_channels: int,

@@ -12,6 +12,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .checks import check_bool, check_divisible, check_input, check_int
 from .deform import DeformConv2dPack
+from .factory import takes_factory_kwargs
 
 
 class UnaryConv2d(nn.Module):
@@ -22,6 +23,7 @@ class UnaryConv2d(nn.Module):
         InputError: (forward) an input that is not ``(N, in_channels, H, W)`` of the parameters' dtype and device.
     """
 
+    @takes_factory_kwargs
     def __init__(self, in_channels: int, out_channels: int, heads: int = 8, deform: bool = False) -> None:
         super().__init__()
         in_channels, out_channels = check_int("in_channels", in_channels), check_int("out_channels", out_channels)

@@ -117,6 +117,8 @@ def build_resnet(
     drop_rate: float = 0.0,
     zero_init_residual: bool = False,
     global_pool: str = "avg",
+    device: Optional[torch.device | str] = None,
+    dtype: Optional[torch.dtype] = None,
     **layer_kwargs: Any,
 ) -> ResNet:
     """Build ``arch`` with ``op`` in the 3x3 slots of stages 3-4.
@@ -127,7 +129,8 @@ def build_resnet(
     defaults to the architecture's (:func:`default_cfg`); 0 builds no head. ``global_pool``: ``'avg'``,
     ``'max'`` or ``''`` (none: the model outputs feature maps when ``num_classes=0``). ``layer_kwargs`` (``heads``,
     ``pos_embed``, ``impl``, ``unary``, ``checkpoint``) go to the attention layers; an option the model's
-    layers do not take is an error.
+    layers do not take is an error. ``device`` / ``dtype``: torch.nn's factory arguments, every parameter and
+    buffer created there and so (``'meta'``: nothing allocated), not copied afterwards.
 
     Raises:
         ConfigError: an unknown option, or an argument of the wrong type, out of range or not among its choices
@@ -156,6 +159,8 @@ def build_resnet(
         zero_init_residual=zero_init_residual,
         layer_kwargs=layer_kwargs,
         global_pool=global_pool,
+        device=device,
+        dtype=dtype,
         **cfg,
     )
     model.pretrained_cfg = {**default_cfg(model_name(op, arch), img_size=size, in_chans=in_chans, stem=stem,

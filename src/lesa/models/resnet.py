@@ -33,6 +33,7 @@ from ..layers.checks import (
     check_size2d,
     graph_mode,
 )
+from ..layers.factory import takes_factory_kwargs
 from ..layers.lesa import UNARIES
 
 OPS = ("conv", "sa", "aa", "static_lesa", "lesa")
@@ -108,6 +109,7 @@ class Bottleneck(nn.Module):
 
     expansion = 4
 
+    @takes_factory_kwargs
     def __init__(
         self,
         inplanes: int,
@@ -173,6 +175,7 @@ class ResNet(nn.Module):
         InputError: (forward) an input that is not ``(N, in_chans, H, W)`` of the parameters' dtype and device.
     """
 
+    @takes_factory_kwargs
     def __init__(
         self,
         layers: Sequence[int] = (3, 4, 6, 3),

@@ -104,7 +104,7 @@ def _entrypoint(name: str):
         path = weights_file(name, pretrained, pretrained_cfg, overlay)
 
         def build(device: Any = None, dtype: Any = None, **model_kwargs: Any):
-            model = build_resnet(op, arch, **model_kwargs)
+            model = build_resnet(op, arch, device=device, dtype=dtype, **model_kwargs)
             if path:  # lesa's reader (run directories, training checkpoints, prefixes, official layouts), loaded
                 try:  # before any features wrapper
                     load_weights(model, path, num_classes_given=num_classes_given)
@@ -112,7 +112,7 @@ def _entrypoint(name: str):
                     if not shipped:
                         raise
                     raise CheckpointError(shipped_misfit(name, user_options, err)) from None
-            return model.to(device=device, dtype=dtype) if device is not None or dtype is not None else model
+            return model
 
         return build_model_with_cfg(build, name, pretrained=False, pretrained_cfg=pretrained_cfg,
                                     feature_cfg=dict(FEATURE_CFG), **kwargs)
