@@ -1,10 +1,10 @@
 """The ``lesa`` command line (also ``python -m lesa``).
 
-Each command is three things side by side: its flags (argparse), its options schema (a
-:func:`lesa.options.schema` class: types, ranges, choices, the roles of its paths) and the function that
-runs it. :func:`main` parses the flags, builds the options through the schema, checks every destination
-(:func:`lesa.outputs.guard_outputs`) and only then runs the command: bad input is one line, exit 2,
-before any work.
+Each command is two things side by side: its options schema (a :func:`lesa.options.schema` class: types,
+ranges, choices, defaults, help, the roles of its paths), from which its flags are generated
+(:func:`lesa.options.add_flags`), and the function that runs it. :func:`main` parses the flags, builds the
+options through the schema, checks every destination (:func:`lesa.outputs.guard_outputs`) and only then runs
+the command: bad input is one line, exit 2, before any work.
 """
 from __future__ import annotations
 
@@ -19,11 +19,17 @@ from typing import Annotated, Any, Callable, ClassVar, Literal, Optional
 
 from pydantic import AfterValidator, Field
 
-from .classification.config import PRESETS
-from .data import EMBEDDED
-from .detection.detectors import DETECTORS
+from .classification.config import PRESETS, LayerOptions, TrainConfig
+from .convert import WEIGHT_SUFFIXES
+from .data import EMBEDDED, DataRoot, Download, Split
+from .detection.config import DetConfig
 from .detection.evaluate import EVAL_KINDS
+from .export import FORMATS
+from .layers.binary import POS_EMBEDS
+from .models import ARCHS, OPS
 from .options import (
+    HIDDEN,
+    POSITIONAL,
     ROLE_INPUT,
     ROLE_INPUT_TREE,
     ROLE_OUTPUT_DIR,
@@ -36,15 +42,12 @@ from .options import (
     PositiveFloat,
     PositiveInt,
     Workers,
+    add_flags,
     build,
+    flag,
+    metavar,
     schema,
 )
-
-POS_EMBEDS = ("flat", "rel2d")
-IMPLS = ("reference", "fused", "auto")
-OPS = ("conv", "sa", "aa", "static_lesa", "lesa")
-WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors")  # what lesa.convert.save_state_dict writes
-EXPORT_SUFFIXES = (".onnx", ".pt2")  # lesa.export.FORMATS
 
 
 def suffix_in(*suffixes: str) -> AfterValidator:
@@ -63,12 +66,13 @@ POSITIONALS: dict[tuple[str, Optional[str]], set[str]] = {}
 def spelled(args: argparse.Namespace, option: str) -> str:
     """An option as the user wrote it: ``--batch-size``, or ``OUTPUT`` for a positional argument."""
     positionals = POSITIONALS.get((args.command, getattr(args, "det_command", None)), set())
-    return option.upper() if option in positionals else "--" + option.replace("_", "-")
+    return option.upper() if option in positionals else flag(option)
 
 
 def options_from(cls: type, args: argparse.Namespace) -> Any:
-    """Build ``cls`` from the parsed flags, naming each option as it was given in errors."""
-    values = {k: v for k, v in vars(args).items() if k not in ("command", "debug", "det_command")}
+    """Build ``cls`` from the flags given (the others are None: the schema's defaults apply), naming each option
+    as it was given in errors."""
+    values = {k: v for k, v in vars(args).items() if v is not None and k not in ("command", "debug", "det_command")}
     return build(cls, values, {k: spelled(args, k) for k in values})
 
 
@@ -93,16 +97,18 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+# options of several commands that read a trained classifier
+Trained = Annotated[Checkpoint, Field(description="run directory (uses best.pt), checkpoint or weights file, or "
+                                                  "shipped weights by name (lesa_resnet_tiny.fashion_mnist)")]
+RunData = Annotated[Optional[Name], Field(description="dataset (default: the run's)")]
+WeightsModel = Annotated[Optional[Name], Field(description="model name, for a weights-only file")]
+
+
 # -- lesa models ---------------------------------------------------------------------------------------
-def _models_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'lesa_*'")
-    p.add_argument("--params", action="store_true", help="also build each model and count its parameters")
-
-
 @schema
 class ModelsOptions:
-    pattern: str = "*"
-    params: bool = False
+    pattern: str = Field("*", description="shell-style filter, e.g. 'lesa_*'", json_schema_extra=POSITIONAL)
+    params: bool = Field(False, description="also build each model and count its parameters")
 
 
 def run_models(args: ModelsOptions) -> int:
@@ -120,44 +126,33 @@ def run_models(args: ModelsOptions) -> int:
 
 
 # -- lesa convert --------------------------------------------------------------------------------------
-def _convert_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("input", help="official checkpoint (.pth), e.g. the authors' checkpoint.pth")
-    p.add_argument("output", help="output file: .pth/.pt (torch) or .safetensors")
-    p.add_argument("--model", help="verify that the result loads strictly into this model (e.g. lesa_resnet50)")
-    p.add_argument("--pos-embed", choices=POS_EMBEDS, help="with --model: the checkpoint's embedding")
-    p.add_argument("--img-size", type=int, help="with --model: input size the checkpoint was trained at")
-
-
 @schema
 class ConvertOptions:
-    input: Name = Field(json_schema_extra=ROLE_INPUT)
-    output: Annotated[Name, suffix_in(*WEIGHT_SUFFIXES)] = Field(json_schema_extra=ROLE_OUTPUT_FILE)
-    model: Optional[Name] = None
-    pos_embed: Optional[Literal[POS_EMBEDS]] = None
-    img_size: Optional[ImageSize] = None
+    input: Name = Field(description="official checkpoint (.pth), e.g. the authors' checkpoint.pth",
+                        json_schema_extra={**ROLE_INPUT, **POSITIONAL})
+    output: Annotated[Name, suffix_in(*WEIGHT_SUFFIXES)] = Field(
+        description="output file: .pth/.pt (torch) or .safetensors",
+        json_schema_extra={**ROLE_OUTPUT_FILE, **POSITIONAL})
+    model: Optional[Name] = Field(None, description="verify that the result loads strictly into this model (e.g. "
+                                                    "lesa_resnet50)")
+    pos_embed: Optional[Literal[POS_EMBEDS]] = Field(None, description="with --model: the checkpoint's embedding")
+    img_size: Optional[ImageSize] = Field(None, description="with --model: input size the checkpoint was trained at")
 
 
 def run_convert(args: ConvertOptions) -> int:
-    from .convert import (
-        convert_official_state_dict,
-        is_official_state_dict,
-        save_state_dict,
-        strip_wrapper_prefixes,
-        unwrap_state_dict,
-    )
+    from .convert import convert_official_state_dict, save_state_dict
     from .errors import CheckpointError
-    from .weights import check_state_dict, model_state_dict, read_checkpoint
+    from .weights import check_state_dict, read_weights
 
-    # the one reader (wrapper prefixes removed, LESA layouts converted); convert_official_state_dict then also
-    # keeps the backbone alone of an mmdetection file without LESA layers
-    raw = read_checkpoint(args.input)
-    lesa_run = isinstance(raw, dict) and isinstance(raw.get("model"), dict) and "epoch" in raw
-    if not (args.model or lesa_run or is_official_state_dict(strip_wrapper_prefixes(unwrap_state_dict(raw)))):
+    found = read_weights(args.input)
+    if not (args.model or found.kind in ("run", "official")):
         raise CheckpointError(f"{args.input} has no LESA keys of the authors' layout (qkv_transform, x_transform, "
                               "bn_similarity, ...): it is not an official LESA checkpoint, and there is nothing to "
                               "convert. To re-save weights lesa loads in another format, pass --model NAME (they are "
                               "checked by loading them); a lesa run's checkpoint converts as it is")
-    sd = convert_official_state_dict(model_state_dict(raw, args.input))
+    # the reader removed wrapper prefixes and converted LESA layouts; convert_official_state_dict also keeps the
+    # backbone alone of an mmdetection file without LESA layers
+    sd = convert_official_state_dict(found.state_dict)
     if args.model:
         from .models import create_model, parse_name
 
@@ -171,61 +166,12 @@ def run_convert(args: ConvertOptions) -> int:
 
 
 # -- lesa train -----------------------------------------------------------------------------------------
-def _run_args(p: argparse.ArgumentParser, default_output: str) -> None:
-    """Options every training command shares (classification and detection)."""
-    p.add_argument("--workers", type=int, help="data-loading processes per training process")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--output", help=f"run directory (default {default_output})")
-    p.add_argument("--resume", action="store_true", default=None, help="continue from OUTPUT/last.pt")
-    p.add_argument("--amp", choices=["auto", "none", "bf16", "fp16"])
-    p.add_argument("--device", help="auto, cpu or cuda")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="channels-last memory format (default: on CUDA)")
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    p.add_argument("--max-steps-per-epoch", type=int, help="cut epochs short (smoke tests)")
-    p.add_argument("--max-bad-fraction", type=float,
-                   help="undecodable training images tolerated, as a fraction of the training set (default 0.001)")
-    p.add_argument("--quiet", action="store_true", default=None, help="no progress bars or epoch lines")
-
-
-def _source_args(p: argparse.ArgumentParser, unset: Optional[bool] = None) -> None:
-    """Where a named set read from files (fashion-mnist) finds them; ``unset``: ``--download``'s default (None
-    where a config file may set it)."""
-    p.add_argument("--data-root", metavar="DIR", help="fashion-mnist: the folder with its four IDX files, looked in "
-                   "before $LESA_DATA_DIR and Debian's /usr/share/datasets/fashion-mnist")
-    p.add_argument("--download", action="store_true", default=unset,
-                   help="fashion-mnist: download the files through torchvision if not found (needs internet)")
-
-
-def _train_args(p: argparse.ArgumentParser) -> None:
+def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", action=GivenOnce, help="YAML file with any of the options below, given once (the "
                    "command line overrides it; 'extends: base.yaml' or 'extends: PRESET' in it builds on another file "
                    "or a preset)")
-    p.add_argument("--preset", choices=list(PRESETS), help="start from a shipped recipe")
-    p.add_argument("--model", help="model name (lesa models); default lesa_resnet_tiny")
-    p.add_argument("--data", help="'digits', 'cluttered-digits' (embedded), 'fashion-mnist' (apt-get install "
-                                  "dataset-fashion-mnist) or an ImageFolder root with train/ and val/")
-    _source_args(p)
-    p.add_argument("--img-size", type=int, help="input size (default: the model's, 224 or 32)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int, help="images per process")
-    p.add_argument("--val-batch-size", type=int)
-    p.add_argument("--lr", type=float, help="learning rate for a global batch of --lr-base-batch")
-    p.add_argument("--lr-base-batch", type=int, help="the global batch --lr is given for (linear scaling)")
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--warmup-epochs", type=float)
-    p.add_argument("--label-smoothing", type=float)
-    p.add_argument("--train-subset", type=int, metavar="N",
-                   help="train on at most N training images, a random subset fixed for the data (the same for "
-                        "every seed)")
-    p.add_argument("--init", metavar="CKPT",
-                   help="fine-tune from a classifier: run directory (best.pt), training checkpoint or weights file "
-                        "(.pt/.pth/.safetensors); model from its run, a new classifier for another class count, "
-                        "position tables resized for another --img-size; a new run from epoch 0 (not --resume)")
-    _run_args(p, "runs/<model>-<data>")
-    p.add_argument("--pos-embed", choices=POS_EMBEDS, help="position embedding of the attention layers")
-    p.add_argument("--impl", choices=IMPLS, help="binary-term implementation")
-    p.add_argument("--heads", type=int)
+    add_flags(p, TrainConfig)
+    add_flags(p, LayerOptions)
 
 
 def train_options(args: argparse.Namespace) -> Any:
@@ -253,34 +199,19 @@ def epochs(n: int) -> str:
 
 
 # -- lesa eval ------------------------------------------------------------------------------------------
-def _eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="run directory (uses best.pt), checkpoint or weights file, or "
-                   "shipped weights by name (lesa_resnet_tiny.fashion_mnist)")
-    p.add_argument("--data", help="dataset (default: the run's)")
-    p.add_argument("--model", help="model name, for a weights-only file")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--ablate-unary", action="store_true",
-                   help="remove each query's own attention term S_ii v_i (the paper's Table 1 ablation)")
-    p.add_argument("--split", choices=["val", "test"], default="val",
-                   help="the validation split (default), or the test split of data that has one (fashion-mnist)")
-    _source_args(p, unset=False)
-    p.add_argument("--quiet", action="store_true")
-
-
 @schema
 class EvalOptions:
-    checkpoint: Checkpoint = Field(json_schema_extra=ROLE_INPUT)
-    data: Optional[Name] = Field(default=None, json_schema_extra=ROLE_INPUT)
-    split: Literal["val", "test"] = "val"
-    data_root: Optional[Name] = Field(default=None, json_schema_extra=ROLE_INPUT)
-    download: bool = False
-    model: Optional[Name] = None
+    checkpoint: Trained = Field(json_schema_extra=ROLE_INPUT)
+    data: RunData = Field(None, json_schema_extra=ROLE_INPUT)
+    model: WeightsModel = None
     batch_size: PositiveInt = 128
     workers: Workers = 0
     device: Device = "auto"
-    ablate_unary: bool = False
+    ablate_unary: bool = Field(False, description="remove each query's own attention term S_ii v_i (the paper's "
+                                                  "Table 1 ablation)")
+    split: Split = "val"
+    data_root: DataRoot = None
+    download: Download = False
     quiet: bool = False
 
 
@@ -299,34 +230,21 @@ def run_eval(args: EvalOptions) -> int:
 
 
 # -- lesa analyze / compare ----------------------------------------------------------------------------
-def _analyze_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", help="run directory (uses best.pt), checkpoint or weights file, or shipped weights by name "
-                   "(lesa_resnet_tiny.fashion_mnist)")
-    p.add_argument("--data", help="dataset (default: the run's)")
-    p.add_argument("--model", help="model name, for a weights-only file")
-    p.add_argument("--output", help="figure/JSON directory (default RUN/analysis)")
-    p.add_argument("--layer", help="layer of the attention map (default: the first SA/LESA layer)")
-    p.add_argument("--query", type=int, nargs=2, metavar=("Y", "X"), help="query of the attention map")
-    p.add_argument("--image-index", type=int, default=0, help="image of the per-image figures, in --split")
-    p.add_argument("--max-batches", type=int, help="measure the shares on this many batches only")
-    p.add_argument("--split", choices=["val", "test"], default="val",
-                   help="the validation split (default), or the test split of data that has one (fashion-mnist)")
-    _source_args(p, unset=False)
-
-
 @schema
 class AnalyzeOptions:
-    run: Checkpoint = Field(json_schema_extra=ROLE_INPUT)
-    data: Optional[Name] = Field(default=None, json_schema_extra=ROLE_INPUT_TREE)
-    model: Optional[Name] = None
-    output: Optional[Name] = Field(default=None, json_schema_extra=ROLE_OUTPUT_DIR)
-    layer: Optional[Name] = None
-    query: Optional[Annotated[list[NonNegativeInt], Field(min_length=2, max_length=2)]] = None
-    image_index: NonNegativeInt = 0
-    max_batches: Optional[PositiveInt] = None
-    split: Literal["val", "test"] = "val"
-    data_root: Optional[Name] = Field(default=None, json_schema_extra=ROLE_INPUT)
-    download: bool = False
+    run: Trained = Field(json_schema_extra={**ROLE_INPUT, **POSITIONAL})
+    data: RunData = Field(None, json_schema_extra=ROLE_INPUT_TREE)
+    model: WeightsModel = None
+    output: Optional[Name] = Field(None, description="figure/JSON directory (default RUN/analysis)",
+                                   json_schema_extra=ROLE_OUTPUT_DIR)
+    layer: Optional[Name] = Field(None, description="layer of the attention map (default: the first SA/LESA layer)")
+    query: Optional[Annotated[list[NonNegativeInt], Field(min_length=2, max_length=2)]] = Field(
+        None, description="query of the attention map", json_schema_extra=metavar("Y", "X"))
+    image_index: NonNegativeInt = Field(0, description="image of the per-image figures, in --split")
+    max_batches: Optional[PositiveInt] = Field(None, description="measure the shares on this many batches only")
+    split: Split = "val"
+    data_root: DataRoot = None
+    download: Download = False
 
     OUTPUT_KINDS: ClassVar[dict[str, tuple[str, ...]]] = {"output": ("analysis",)}
 
@@ -357,50 +275,31 @@ def run_analyze(args: AnalyzeOptions) -> int:
     return 0
 
 
-def _compare_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true",
-                   help="the tiny models on an embedded set (default digits), 3 seeds; about 30 minutes on 2 CPU "
-                        "cores with --data cluttered-digits")
-    p.add_argument("--arch", choices=["resnet_tiny", "resnet50", "wide_resnet50_2"],
-                   help="default resnet_tiny with --quick")
-    p.add_argument("--data", help="'digits', 'cluttered-digits' (embedded), 'fashion-mnist' or an ImageFolder root")
-    _source_args(p)
-    p.add_argument("--output", default="runs/compare", help="runs go to OUTPUT/<op>/seed<k>")
-    p.add_argument("--ops", nargs="+", choices=OPS)
-    p.add_argument("--preset", choices=PRESETS,
-                   help="training recipe (default: the embedded set's own: digits, cluttered_digits, fashion_mnist)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--train-subset", type=int, metavar="N",
-                   help="train on at most N training images, the same random subset for every run")
-    p.add_argument("--seeds", type=int, metavar="N",
-                   help="runs per operation, with seeds SEED..SEED+N-1 (default 3 with --quick, else 1); the "
-                        "tables report mean and standard deviation over them")
-    p.add_argument("--seed", type=int, help="the first seed (default 0)")
-    p.add_argument("--workers", type=int)
-    p.add_argument("--max-steps-per-epoch", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--quiet", action="store_true")
-
-
 @schema
 class CompareOptions:
-    quick: bool = False
-    arch: Optional[Literal["resnet_tiny", "resnet50", "wide_resnet50_2"]] = None
-    data: Optional[Name] = Field(default=None, json_schema_extra=ROLE_INPUT)
-    data_root: Optional[Name] = Field(default=None, json_schema_extra=ROLE_INPUT)
-    download: Optional[bool] = None
-    output: Name = Field(default="runs/compare", json_schema_extra=ROLE_OUTPUT_DIR)
+    quick: bool = Field(False, description="the tiny models on an embedded set (default digits), 3 seeds; about 30 "
+                                           "minutes on 2 CPU cores with --data cluttered-digits")
+    arch: Optional[Literal[tuple(ARCHS)]] = Field(None, description="default resnet_tiny with --quick")
+    data: Optional[Name] = Field(None, json_schema_extra=ROLE_INPUT, description=(
+        "'digits', 'cluttered-digits' (embedded), 'fashion-mnist' or an ImageFolder root"))
+    data_root: DataRoot = None
+    download: Download = False
+    output: Name = Field("runs/compare", description="runs go to OUTPUT/<op>/seed<k>",
+                         json_schema_extra=ROLE_OUTPUT_DIR)
     ops: Optional[Annotated[list[Literal[OPS]], Field(min_length=1)]] = None
-    preset: Optional[Literal[PRESETS]] = None
+    preset: Optional[Literal[PRESETS]] = Field(None, description=(
+        "training recipe (default: the embedded set's own: digits, cluttered_digits, fashion_mnist)"))
     epochs: Optional[PositiveInt] = None
     batch_size: Optional[PositiveInt] = None
     lr: Optional[PositiveFloat] = None
-    train_subset: Optional[PositiveInt] = None
-    seeds: Optional[PositiveInt] = None
-    seed: Optional[NonNegativeInt] = None
+    train_subset: Optional[PositiveInt] = Field(None, json_schema_extra=metavar("N"), description=(
+        "train on at most N training images, the same random subset for every run"))
+    seeds: Optional[PositiveInt] = Field(None, json_schema_extra=metavar("N"), description=(
+        "runs per operation, with seeds SEED..SEED+N-1 (default 3 with --quick, else 1); the tables report mean and "
+        "standard deviation over them"))
+    seed: NonNegativeInt = Field(0, description="the first seed")
     workers: Optional[Workers] = None
-    max_steps_per_epoch: Optional[PositiveInt] = None
+    max_steps_per_epoch: Optional[PositiveInt] = Field(None, json_schema_extra=HIDDEN)
     quiet: bool = False
 
     OUTPUT_KINDS: ClassVar[dict[str, tuple[str, ...]]] = {"output": ("compare",)}
@@ -427,81 +326,25 @@ def run_compare(args: CompareOptions) -> int:
                               "imagenet), or --quick for the tiny models on the embedded digits")
         arch, data = args.arch, args.data
         preset, n_seeds = args.preset or embedded_presets.get(data), args.seeds or 1
-    first = args.seed if args.seed is not None else 0
     options = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "train_subset", "workers",
                                              "max_steps_per_epoch",
                                              "data_root", "download") if getattr(args, k) is not None}
     rows = compare(arch, data, args.output, tuple(args.ops or COMPARE_OPS), preset, args.quiet,
-                   seeds=tuple(range(first, first + n_seeds)), **options)
+                   seeds=tuple(range(args.seed, args.seed + n_seeds)), **options)
     print(format_tables(rows, f"{arch} on {data}"))
     print(f"wrote {args.output}/" + ", ".join(COMPARE_FILES))
     return 0
 
 
 # -- lesa det train / eval / predict -------------------------------------------------------------------
-def _det_args(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="det_command", metavar="{train,eval,predict}", required=True)
-    t = sub.add_parser("train", help="train a detector (default: Mask R-CNN on the embedded digit scenes)")
-    t.add_argument("--config", action=GivenOnce, help="YAML file with any of the options below, given once "
-                   "('extends: base.yaml' or 'extends: htc' in it builds on another file or a preset)")
-    t.add_argument("--preset", choices=["htc", "htc_1280"], help="the paper's HTC recipe (Table 4)")
-    t.add_argument("--detector", choices=DETECTORS, help="default maskrcnn (with --resume: the run's); on box-only "
-                   "data (no 'segmentation') a mask detector trains as its box-only form: fasterrcnn, cascade_rcnn")
-    t.add_argument("--semantic", action=argparse.BooleanOptionalAction, default=None,
-                   help="HTC's semantic branch (default: on where maps exist: digit scenes, --semantic-root)")
-    t.add_argument("--semantic-root", help="COCO-stuff stuffthingmaps folder (with train2017/, val2017/), or "
-                   "'instances': class maps drawn from the instance masks")
-    t.add_argument("--semantic-classes", type=int, help="classes of the semantic maps, labels 0..N-1 (255: ignored; "
-                   "default 183 with --semantic-root (COCO-stuff), the categories + 1 with 'instances')")
-    t.add_argument("--backbone", help="lesa model name (default lesa_resnet_tiny; the paper: lesa_resnet50, ...)")
-    t.add_argument("--data", help="'digit-scenes' (embedded) or a COCO root")
-    t.add_argument("--schedule", choices=["1x", "20e"])
-    t.add_argument("--epochs", type=int, help="override the schedule's length (its lr steps keep their place)")
-    t.add_argument("--batch-size", type=int, help="images per process (default 4 on digit scenes, 2 on COCO)")
-    t.add_argument("--lr", type=float, help="learning rate for --lr-base-batch images (default 0.02 per 16)")
-    t.add_argument("--lr-base-batch", type=int)
-    t.add_argument("--weight-decay", type=float)
-    t.add_argument("--warmup-iters", type=int)
-    t.add_argument("--min-size", type=int, help="shorter image side (default 320 on digit scenes, 800 on COCO)")
-    t.add_argument("--max-size", type=int, help="longer side at most (default 512 on digit scenes, 1333 on COCO)")
-    t.add_argument("--dcn-stages", type=int, nargs="*", help="stages with deformable 3x3 convs, e.g. 2 3 4")
-    t.add_argument("--deform-unary", action="store_true", default=None, help="deformable LESA unary term")
-    t.add_argument("--pretrained-backbone", help="classification checkpoint of the same backbone")
-    t.add_argument("--pos-init", choices=["reinit", "interpolate"], help="position tables from the checkpoint")
-    t.add_argument("--trainable-layers", type=int,
-                   help="backbone stages trained, 0-5 (default 3 with a pretrained backbone, else 5)")
-    t.add_argument("--frozen-bn", action=argparse.BooleanOptionalAction, default=None,
-                   help="freeze the backbone's BatchNorms (default: with a pretrained backbone)")
-    t.add_argument("--checkpoint-layers", action="store_true", default=None,
-                   help="gradient checkpointing of the LESA terms")
-    t.add_argument("--impl", choices=["reference", "fused", "auto"])
-    t.add_argument("--max-eval-images", type=int, help="evaluate on the first N validation images only")
-    t.add_argument("--max-repaired", type=float, metavar="FRACTION",
-                   help="share of a COCO file's annotations that may be repaired (boxes clipped, boxes or polygons "
-                   "outside the image dropped, ...) before the file is refused (default 0.01)")
-    _run_args(t, "runs/det-<backbone>-<data>")
-    e = sub.add_parser("eval", help="COCO box and mask AP of a trained detector (the run's categories)")
-    e.add_argument("--checkpoint", required=True, help="run directory (best.pt) or checkpoint")
-    e.add_argument("--data", help="COCO root (default: the run's)")
-    e.add_argument("--device", default="auto")
-    e.add_argument("--max-images", type=int)
-    e.add_argument("--output", help="write coco_eval.json here (default: the run directory)")
-    r = sub.add_parser("predict", help="draw a detector's boxes, labels, scores and masks on images (an image "
-                       "that cannot be read is named, skipped, and makes the exit code 2)")
-    r.add_argument("images", nargs="+")
-    r.add_argument("--checkpoint", required=True)
-    r.add_argument("--output", required=True, help="directory for the PNGs")
-    r.add_argument("--score-threshold", type=float, default=0.5)
-    r.add_argument("--device", default="auto")
-
-
 @schema
 class DetEvalOptions:
-    checkpoint: Name = Field(json_schema_extra=ROLE_INPUT)
-    data: Optional[Name] = Field(default=None, json_schema_extra=ROLE_INPUT_TREE)
+    checkpoint: Name = Field(description="run directory (best.pt) or checkpoint", json_schema_extra=ROLE_INPUT)
+    data: Optional[Name] = Field(None, description="COCO root (default: the run's)", json_schema_extra=ROLE_INPUT_TREE)
     device: Device = "auto"
     max_images: Optional[PositiveInt] = None
-    output: Optional[Name] = Field(default=None, json_schema_extra=ROLE_OUTPUT_DIR)
+    output: Optional[Name] = Field(None, description="write coco_eval.json here (default: the run directory)",
+                                   json_schema_extra=ROLE_OUTPUT_DIR)
 
     OUTPUT_KINDS: ClassVar[dict[str, tuple[str, ...]]] = {"output": EVAL_KINDS}
 
@@ -519,9 +362,9 @@ class DetEvalOptions:
 
 @schema
 class DetPredictOptions:
-    images: Annotated[list[Name], Field(min_length=1)] = Field(json_schema_extra=ROLE_INPUT)
+    images: Annotated[list[Name], Field(min_length=1)] = Field(json_schema_extra={**ROLE_INPUT, **POSITIONAL})
     checkpoint: Name = Field(json_schema_extra=ROLE_INPUT)
-    output: Name = Field(json_schema_extra=ROLE_OUTPUT_DIR)
+    output: Name = Field(description="directory for the PNGs", json_schema_extra=ROLE_OUTPUT_DIR)
     score_threshold: Annotated[float, Field(ge=0, le=1)] = 0.5
     device: Device = "auto"
 
@@ -531,6 +374,18 @@ class DetPredictOptions:
         from .detection.predict import output_names
 
         return {"output": output_names(self.images)}
+
+
+def _det_flags(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="det_command", metavar="{train,eval,predict}", required=True)
+    train = sub.add_parser("train", help="train a detector (default: Mask R-CNN on the embedded digit scenes)")
+    train.add_argument("--config", action=GivenOnce, help="YAML file with any of the options below, given once "
+                       "('extends: base.yaml' or 'extends: htc' in it builds on another file or a preset)")
+    add_flags(train, DetConfig)
+    add_flags(sub.add_parser("eval", help="COCO box and mask AP of a trained detector (the run's categories)"),
+              DetEvalOptions)
+    add_flags(sub.add_parser("predict", help="draw a detector's boxes, labels, scores and masks on images (an image "
+                             "that cannot be read is named, skipped, and makes the exit code 2)"), DetPredictOptions)
 
 
 def det_options(args: argparse.Namespace) -> Any:
@@ -602,25 +457,18 @@ def _det_predict(args: DetPredictOptions) -> int:
 
 
 # -- lesa export ---------------------------------------------------------------------------------------
-def _export_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="a classifier: run directory (uses best.pt), training checkpoint or weights file")
-    p.add_argument("output", help="out.onnx (ONNX, through torch.export; needs pip install 'lesa[export]') or "
-                                  "out.pt2 (a torch.export program)")
-    p.add_argument("--model", help="model name, for a weights-only file")
-    p.add_argument("--batch-size", type=int, help="fix the graph's batch size (default: any batch size)")
-    p.add_argument("--opset", type=int, help="ONNX opset version (default: the exporter's)")
-    p.add_argument("--no-check", action="store_true",
-                   help="do not run the exported graph (onnxruntime / torch.export) against eager PyTorch")
-
-
 @schema
 class ExportOptions:
-    checkpoint: Checkpoint = Field(json_schema_extra=ROLE_INPUT)
-    output: Annotated[Name, suffix_in(*EXPORT_SUFFIXES)] = Field(json_schema_extra=ROLE_OUTPUT_FILE)
-    model: Optional[Name] = None
-    batch_size: Optional[PositiveInt] = None
-    opset: Optional[PositiveInt] = None
-    no_check: bool = False
+    checkpoint: Checkpoint = Field(description="a classifier: run directory (uses best.pt), training checkpoint or "
+                                               "weights file", json_schema_extra={**ROLE_INPUT, **POSITIONAL})
+    output: Annotated[Name, suffix_in(*FORMATS)] = Field(
+        description="out.onnx (ONNX, through torch.export; needs pip install 'lesa[export]') or out.pt2 (a "
+                    "torch.export program)", json_schema_extra={**ROLE_OUTPUT_FILE, **POSITIONAL})
+    model: WeightsModel = None
+    batch_size: Optional[PositiveInt] = Field(None, description="fix the graph's batch size (default: any batch size)")
+    opset: Optional[PositiveInt] = Field(None, description="ONNX opset version (default: the exporter's)")
+    no_check: bool = Field(False, description="do not run the exported graph (onnxruntime / torch.export) against "
+                                              "eager PyTorch")
 
 
 def run_export(args: ExportOptions) -> int:
@@ -641,27 +489,26 @@ def run_export(args: ExportOptions) -> int:
     return 0
 
 
-def _plain(cls: type) -> Callable[[argparse.Namespace], Any]:
-    return lambda args: options_from(cls, args)
+def _plain(help_text: str, cls: type, run: Callable[[Any], int]) -> Command:
+    """A command whose flags are those of ``cls``, built into ``cls`` and run by ``run``."""
+    return help_text, lambda p: add_flags(p, cls), lambda args: options_from(cls, args), run
 
 
 # name: (help, add the flags, build the options from the flags, run with the options)
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], Any],
                 Callable[[Any], int]]
 COMMANDS: dict[str, Command] = {
-    "train": ("train a classifier (default: lesa_resnet_tiny on the embedded digits)", _train_args, train_options,
+    "train": ("train a classifier (default: lesa_resnet_tiny on the embedded digits)", _train_flags, train_options,
               run_train),
-    "eval": ("evaluate a checkpoint: top-1 / top-5 and loss", _eval_args, _plain(EvalOptions), run_eval),
-    "analyze": ("unary/binary shares and figures of a trained run", _analyze_args, _plain(AnalyzeOptions),
-                run_analyze),
-    "compare": ("train conv/SA/AA/static-LESA/LESA alike and tabulate (Tables 1, 2, 6)", _compare_args,
-                _plain(CompareOptions), run_compare),
-    "det": ("detection and instance segmentation: train / eval / predict", _det_args, det_options, run_det),
-    "convert": ("convert an official LESA checkpoint to lesa's layout", _convert_args, _plain(ConvertOptions),
-                run_convert),
-    "models": ("list the available models", _models_args, _plain(ModelsOptions), run_models),
-    "export": ("export a classifier to ONNX or a torch.export program, checked against eager PyTorch", _export_args,
-               _plain(ExportOptions), run_export),
+    "eval": _plain("evaluate a checkpoint: top-1 / top-5 and loss", EvalOptions, run_eval),
+    "analyze": _plain("unary/binary shares and figures of a trained run", AnalyzeOptions, run_analyze),
+    "compare": _plain("train conv/SA/AA/static-LESA/LESA alike and tabulate (Tables 1, 2, 6)", CompareOptions,
+                      run_compare),
+    "det": ("detection and instance segmentation: train / eval / predict", _det_flags, det_options, run_det),
+    "convert": _plain("convert an official LESA checkpoint to lesa's layout", ConvertOptions, run_convert),
+    "models": _plain("list the available models", ModelsOptions, run_models),
+    "export": _plain("export a classifier to ONNX or a torch.export program, checked against eager PyTorch",
+                     ExportOptions, run_export),
 }
 
 

@@ -133,6 +133,10 @@ def convert_official_state_dict(sd: Any, backbone_only: bool = True) -> dict[str
     return out
 
 
+TORCH_SUFFIXES = (".pth", ".pt")
+WEIGHT_SUFFIXES = (*TORCH_SUFFIXES, ".safetensors")  # what save_state_dict writes
+
+
 def save_state_dict(sd: Mapping[str, Tensor], path: str) -> None:
     """Write ``sd`` atomically as ``.safetensors`` or a torch ``.pth``/``.pt`` file."""
     from .utils import atomic_write
@@ -143,7 +147,7 @@ def save_state_dict(sd: Mapping[str, Tensor], path: str) -> None:
         from safetensors.torch import save_file
 
         atomic_write(path, lambda tmp: save_file(tensors, tmp))
-    elif path.endswith((".pth", ".pt")):
+    elif path.endswith(TORCH_SUFFIXES):
         atomic_write(path, lambda tmp: torch.save(tensors, tmp))
     else:
         raise CheckpointError(f"output {path!r}: use a .pth, .pt or .safetensors file name")

@@ -12,20 +12,27 @@ Fields may carry a role (``Field(json_schema_extra=ROLE_...)``): the paths a com
 the places it writes (``output_dir`` / ``output_file``), so that :func:`lesa.outputs.guard_outputs` can
 check every destination, against every input, before any work starts.
 
+The command line is generated from the same fields (:func:`add_flags`): each option is declared once, with its
+type, range, choices, default and help (``Field(description=...)``); how it is given is said beside its role
+(:data:`POSITIONAL`, :data:`NEGATABLE`, :data:`HIDDEN`, :data:`NO_FLAG`, :func:`metavar`).
+
 YAML files (:func:`load_yaml`) must be UTF-8 mappings without duplicate keys.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import math
 import re
+import types
 from pathlib import Path
-from typing import Annotated, Any, Optional, TypeVar
+from typing import Annotated, Any, Literal, Optional, TypeVar, Union, get_args, get_origin
 
 import pydantic
 import yaml
 from pydantic import AfterValidator, ConfigDict, Field, ValidationError
+from pydantic.fields import FieldInfo
 
 from .errors import ConfigError, LesaError, NotFoundError
 
@@ -45,6 +52,19 @@ ROLE_INPUT = {"role": "input"}
 ROLE_INPUT_TREE = {"role": "input_tree"}  # a dataset folder: read recursively, so nothing is written inside
 ROLE_OUTPUT_DIR = {"role": "output_dir"}
 ROLE_OUTPUT_FILE = {"role": "output_file"}
+
+# how a field is given on the command line (beside its role, e.g. ``json_schema_extra={**ROLE_INPUT,
+# **POSITIONAL}``); a field that says nothing is a flag ``--name-with-dashes``
+POSITIONAL = {"flag": "positional"}  # by position, named in capitals in errors (OUTPUT)
+NEGATABLE = {"flag": "negatable"}  # a yes/no option whose default is decided later: --x and --no-x
+HIDDEN = {"flag": "hidden"}  # a flag left out of --help (smoke tests)
+NO_FLAG = {"flag": "none"}  # an option of files only: structured values, recipe details
+
+
+def metavar(*names: str) -> dict[str, Any]:
+    """The placeholder(s) ``--help`` shows for a flag's value(s): ``metavar("N")``, ``metavar("Y", "X")``."""
+    return {"metavar": names[0] if len(names) == 1 else names}
+
 
 T = TypeVar("T")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -97,6 +117,100 @@ def schema(cls: type[T]) -> type[T]:
 
 def option_names(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
+
+
+def flag(option: str) -> str:
+    """The command-line spelling of an option (``batch_size`` -> ``--batch-size``)."""
+    return "--" + option.replace("_", "-")
+
+
+# -- the command line -----------------------------------------------------------------------------------------
+def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add an argument to ``parser`` for each option of ``cls`` (a :func:`schema` class), in field order: its
+    type, choices and count of values from the annotation, its help from ``Field(description=...)`` followed by
+    the schema's default, its form from the field's ``json_schema_extra`` (see the module docstring).
+
+    Every argument's default is None, "not given": the schema's default applies when the options are built, so
+    a config file's value is not overridden by a default the user did not type.
+    """
+    for name, info in cls.__pydantic_fields__.items():
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        form = extra.get("flag")
+        if form == NO_FLAG["flag"]:
+            continue
+        kwargs = {**_value_kwargs(name, info, form), "default": None, "help": _help(info, form)}
+        if "metavar" in extra:
+            kwargs["metavar"] = extra["metavar"]
+        if form == POSITIONAL["flag"]:
+            if not info.is_required() and "nargs" not in kwargs:
+                kwargs["nargs"] = "?"
+            parser.add_argument(name, **kwargs)
+        else:
+            parser.add_argument(flag(name), dest=name, required=info.is_required(), **kwargs)
+
+
+def _value_kwargs(name: str, info: FieldInfo, form: Optional[str]) -> dict[str, Any]:
+    """``type`` / ``choices`` / ``nargs`` / ``action`` of the option ``name``, from its annotation."""
+    kind, metadata = _unwrapped(info.annotation, info.metadata)
+    if get_origin(kind) is list:
+        item, _ = _unwrapped(get_args(kind)[0], [])
+        return {**_scalar_kwargs(name, item), "nargs": _nargs(metadata)}
+    if kind is bool:
+        return {"action": argparse.BooleanOptionalAction if form == NEGATABLE["flag"] else "store_true"}
+    return _scalar_kwargs(name, kind)
+
+
+def _unwrapped(annotation: Any, metadata: list[Any]) -> tuple[Any, list[Any]]:
+    """``annotation`` without ``Optional`` and ``Annotated``, and the constraints found on the way."""
+    found = list(metadata)
+    while True:
+        origin = get_origin(annotation)
+        if origin is Annotated:
+            annotation, *more = get_args(annotation)
+            found += [m for item in more for m in (item.metadata if isinstance(item, FieldInfo) else [item])]
+        elif origin in (Union, types.UnionType):
+            annotation = next(a for a in get_args(annotation) if a is not type(None))
+        else:
+            return annotation, found
+
+
+def _scalar_kwargs(name: str, kind: Any) -> dict[str, Any]:
+    if get_origin(kind) is Literal:
+        choices = get_args(kind)
+        return {"choices": choices, "type": type(choices[0])}
+    if kind in (int, float):
+        return {"type": kind}
+    if kind is str:
+        return {}
+    raise TypeError(f"option {name} ({kind}) has no command-line form; declare it json_schema_extra=NO_FLAG")
+
+
+def _nargs(metadata: list[Any]) -> int | str:
+    """A list's count of values: fixed where its length is (``--query Y X``), else one or more, or any."""
+    low = max((m.min_length for m in metadata if getattr(m, "min_length", None) is not None), default=0)
+    high = min((m.max_length for m in metadata if getattr(m, "max_length", None) is not None), default=None)
+    if high == low:
+        return low
+    return "+" if low >= 1 else "*"
+
+
+def _help(info: FieldInfo, form: Optional[str]) -> Optional[str]:
+    if form == HIDDEN["flag"]:
+        return argparse.SUPPRESS
+    text = " ".join(part for part in (info.description, default_note(info)) if part)
+    return text.replace("%", "%%") or None  # argparse formats help with %
+
+
+def default_note(info: FieldInfo) -> Optional[str]:
+    """``(default: VALUE)`` for ``--help``: the schema's default, where it is a value (not None, not a switch's
+    False, not an empty list)."""
+    if info.is_required():
+        return None
+    default = info.get_default(call_default_factory=True)
+    if default is None or default is False or (isinstance(default, (list, tuple)) and not default):
+        return None
+    shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+    return f"(default: {shown})"
 
 
 def build(cls: type[T], values: dict[str, Any], sources: Optional[dict[str, str]] = None) -> T:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .errors import ConfigError, OwnershipError
+from .options import flag
 from .ownership import MARKER, RUN_FILES, check_folder, check_write, is_earlier_run, owns, read_marker
 
 OUTPUT_ROLES = ("output_dir", "output_file")
@@ -84,7 +85,7 @@ def guard_outputs(options: Any, names: Optional[dict[str, str]] = None, extra_in
             defaulted = value is None
             value = value if value is not None else defaults.get(name)
             for path in _paths(value):
-                option = names.get(name, "--" + name.replace("_", "-"))
+                option = names.get(name, flag(name))
                 outputs.append((path, role, option))
                 if role == "output_dir":
                     folders.append((path, kinds.get(name, ("run",)), option, defaulted))

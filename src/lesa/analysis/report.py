@@ -29,6 +29,7 @@ from ..errors import ConfigError
 from ..layers import ablate_unary
 from ..models.pretrained import FOLDER as PRETRAINED_FOLDER
 from ..models.registry import model_name
+from ..models.resnet import OPS
 from ..outputs import check_not_inside
 from ..ownership import check_folder, claim
 from ..utils import atomic_write
@@ -36,7 +37,7 @@ from .figures import plot_attention_map, plot_gate_maps, plot_shares
 from .maps import attention_layers_with_maps, attention_map, gate_maps
 from .shares import unary_binary_shares
 
-COMPARE_OPS = ("conv", "sa", "aa", "static_lesa", "lesa")
+COMPARE_OPS = OPS  # compare trains every operation, in this order
 OP_LABELS = {"conv": "Convolution", "sa": "Self-Attention", "aa": "AA", "static_lesa": "Static LESA",
              "lesa": "LESA", "sa_minus_unary": "SA - unary term"}
 SEED_METRICS = ("val_top1", "val_top5", "val_loss", "unary_pct", "binary_pct")

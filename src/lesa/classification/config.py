@@ -5,17 +5,18 @@ and completes a fine-tuning run (``init``) from the checkpoint's run.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional
 
 from pydantic import Field
 
-from ..data import EMBEDDED, check_source
-from ..engine.config import RunConfig, flag, merge_values
+from ..data import EMBEDDED, DataRoot, Download, check_source
+from ..engine.config import RunConfig, merge_values, run_directory
 from ..errors import CheckpointError, ConfigError, NotFoundError
+from ..layers.binary import IMPLS, POS_EMBEDS
 from ..models.registry import check_model_options
 from ..options import (
+    NO_FLAG,
     ROLE_INPUT,
     ROLE_INPUT_TREE,
     Checkpoint,
@@ -25,6 +26,9 @@ from ..options import (
     NonNegativeFloat,
     PositiveInt,
     build,
+    flag,
+    metavar,
+    option_names,
     schema,
 )
 from .predict import read_classifier
@@ -35,32 +39,48 @@ RUN_SET_MODEL_OPTIONS = {"num_classes": "the data's class count", "img_size": "t
 
 
 @schema
+class LayerOptions:
+    """The options of a model's attention layers that a run may give at the top level, in a file as on the command
+    line (:func:`lesa.engine.merge_config` moves them into ``model_kwargs``, where the model checks them)."""
+
+    pos_embed: Optional[Literal[POS_EMBEDS]] = Field(None, description="position embedding of the attention layers")
+    impl: Optional[Literal[IMPLS]] = Field(None, description="binary-term implementation")
+    heads: Optional[PositiveInt] = None
+
+
+@schema
 class TrainConfig(RunConfig):
     """A classification run; the defaults are the embedded digits recipe (``configs/digits.yaml``)."""
 
-    LAYER_OPTIONS: ClassVar[tuple[str, ...]] = ("heads", "pos_embed", "impl")
+    LAYER_OPTIONS: ClassVar[tuple[str, ...]] = tuple(option_names(LayerOptions))
+    TASK_OUTPUTS: ClassVar[tuple[str, ...]] = ("curves.png",)
 
-    model: Name = "lesa_resnet_tiny"
-    model_kwargs: dict[str, Any] = field(default_factory=dict)  # pos_embed, impl, heads, ...
-    data: Optional[Name] = Field(default="digits", json_schema_extra=ROLE_INPUT_TREE)
-    # where a named set read from files (fashion-mnist) looks first, and whether it may download them
-    data_root: Optional[Name] = Field(default=None, json_schema_extra=ROLE_INPUT)
-    download: bool = False
-    img_size: Optional[ImageSize] = None  # default: the model's
+    model: Name = Field("lesa_resnet_tiny", description="model name (lesa models)")
+    model_kwargs: dict[str, Any] = Field(default_factory=dict, json_schema_extra=NO_FLAG)  # pos_embed, impl, heads, ...
+    data: Optional[Name] = Field(default="digits", json_schema_extra=ROLE_INPUT_TREE, description=(
+        "'digits', 'cluttered-digits' (embedded), 'fashion-mnist' (apt-get install dataset-fashion-mnist) or an "
+        "ImageFolder root with train/ and val/"))
+    data_root: DataRoot = None
+    download: Download = False
+    img_size: Optional[ImageSize] = Field(None, description="input size (default: the model's, 224 or 32)")
     epochs: PositiveInt = 15
-    batch_size: PositiveInt = 64
+    batch_size: PositiveInt = Field(64, description="images per process")
     val_batch_size: Optional[PositiveInt] = None
-    nesterov: bool = True
+    nesterov: bool = Field(True, json_schema_extra=NO_FLAG)
     weight_decay: NonNegativeFloat = 5e-4
     warmup_epochs: NonNegativeFloat = 2.0
     label_smoothing: Fraction = 0.0
-    # train on at most this many training images, a random subset fixed for the data (not the seed): every
-    # seed and operation of a comparison sees the same images (compare --quick on fashion-mnist)
-    train_subset: Optional[PositiveInt] = None
-    preset: Optional[Literal[PRESETS]] = None
-    # fine-tune from a classification checkpoint: its weights (not its optimizer or epoch); build_config takes
-    # the model from its run
-    init: Optional[Checkpoint] = Field(default=None, json_schema_extra=ROLE_INPUT)
+    # a subset fixed for the data, not the seed: every seed and operation of a comparison sees the same images
+    # (compare --quick on fashion-mnist)
+    train_subset: Optional[PositiveInt] = Field(None, json_schema_extra=metavar("N"), description=(
+        "train on at most N training images, a random subset fixed for the data (the same for every seed)"))
+    preset: Optional[Literal[PRESETS]] = Field(None, description="start from a shipped recipe")
+    # its weights, not its optimizer or epoch; build_config takes the model from its run
+    init: Optional[Checkpoint] = Field(None, json_schema_extra={**ROLE_INPUT, **metavar("CKPT")}, description=(
+        "fine-tune from a classifier: run directory (best.pt), training checkpoint or weights file "
+        "(.pt/.pth/.safetensors); model from its run, a new classifier for another class count, position tables "
+        "resized for another --img-size; a new run from epoch 0 (not --resume)"))
+    output: Optional[Name] = run_directory("<model>-<data>")
 
     def __post_init__(self) -> None:
         # paths are resolved once, here, and stored absolute: eval / resume from another working folder find the

@@ -20,13 +20,13 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..data import EMBEDDED
 from ..engine.checkpoint import load_checkpoint
-from ..engine.config import flag
 from ..engine.distributed import DistContext
 from ..engine.loop import Runtime, ShardSampler, SkippedImages, Step, Task, run_task, warmup_cosine
 from ..engine.records import plot_curves
 from ..engine.run_data import fingerprint_files, identity, is_folder_data
 from ..errors import CheckpointError, DataError, NotFoundError
 from ..models import create_model, resize_pos_embed
+from ..options import flag
 from ..weights import load_state
 from .config import TrainConfig
 from .evaluate import evaluate, topk_correct, unpack

@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Annotated, Callable, Literal, Optional
 
+from pydantic import Field
 from torch.utils.data import Dataset, default_collate
 
 from ..errors import ConfigError
+from ..options import ROLE_INPUT, Name, metavar
 from .cluttered_digits import ClutteredDigitsDataset
 from .digits import DigitsDataset
 from .fashion_mnist import FashionMNISTDataset
@@ -30,6 +32,16 @@ from .transforms import IMAGENET_MEAN, IMAGENET_STD, imagenet_train_transform, i
 # reads files from a folder, ``root=`` / ``download=``; the others are generated from packaged data).
 EMBEDDED: dict[str, type[Dataset]] = {"digits": DigitsDataset, "cluttered-digits": ClutteredDigitsDataset,
                                       "fashion-mnist": FashionMNISTDataset}
+EVAL_SPLITS = ("val", "test")  # what a trained classifier is evaluated on: test where the set has one
+
+# the options of every command that reads a named set: where one read from files finds them, and which split
+DataRoot = Annotated[Optional[Name], Field(
+    description="fashion-mnist: the folder with its four IDX files, looked in before $LESA_DATA_DIR and Debian's "
+                "/usr/share/datasets/fashion-mnist", json_schema_extra={**ROLE_INPUT, **metavar("DIR")})]
+Download = Annotated[bool, Field(description="fashion-mnist: download the files through torchvision if not found "
+                                             "(needs internet)")]
+Split = Annotated[Literal[EVAL_SPLITS], Field(description="the validation split, or the test split of data that has "
+                                                          "one (fashion-mnist)")]
 
 
 def check_source(data: str, root: Optional[str | Path], download: bool) -> None:
@@ -83,7 +95,11 @@ def build_classification_data(data: str, img_size: int, train: bool = True, mean
 
 __all__ = [
     "EMBEDDED",
+    "EVAL_SPLITS",
     "ClassificationData",
+    "DataRoot",
+    "Download",
+    "Split",
     "DigitsDataset",
     "FolderListing",
     "TolerantImageFolder",

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, ClassVar, Literal, Optional
 
-import torch
 from pydantic import Field
 
 from ..data.coco import (
@@ -18,15 +16,15 @@ from ..data.coco import (
     MAX_REPAIRED,
 )
 from ..data.digit_scenes import ensure_digit_scenes
-from ..engine import (
-    RunConfig,
-    load_checkpoint,
-    merge_config,
-)
+from ..engine import RunConfig, merge_config
+from ..engine.config import run_directory
 from ..engine.run_data import fingerprint_files
 from ..errors import ConfigError, DataError, LesaError, NotFoundError
+from ..layers.binary import IMPLS
 from ..models.registry import check_model_options
 from ..options import (
+    NEGATABLE,
+    NO_FLAG,
     ROLE_INPUT,
     ROLE_INPUT_TREE,
     Checkpoint,
@@ -35,9 +33,11 @@ from ..options import (
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
+    metavar,
     schema,
 )
-from .detectors import BOX_ONLY, DETECTORS, POS_INIT
+from ..weights import read_weights
+from .detectors import BOX_ONLY, DCN_STAGES, DETECTORS, POS_INIT, TRAINABLE_LAYERS
 
 SCHEDULES = {"1x": (12, (8, 11)), "20e": (20, (16, 19))}
 NAMES = {"maskrcnn": "Mask R-CNN", "cascade_maskrcnn": "Cascade Mask R-CNN", "htc": "HTC",
@@ -65,38 +65,65 @@ DATA_DEFAULTS = {
 class DetConfig(RunConfig):
     """A detection run; the defaults train the CPU-sized LESA backbone on the embedded digit scenes."""
 
-    # default: maskrcnn, or with --resume the run's detector; on box-only training data a mask detector becomes
-    # its box-only form (BOX_ONLY), said in one line
-    detector: Optional[Literal[tuple(DETECTORS)]] = None
-    backbone: Name = "lesa_resnet_tiny"
-    data: Name = Field(default=EMBEDDED, json_schema_extra=ROLE_INPUT_TREE)
-    preset: Optional[Literal[DET_PRESETS]] = None
-    semantic: Optional[bool] = None  # HTC's semantic branch; default: where maps exist (digit scenes, semantic_root)
-    # COCO-stuff stuffthingmaps (train2017/, val2017/), or 'instances'
-    semantic_root: Optional[Name] = Field(default=None, json_schema_extra=ROLE_INPUT)
-    semantic_classes: Optional[PositiveInt] = None  # default: 183 with semantic_root (COCO-stuff), classes + 1
+    TASK_OUTPUTS: ClassVar[tuple[str, ...]] = ("coco_eval.json",)
+
+    # on box-only training data a mask detector becomes its box-only form (BOX_ONLY), said in one line
+    detector: Optional[Literal[tuple(DETECTORS)]] = Field(None, description=(
+        "default maskrcnn (with --resume: the run's); on box-only data (no 'segmentation') a mask detector trains as "
+        "its box-only form: fasterrcnn, cascade_rcnn"))
+    backbone: Name = Field("lesa_resnet_tiny", description="lesa model name (the paper: lesa_resnet50, ...)")
+    data: Name = Field(default=EMBEDDED, json_schema_extra=ROLE_INPUT_TREE,
+                       description=f"'{EMBEDDED}' (embedded) or a COCO root")
+    preset: Optional[Literal[DET_PRESETS]] = Field(None, description="the paper's HTC recipe (Table 4)")
+    semantic: Optional[bool] = Field(None, json_schema_extra=NEGATABLE, description=(
+        "HTC's semantic branch (default: on where maps exist: digit scenes, --semantic-root)"))
+    semantic_root: Optional[Name] = Field(None, json_schema_extra=ROLE_INPUT, description=(
+        "COCO-stuff stuffthingmaps folder (with train2017/, val2017/), or 'instances': class maps drawn from the "
+        "instance masks"))
+    semantic_classes: Optional[PositiveInt] = Field(None, description=(
+        "classes of the semantic maps, labels 0..N-1 (255: ignored; default 183 with --semantic-root (COCO-stuff), "
+        "the categories + 1 with 'instances')"))
     # [[probability, low, high], ...]: longer side drawn per image
-    train_scales: Optional[list[Annotated[list[PositiveFloat], Field(min_length=3, max_length=3)]]] = None
+    train_scales: Optional[list[Annotated[list[PositiveFloat], Field(min_length=3, max_length=3)]]] = Field(
+        None, json_schema_extra=NO_FLAG)
     schedule: Literal[tuple(SCHEDULES)] = "1x"
-    lr: PositiveFloat = 0.02
+    epochs: Optional[PositiveInt] = Field(None, description="override the schedule's length (its lr steps keep their "
+                                                            "place)")
+    batch_size: Optional[PositiveInt] = Field(None, description="images per process (default 4 on digit scenes, 2 on "
+                                                                "COCO)")
+    lr: PositiveFloat = Field(0.02, description="learning rate for --lr-base-batch images")
     lr_base_batch: PositiveInt = 16
     warmup_iters: NonNegativeInt = 500
-    warmup_ratio: Annotated[float, Field(gt=0, le=1)] = 0.001
-    min_size: Optional[ImageSize] = None
-    max_size: Optional[ImageSize] = None
-    dcn_stages: list[Annotated[int, Field(ge=1, le=4)]] = field(default_factory=list)
-    deform_unary: bool = False
-    pretrained_backbone: Optional[Checkpoint] = Field(default=None, json_schema_extra=ROLE_INPUT)
-    pos_init: Literal[POS_INIT] = "reinit"
-    trainable_layers: Optional[Annotated[int, Field(ge=0, le=5)]] = None  # default: 3 if pretrained, else all (5)
-    frozen_bn: Optional[bool] = None  # default: frozen with a pretrained backbone; from scratch BN must train
-    checkpoint_layers: bool = False
-    box_batch_size_per_image: Optional[PositiveInt] = None  # RoIs per image for the box/mask heads
-    rpn_post_nms_top_n_train: Optional[PositiveInt] = None  # proposals kept in training
-    impl: Literal["reference", "fused", "auto"] = "auto"
-    max_eval_images: Optional[PositiveInt] = None
-    # share of a COCO file's annotations that may be repaired (clipped or dropped) before it is refused
-    max_repaired: Annotated[float, Field(ge=0, le=1)] = MAX_REPAIRED
+    warmup_ratio: Annotated[float, Field(gt=0, le=1)] = Field(0.001, json_schema_extra=NO_FLAG)
+    min_size: Optional[ImageSize] = Field(None, description="shorter image side (default 320 on digit scenes, 800 on "
+                                                            "COCO)")
+    max_size: Optional[ImageSize] = Field(None, description="longer side at most (default 512 on digit scenes, 1333 "
+                                                            "on COCO)")
+    dcn_stages: list[Annotated[int, Field(ge=DCN_STAGES[0], le=DCN_STAGES[1])]] = Field(
+        default_factory=list, description=(
+        "stages with deformable 3x3 convs, e.g. 2 3 4"))
+    deform_unary: bool = Field(False, description="deformable LESA unary term")
+    pretrained_backbone: Optional[Checkpoint] = Field(None, json_schema_extra=ROLE_INPUT,
+                                                      description="classification checkpoint of the same backbone")
+    pos_init: Literal[POS_INIT] = Field("reinit", description="position tables from the checkpoint")
+    trainable_layers: Optional[Annotated[int, Field(ge=TRAINABLE_LAYERS[0], le=TRAINABLE_LAYERS[1])]] = Field(
+        None, description=(
+        "backbone stages trained, 0-5 (default 3 with a pretrained backbone, else 5)"))
+    # from scratch BN must train
+    frozen_bn: Optional[bool] = Field(None, json_schema_extra=NEGATABLE, description=(
+        "freeze the backbone's BatchNorms (default: with a pretrained backbone)"))
+    checkpoint_layers: bool = Field(False, description="gradient checkpointing of the LESA terms")
+    # RoIs per image for the box/mask heads
+    box_batch_size_per_image: Optional[PositiveInt] = Field(None, json_schema_extra=NO_FLAG)
+    # proposals kept in training
+    rpn_post_nms_top_n_train: Optional[PositiveInt] = Field(None, json_schema_extra=NO_FLAG)
+    impl: Literal[IMPLS] = "auto"
+    max_eval_images: Optional[PositiveInt] = Field(None, description="evaluate on the first N validation images only")
+    max_repaired: Annotated[float, Field(ge=0, le=1)] = Field(
+        MAX_REPAIRED, json_schema_extra=metavar("FRACTION"),
+        description="share of a COCO file's annotations that may be repaired (boxes clipped, boxes or polygons "
+                    "outside the image dropped, ...) before the file is refused")
+    output: Optional[Name] = run_directory("det-<backbone>-<data>")
 
     def __post_init__(self) -> None:
         # paths resolved once, here: eval / resume from another working folder find the same files
@@ -223,13 +250,9 @@ def coco_splits(data: str, needed: tuple[str, ...] = ("train", "val")) -> dict[s
 def run_detector(run: Path) -> Optional[str]:
     """The detector of the run in folder ``run`` (its ``last.pt``'s config); None where none can be read (the
     engine names a missing or bad checkpoint when it resumes)."""
-    path = Path(run) / "last.pt"
     state = None
-    with contextlib.suppress(Exception):  # mmap: the config alone is read, the tensors stay on disk
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    if state is None:
-        with contextlib.suppress(LesaError):  # a checkpoint torch cannot map (written by torch's legacy format)
-            state = load_checkpoint(path)
+    with contextlib.suppress(LesaError):  # mapped: the config alone is read, the tensors stay on disk
+        state = read_weights(Path(run) / "last.pt", mmap=True).contents
     config = state.get("config") if isinstance(state, dict) else None
     detector = config.get("detector") if isinstance(config, dict) else None
     return detector if detector in DETECTORS else None

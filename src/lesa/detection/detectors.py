@@ -30,6 +30,8 @@ DETECTORS = ("maskrcnn", "cascade_maskrcnn", "htc", "fasterrcnn", "cascade_rcnn"
 # act through the mask heads).
 BOX_ONLY = {"maskrcnn": "fasterrcnn", "cascade_maskrcnn": "cascade_rcnn", "htc": "cascade_rcnn"}
 POS_INIT = ("reinit", "interpolate")
+TRAINABLE_LAYERS = (0, 5)  # backbone stages trained: none (0) to all (5, the stem counted)
+DCN_STAGES = (1, 4)  # the stages whose 3x3 convolutions may be deformable
 
 
 @takes_factory_kwargs
@@ -96,10 +98,10 @@ def build_detector(
     check_choice("pos_init", pos_init, POS_INIT)
     check_choice("impl", impl, IMPLS)
     check_int("num_classes", num_classes, minimum=2, hint="the object classes plus 1 for the background")
-    check_optional_int("trainable_layers", trainable_layers, 0, 5, hint="backbone stages trained, 5: all")
+    check_optional_int("trainable_layers", trainable_layers, *TRAINABLE_LAYERS, hint="backbone stages trained, 5: all")
     if frozen_bn is not None:
         check_bool("frozen_bn", frozen_bn)
-    check_ints("dcn_stages", dcn_stages, 1, 4, hint="the backbone's stages 1-4")
+    check_ints("dcn_stages", dcn_stages, *DCN_STAGES, hint="the backbone's stages 1-4")
     check_bool("deform_unary", deform_unary)
     check_bool("checkpoint", checkpoint)
     check_int("min_size", min_size, hint="the shorter side of the resized images")

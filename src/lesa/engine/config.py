@@ -13,13 +13,15 @@ import difflib
 from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, Optional, TypeVar
 
 import yaml
 from pydantic import Field
 
 from ..errors import ConfigError, NotFoundError
 from ..options import (
+    NEGATABLE,
+    NO_FLAG,
     ROLE_OUTPUT_DIR,
     Device,
     Fraction,
@@ -29,6 +31,7 @@ from ..options import (
     PositiveInt,
     Workers,
     build,
+    flag,
     load_yaml,
     schema,
 )
@@ -36,7 +39,14 @@ from ..options import (
 AMP_MODES = ("auto", "none", "bf16", "fp16")
 
 C = TypeVar("C", bound="RunConfig")
-RUN_OUTPUTS = ("config.yaml", "last.pt", "best.pt", "metrics.csv", "summary.json", "curves.png", "coco_eval.json")
+
+
+def run_directory(default_name: str) -> Any:
+    """The ``output`` option of a task's config: the run directory, ``runs/<default_name>`` where not given (a
+    task redeclares it to name its own)."""
+    return Field(None, description=f"run directory (default runs/{default_name})", json_schema_extra=ROLE_OUTPUT_DIR)
+
+RUN_OUTPUTS = ("config.yaml", "last.pt", "best.pt", "metrics.csv", "summary.json")  # every task's run writes them
 
 
 @schema
@@ -44,24 +54,28 @@ class RunConfig:
     """Options every training task shares. ``batch_size`` is per process; the learning rate is
     ``lr * global_batch / lr_base_batch`` (linear scaling)."""
 
+    TASK_OUTPUTS: ClassVar[tuple[str, ...]] = ()  # the files a task's run writes besides RUN_OUTPUTS
+
     epochs: Optional[PositiveInt] = None
     batch_size: Optional[PositiveInt] = None
-    lr: PositiveFloat = 0.05
-    lr_base_batch: PositiveInt = 64
-    momentum: NonNegativeFloat = 0.9
-    nesterov: bool = False
+    lr: PositiveFloat = Field(0.05, description="learning rate for a global batch of --lr-base-batch")
+    lr_base_batch: PositiveInt = Field(64, description="the global batch --lr is given for (linear scaling)")
+    momentum: NonNegativeFloat = Field(0.9, json_schema_extra=NO_FLAG)
+    nesterov: bool = Field(False, json_schema_extra=NO_FLAG)
     weight_decay: NonNegativeFloat = 1e-4
-    workers: Workers = 0
+    workers: Workers = Field(0, description="data-loading processes per training process")
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0  # numpy's and torch's seeds both take it
-    output: Optional[Name] = Field(default=None, json_schema_extra=ROLE_OUTPUT_DIR)  # default: runs/<task's name>
-    resume: bool = False
+    output: Optional[Name] = run_directory("run")
+    resume: bool = Field(False, description="continue from OUTPUT/last.pt")
     amp: Literal[AMP_MODES] = "auto"  # auto (bf16/fp16 on CUDA, off on CPU), none, bf16, fp16
-    channels_last: Optional[bool] = None  # default: on CUDA
-    compile: bool = False
-    device: Device = "auto"
-    quiet: bool = False
-    max_steps_per_epoch: Optional[PositiveInt] = None  # cut epochs short (smoke tests)
-    max_bad_fraction: Fraction = 0.001  # undecodable training images tolerated, a fraction of the training set
+    channels_last: Optional[bool] = Field(None, description="channels-last memory format (default: on CUDA)",
+                                          json_schema_extra=NEGATABLE)
+    compile: bool = Field(False, description="torch.compile the model")
+    device: Device = Field("auto", description="auto, cpu or cuda")
+    quiet: bool = Field(False, description="no progress bars or epoch lines")
+    max_steps_per_epoch: Optional[PositiveInt] = Field(None, description="cut epochs short (smoke tests)")
+    max_bad_fraction: Fraction = Field(0.001, description="undecodable training images tolerated, as a fraction "
+                                                          "of the training set")
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -85,7 +99,7 @@ class RunConfig:
 
     def planned_outputs(self) -> dict[str, list[str]]:
         """The files a run writes in its folder (none of them may be an input, such as ``--config``)."""
-        return {"output": list(RUN_OUTPUTS)}
+        return {"output": [*RUN_OUTPUTS, *self.TASK_OUTPUTS]}
 
     def total_epochs(self) -> int:
         return int(self.epochs or 1)
@@ -103,11 +117,6 @@ def preset_values(name: str, presets: tuple[str, ...]) -> dict[str, Any]:
     values = yaml.safe_load(text) or {}
     base = values.pop("extends", None)
     return {**preset_values(base, presets), **values} if base else values
-
-
-def flag(option: str) -> str:
-    """The command-line spelling of an option (``batch_size`` -> ``--batch-size``)."""
-    return "--" + option.replace("_", "-")
 
 
 def merge_config(cls: type[C], config_file: Optional[str] = None, preset: Optional[str] = None,

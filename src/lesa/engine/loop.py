@@ -32,11 +32,12 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, d
 from tqdm.auto import tqdm
 
 from ..errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
+from ..options import flag
 from ..ownership import make_folder
 from ..utils import atomic_write, count_params
 from ..weights import run_kind
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import RunConfig, flag
+from .config import RunConfig
 from .distributed import DistContext, cleanup_distributed, setup_distributed
 from .records import TensorBoard, write_json, write_metrics_csv
 from .run_data import describe, difference

@@ -52,7 +52,7 @@ kernels still serve. 'flat' (classification, one fixed map size) takes no mask. 
 """
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, get_args
 
 import torch
 from torch import Tensor, nn
@@ -84,9 +84,9 @@ from .rel_pos import FlatRelPosEmbed, RelPosEmbed2d, Size2d
 
 PosEmbed = Literal["flat", "rel2d"]
 Impl = Literal["reference", "fused", "auto"]
+POS_EMBEDS: tuple[str, ...] = get_args(PosEmbed)  # the choices, for checks and the command line
+IMPLS: tuple[str, ...] = get_args(Impl)
 
-POS_EMBEDS = ("flat", "rel2d")
-IMPLS = ("reference", "fused", "auto")
 # 'auto' uses the linear-memory fused path from this many positions on, where it is faster than the
 # reference (benchmarks/bench_layer.py, docs/performance.md). Below, the (HW)^2 matrices are small: 'rel2d'
 # takes the reference path, 'flat' the fused path in one block ('dense': FlatDenseAttention).
