@@ -19,6 +19,7 @@ from lesa.detection.predict import output_names
 from lesa.detection.roi_align import CascadeRoIAlign, RoIMaps
 from lesa.engine import read_metrics_csv
 from lesa.errors import ConfigError
+from lesa.layers import AttentionAugmentedConv2d, LESA2d, SelfAttention2d
 
 pytest.importorskip("pycocotools")
 
@@ -329,12 +330,29 @@ def test_a_two_image_overfit_drives_every_loss_down():
             assert last[key] < first[key], (key, first[key], last[key])
 
 
-@pytest.mark.parametrize("backbone", ["resnet_tiny", "sa_resnet_tiny", "aa_resnet_tiny", "static_lesa_resnet_tiny"])
+BACKBONE_OPS = {"resnet_tiny": torch.nn.Conv2d, "sa_resnet_tiny": SelfAttention2d,
+                "aa_resnet_tiny": AttentionAugmentedConv2d, "static_lesa_resnet_tiny": LESA2d}
+
+
+@pytest.mark.parametrize("backbone", list(BACKBONE_OPS))
 def test_every_backbone_in_every_detector(backbone):
+    """Each tiny model as the backbone of each mask detector: its own operation in the backbone's stages 3-4,
+    finite losses, and a gradient that reaches that operation's weights."""
     for kind in ("maskrcnn", "cascade_maskrcnn", "htc"):
         model = detector(kind, backbone=backbone)
+        body = model.backbone.body
+        ops = [body.layer3[1].conv2, body.layer4[1].conv2]
+        assert all(type(op) is BACKBONE_OPS[backbone] for op in ops), (kind, backbone)
+        if backbone.startswith("static_lesa"):
+            assert all(op.fusion_gate is None for op in ops)  # the static fusion
         losses = model(images([(64, 96)]), targets([(64, 96)]))
         assert all(torch.isfinite(v) for v in losses.values()), (kind, backbone)
+        sum(losses.values()).backward()
+        for op in ops:
+            projection = op if isinstance(op, torch.nn.Conv2d) else op.qkv if isinstance(op, AttentionAugmentedConv2d) \
+                else op.binary.qkv
+            weight = projection.weight
+            assert weight.grad is not None and float(weight.grad.abs().sum()) > 0, (kind, backbone)
 
 
 def test_builders_decide_freezing_from_the_weights(tmp_path):

@@ -1,11 +1,12 @@
 """The cluttered-digits set (deterministic, no leakage between splits) and the multi-seed compare (its
-means and spreads are those of the per-seed runs)."""
+means and spreads are those of the per-seed runs; it reuses only runs trained with its options)."""
 import json
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import cli
 
 from lesa.cli import main
 from lesa.data import EMBEDDED, build_classification_data
@@ -94,3 +95,11 @@ def test_compare_reports_mean_and_std_over_seed_runs(tmp_path, capsys):
     assert f"{conv['val_top1']:.2f} ± {conv['val_top1_std']:.2f}" in table
     assert "over 2 seeds (3, 4)" in table and "Table 1" in table and "Table 6" in capsys.readouterr().out
     assert (out / "compare_curves.png").is_file() and (out / "analysis_sa" / "shares.png").is_file()
+
+
+def test_compare_refuses_runs_trained_with_other_options(tmp_path):
+    args = ["compare", "--quick", "--ops", "conv", "--seeds", "1", "--max-steps-per-epoch", "1", "--quiet",
+            "--output", tmp_path / "cmp"]
+    assert cli(*args, "--epochs", "1")[0] == 0
+    code, err = cli(*args, "--epochs", "2")
+    assert code == 2 and "trained with other options: epochs=1 (this comparison: 2)" in err

@@ -1,15 +1,18 @@
 """COCO files met as users write them: validated as a whole when loaded (schema, ids, polygons, RLE sizes, boxes,
-image sizes and EXIF orientation, semantic maps), box-only data, one category mapping per run, COCO stats
-without detections, no epoch lost to a failing evaluation, and ``det predict`` past unreadable inputs."""
+areas, image sizes and EXIF orientation, semantic maps) and by ``det train`` before any training, box-only data,
+one category mapping per run, COCO stats without detections, no epoch lost to a failing evaluation, and
+``det predict`` past unreadable inputs."""
 import json
 
 import numpy as np
 import pytest
 import torch
+from helpers import cli
 from PIL import Image
 
 from lesa.cli import main
 from lesa.data.coco import CocoDetection, encode_mask, hflip, rle_counts
+from lesa.data.digit_scenes import ensure_digit_scenes
 from lesa.detection.evaluate import coco_evaluate, to_coco_results
 from lesa.errors import BadImageError, DataError
 
@@ -213,6 +216,14 @@ def test_boxes_are_clipped_or_dropped_and_counted(tmp_path):
     assert "e.g. annotation 1 (image 1): bbox [-5.0, 4.0, 10.0, 8.0] on a 32x32 image" in message
 
 
+def test_coco_area_zero_is_the_boxs_area(tmp_path):
+    from lesa.data.coco import Repairs, clean_annotation
+
+    ann = dict(id=1, image_id=1, category_id=1, bbox=[0, 0, 50, 40], area=0, iscrowd=0)
+    cleaned = clean_annotation(ann, dict(id=1, width=100, height=100), tmp_path / "a.json", Repairs())
+    assert cleaned["area"] == 2000
+
+
 def test_a_few_repairs_in_a_large_file_are_fine(tmp_path):
     anns = [box(i, image_id=1 + i % 2, bbox=(i % 20, 3, 6, 6)) for i in range(1, 201)]
     anns[0]["bbox"] = [100, 100, 4, 4]
@@ -404,6 +415,32 @@ def coco_root(tmp_path):
         (root / f"{name}.json").write_text(json.dumps(data))
     (tmp_path / "small.yaml").write_text("box_batch_size_per_image: 32\nrpn_post_nms_top_n_train: 100\n")
     return root
+
+
+@pytest.mark.parametrize("fault,message", [
+    ("missing_image", "image file(s) listed there are missing"),
+    ("mask_missing", "while the others have masks"),
+    ("odd_polygon", "an odd count"),
+    ("unknown_category", "has category_id 99, which is not among the categories"),
+])
+def test_coco_annotations_are_validated_before_training(tmp_path, fault, message):
+    root = ensure_digit_scenes(tmp_path / "scenes", counts={"train": 2, "val": 1})
+    annotations = json.loads((root / "train.json").read_text())
+    ann = annotations["annotations"][0]
+    if fault == "missing_image":
+        (root / "train" / annotations["images"][0]["file_name"]).unlink()
+    elif fault == "mask_missing":
+        ann["segmentation"] = []
+    elif fault == "odd_polygon":
+        ann["segmentation"] = [[1.0, 1.0, 5.0, 1.0, 5.0]]
+    else:
+        ann["category_id"] = 99
+    (root / "train.json").write_text(json.dumps(annotations))
+    code, err = cli("det", "train", "--data", root, "--output", tmp_path / "run", "--quiet")
+    assert code == 2 and message in err and str(root / "train.json") in err
+    if fault != "missing_image":
+        assert f"annotation {ann['id']}" in err
+    assert not (tmp_path / "run" / "last.pt").exists()
 
 
 def test_det_commands_keep_the_epoch_map_categories_and_skip_bad_inputs(tmp_path, capsys, monkeypatch):

@@ -1,4 +1,5 @@
-"""Mask R-CNN with LESA backbones: features, DCN, initialisation, COCO I/O and evaluation, the commands."""
+"""Mask R-CNN with LESA backbones: features, DCN, initialisation, COCO I/O and evaluation, the commands and their
+options."""
 import json
 import os
 import subprocess
@@ -7,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import cli
 
 from lesa.cli import main
 from lesa.data.coco import CocoDetection, encode_mask, write_coco
@@ -52,8 +54,8 @@ def test_deformable_convolutions():
     assert all(isinstance(m.unary.conv, DeformConv2dPack) for m in body.modules() if isinstance(m, LESA2d))
     out = backbone(torch.randn(2, 3, 64, 96))
     sum(f.mean() for f in out.values()).backward()
-    assert body.layer2[0].conv2.conv_offset.weight.grad is not None
-    assert body.layer3[1].conv2.unary.conv.conv_offset.weight.grad is not None
+    for offsets in (body.layer2[0].conv2.conv_offset, body.layer3[1].conv2.unary.conv.conv_offset):
+        assert offsets.weight.grad is not None and float(offsets.weight.grad.abs().sum()) > 0  # the offsets learn
     with pytest.raises(ValueError, match="deform_unary needs a LESA backbone"):
         build_backbone("sa_resnet_tiny", deform_unary=True)
 
@@ -72,6 +74,10 @@ def detection_targets(sizes, num_classes=3):
 
 
 def test_lesa_r50_fpn_mask_rcnn_trains_on_mixed_non_square_images_and_predicts():
+    """A training step on two images of different aspect ratios gives every loss, finite and positive, and
+    gradients that reach the LESA layers; in eval mode each image's detections are in its own coordinates:
+    boxes inside the image, labels among the classes, scores in decreasing order, each mask the image's size
+    and pasted inside its box."""
     torch.manual_seed(0)
     model = build_maskrcnn("lesa_resnet50", num_classes=3, min_size=128, max_size=192,
                            box_batch_size_per_image=64)
@@ -79,17 +85,30 @@ def test_lesa_r50_fpn_mask_rcnn_trains_on_mixed_non_square_images_and_predicts()
     model.train()
     losses = model(images, targets)
     assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}
-    assert all(torch.isfinite(v) for v in losses.values()) and losses["loss_mask"] > 0
+    assert all(torch.isfinite(v) and v > 0 for v in losses.values()), losses
     sum(losses.values()).backward()
     lesa_layer = model.backbone.body.layer3[1].conv2
-    assert lesa_layer.binary.qkv.weight.grad is not None
+    assert isinstance(lesa_layer, LESA2d)
+    for weight in (lesa_layer.binary.qkv.weight, lesa_layer.binary.rel_pos.height, lesa_layer.unary.conv.weight):
+        assert weight.grad is not None and float(weight.grad.abs().sum()) > 0
     model.eval()
+    model.roi_heads.score_thresh = 0.0  # every detection of the random heads, not only confident ones
     with torch.no_grad():
         predictions = model(images)
     assert len(predictions) == 2
     for image, pred in zip(images, predictions):
-        assert set(pred) >= {"boxes", "labels", "scores", "masks"}
-        assert pred["masks"].shape[-2:] == image.shape[-2:]
+        height, width = image.shape[-2:]
+        boxes, masks = pred["boxes"], pred["masks"]
+        assert set(pred) >= {"boxes", "labels", "scores", "masks"} and len(boxes) > 0
+        assert masks.shape == (len(boxes), 1, height, width)
+        assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= width).all() and (boxes[:, 3] <= height).all()
+        assert (boxes[:, 2:] >= boxes[:, :2]).all()
+        assert set(pred["labels"].tolist()) <= {1, 2} and (pred["scores"][:-1] >= pred["scores"][1:]).all()
+        for (x1, y1, x2, y2), mask in zip(boxes.tolist(), masks[:, 0]):
+            ys, xs = torch.nonzero(mask > 0.5, as_tuple=True)
+            if len(xs):  # the 28x28 mask is pasted over its box grown by 2/28 (torchvision's border)
+                mx, my = 0.1 * (x2 - x1) + 1, 0.1 * (y2 - y1) + 1
+                assert x1 - mx <= xs.min() and xs.max() <= x2 + mx and y1 - my <= ys.min() and ys.max() <= y2 + my
 
 
 def test_backbone_initialisation_from_a_classification_checkpoint(tmp_path):
@@ -255,3 +274,20 @@ def test_det_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
         torch.testing.assert_close(b["model"][key], value, rtol=1e-5, atol=1e-5, msg=key)
     rows_a, rows_b = read_metrics_csv(straight / "metrics.csv"), read_metrics_csv(killed / "metrics.csv")
     assert [r["loss"] for r in rows_b] == pytest.approx([r["loss"] for r in rows_a], rel=1e-5)
+
+
+def test_det_options_are_validated(tmp_path):
+    code, err = cli("det", "train", "--lr", "-1", "--output", tmp_path / "r", "--quiet")
+    assert code == 2 and "--lr: got -1.0; use a value > 0" in err
+    code, err = cli("det", "train", "--dcn-stages", "5", "--output", tmp_path / "r", "--quiet")
+    assert code == 2 and "--dcn-stages[0]: got 5; use a value <= 4" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_detector_given_no_images_says_so():
+    from lesa.detection.detectors import build_detector
+    from lesa.errors import InputError
+
+    model = build_detector("maskrcnn", "resnet_tiny", 3, min_size=64, max_size=64).eval()
+    with pytest.raises(InputError, match="one or more images"):
+        model([])

@@ -10,6 +10,7 @@ import importlib.util
 
 import pytest
 import torch
+from helpers import calibrated, close, image
 
 import lesa
 from lesa import LESA2d
@@ -20,24 +21,6 @@ from lesa.errors import ConfigError
 from lesa.export import export_model
 
 CASES = [("flat", "reference"), ("flat", "fused"), ("rel2d", "reference"), ("rel2d", "fused")]
-
-
-def image(batch=2, size=16, seed=0):
-    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def calibrated(model, size=16):
-    """Two training-mode passes so that the BatchNorms hold data-like statistics, then eval mode."""
-    model.train()
-    with torch.no_grad():
-        for seed in (100, 101):
-            model(image(4, size, seed))
-    return model.eval()
-
-
-def close(actual, expected, rtol=1e-4):
-    """Equal to float32 rounding, relative to the tensor's scale."""
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * float(expected.detach().abs().max()))
 
 
 def compiled(module):
@@ -146,7 +129,7 @@ def weights(tmp_path_factory):
     """A trained-looking weights file of lesa_resnet_tiny (BN statistics of a few batches)."""
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
-    save_state_dict(calibrated(lesa.create_model("lesa_resnet_tiny"), size=32).state_dict(), str(path))
+    save_state_dict(calibrated(lesa.create_model("lesa_resnet_tiny")).state_dict(), str(path))  # at 32 px
     return path
 
 
@@ -159,8 +142,15 @@ def test_lesa_export_onnx_end_to_end(weights, tmp_path, capsys):
     assert line.startswith(f"lesa_resnet_tiny -> {out} (onnx, input (N, 3, 32, 32) for any N): matches eager PyTorch "
                            "under onnxruntime")
     import onnx
+    import onnxruntime as ort
 
     onnx.checker.check_model(str(out))
+    model, _ = load_trained_model(weights, "lesa_resnet_tiny")
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for x in (image(1, 32), image(3, 32, seed=1)):  # any batch size: the file computes the model's function
+        with torch.no_grad():
+            expected = model.eval()(x)
+        close(torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]), expected, rtol=1e-5)
 
 
 def test_lesa_export_torch_program(weights, tmp_path, capsys):

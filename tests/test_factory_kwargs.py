@@ -2,7 +2,7 @@
 parameters and buffers there and so, without a copy afterwards."""
 import pytest
 import torch
-from test_layers import randomise
+from helpers import randomise
 
 from lesa import AttentionAugmentedConv2d, LESA2d, SelfAttention2d
 from lesa.detection import build_detector

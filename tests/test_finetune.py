@@ -1,5 +1,5 @@
-"""Weights from wrapped models and fine-tuning: the key prefixes of torch.compile / DDP through every reader,
-another class count (lesa and timm), flat position tables resized, and `lesa train --init`."""
+"""Weights from wrapped models and fine-tuning: the key prefixes of torch.compile / DDP / Lightning through every
+reader, another class count (lesa and timm), flat position tables resized, and `lesa train --init`."""
 import json
 import math
 import re
@@ -7,7 +7,7 @@ import re
 import pytest
 import timm
 import torch
-from PIL import Image
+from helpers import cli, image_folder
 
 from lesa.classification import ClassificationTask, build_config, load_trained_model
 from lesa.cli import main
@@ -26,15 +26,6 @@ MODEL = "lesa_resnet_tiny"  # 'flat' position tables, ten classes, 32 px
 def same_weights(model, sd, skip=()) -> bool:
     own = model.state_dict()
     return all(torch.equal(own[k], v) for k, v in sd.items() if not k.startswith(skip))
-
-
-def image_folder(root, classes=("ant", "bee", "cow"), n=2):
-    for split in ("train", "val"):
-        for c, name in enumerate(classes):
-            (root / split / name).mkdir(parents=True)
-            for i in range(n):
-                Image.new("RGB", (40, 30), (80 * c + 9 * i, 100, 200)).save(root / split / name / f"{i}.png")
-    return str(root)
 
 
 # -- key prefixes of wrapped models ---------------------------------------------------------------------
@@ -72,10 +63,22 @@ def test_eval_reads_a_training_checkpoint_of_a_compiled_ddp_model(tmp_path, caps
     state = dict(model={"_orig_mod.module." + k: v for k, v in sd.items()}, epoch=1, kind="classification",
                  config=dict(model=MODEL, model_kwargs={}, data="digits", img_size=32), classes=classes)
     torch.save(state, tmp_path / "best.pt")
-    data = image_folder(tmp_path / "data")
+    data = str(image_folder(tmp_path / "data", classes=("ant", "bee", "cow")))
     with pytest.warns(UserWarning, match="removed the key prefix '_orig_mod.module.'"):
         assert main(["eval", "--checkpoint", str(tmp_path), "--data", data, "--quiet"]) == 0
     assert "(6 images)" in capsys.readouterr().out
+
+
+def test_a_lightning_checkpoint_loads_without_its_attribute_prefix(tmp_path, digits_run):
+    state = torch.load(digits_run / "best.pt", weights_only=True)["model"]
+    torch.save({"state_dict": {f"model.{k}": v for k, v in state.items()}, "epoch": 3,
+                "pytorch-lightning_version": "2.4.0"}, tmp_path / "last.ckpt")
+    with pytest.warns(UserWarning, match="removed the key prefix 'model.'"):
+        assert cli("eval", "--checkpoint", tmp_path / "last.ckpt", "--model", "resnet_tiny", "--data", "digits",
+                   "--quiet")[0] == 0
+    torch.save({"state_dict": {f"net.body.{k}": v for k, v in state.items()}}, tmp_path / "other.ckpt")
+    code, err = cli("eval", "--checkpoint", tmp_path / "other.ckpt", "--model", "resnet_tiny")
+    assert code == 2 and "every key starts with 'net.'" in err
 
 
 # -- another class count ----------------------------------------------------------------------------------
@@ -118,7 +121,8 @@ def test_flat_tables_resize_through_their_2d_view():
 
 # -- lesa train --init ----------------------------------------------------------------------------------
 def test_train_init_fine_tunes_a_digits_run_on_new_classes_and_size(tmp_path, capsys):
-    run, tuned, data = str(tmp_path / "digits"), str(tmp_path / "tuned"), image_folder(tmp_path / "data")
+    run, tuned = str(tmp_path / "digits"), str(tmp_path / "tuned")
+    data = str(image_folder(tmp_path / "data", classes=("ant", "bee", "cow")))
     # heads=4 is not the default: the fine-tuning run must take it from the checkpoint's run
     assert main(["train", "--heads", "4", "--epochs", "1", "--max-steps-per-epoch", "1", "--batch-size", "16",
                  "--output", run, "--quiet"]) == 0

@@ -1,29 +1,23 @@
 """lesa.fuse_for_inference: every BatchNorm it can fold is folded, the function is unchanged (float64),
-a fused model refuses to train, and analyses that need the unfused model say so."""
+a fused model refuses to train, and analyses that need the unfused model say so; in eval mode the logit
+BatchNorm needs no batch moments."""
 import copy
 
 import pytest
 import torch
+from helpers import bn_affines, calibrated, image
 
 import lesa
 from lesa.analysis import ablate_unary
 from lesa.errors import ConfigError
 
 
-def calibrated(name, dtype=torch.float64, **kw):
-    """A model whose BatchNorms have non-trivial affines and running statistics."""
+def model_and_input(name, **kw):
+    """A float64 model whose BatchNorms have non-trivial affines and data-like running statistics, in eval mode,
+    and a batch of four images of its input size."""
     torch.manual_seed(0)
-    model = lesa.create_model(name, **kw).to(dtype)
-    size = model.pretrained_cfg["input_size"][-1]
-    x = torch.randn(4, 3, size, size, dtype=dtype)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-        for _ in range(2):
-            model.train()(x)
-    return model.eval(), x
+    model = calibrated(bn_affines(lesa.create_model(name, **kw).double()))
+    return model, image(4, model.pretrained_cfg["input_size"][-1], dtype=torch.float64)
 
 
 @pytest.mark.parametrize("name,kw", [
@@ -35,7 +29,7 @@ def calibrated(name, dtype=torch.float64, **kw):
     ("resnet_tiny", {}),
 ])
 def test_fused_model_computes_the_same_function(name, kw):
-    model, x = calibrated(name, **kw)
+    model, x = model_and_input(name, **kw)
     with torch.no_grad():
         expected = model(x)
         fused = lesa.fuse_for_inference(copy.deepcopy(model))
@@ -49,7 +43,7 @@ def test_fused_model_computes_the_same_function(name, kw):
 
 
 def test_fused_model_refuses_training_and_the_unary_ablation():
-    model, x = calibrated("lesa_resnet_tiny")
+    model, x = model_and_input("lesa_resnet_tiny")
     fused = lesa.fuse_for_inference(model)
     with pytest.raises(ConfigError, match="fused for inference"):
         fused.train()(x)
@@ -58,12 +52,19 @@ def test_fused_model_refuses_training_and_the_unary_ablation():
         fused(x)
 
 
-def test_eval_needs_no_logit_moments(monkeypatch):
-    """In eval mode the logit BN's scales come from its running statistics alone."""
+@pytest.mark.parametrize("pos_embed,impl", [("flat", "auto"), ("rel2d", "fused")])
+def test_eval_needs_no_logit_moments(monkeypatch, pos_embed, impl):
+    """In eval mode the logit BN's scales come from its running statistics alone: with the batch-moment
+    functions gone the eval output is bitwise the same, while training mode, whose scales are those
+    moments, cannot run without them."""
     from lesa.layers import binary
 
-    model, x = calibrated("lesa_resnet_tiny")
+    model, x = model_and_input("lesa_resnet_tiny", pos_embed=pos_embed, impl=impl)
+    with torch.no_grad():
+        expected = model(x)
     monkeypatch.setattr(binary, "sliding_window_moments", None)
     monkeypatch.setattr(binary, "dot_product_moments", None)
     with torch.no_grad():
-        model(x)
+        assert torch.equal(model(x), expected)
+        with pytest.raises(TypeError, match="not callable"):
+            model.train()(x)

@@ -3,8 +3,8 @@ import copy
 
 import pytest
 import torch
+from helpers import assert_same_step, bn_affines
 from naive_lesa import lesa as naive_lesa
-from same_step import assert_same_step
 
 import lesa
 from lesa import LESA2d, SelfAttention2d
@@ -23,12 +23,7 @@ from lesa.models import attention_layers, create_model
 
 def pair(cls, dtype, pos_embed, size, block_elems=None, **kw):
     torch.manual_seed(0)
-    ref = cls(32, 32, heads=4, pos_embed=pos_embed, feature_size=size, impl="reference", **kw).to(dtype)
-    with torch.no_grad():  # non-trivial BN affines
-        for m in ref.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
+    ref = bn_affines(cls(32, 32, heads=4, pos_embed=pos_embed, feature_size=size, impl="reference", **kw).to(dtype))
     fused = copy.deepcopy(ref)
     for m in fused.modules():
         if hasattr(m, "impl"):

@@ -1,4 +1,4 @@
-"""Fuzzing keeps the input contract true (issue 19): whatever a user types into any command, and whatever
+"""Fuzzing keeps the input contract true: whatever a user types into any command, and whatever
 arguments a Python caller gives the public builders, the only outcomes are success or a
 :class:`~lesa.errors.LesaError` shown in one line with exit code 2 - never another exception.
 
@@ -110,18 +110,10 @@ def test_any_command_line_is_validated_or_refused_in_one_line(command, capsys):
     check()
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("fuzz") / "run"
-    assert cli_module.main(["train", "--model", "resnet_tiny", "--epochs", "1", "--batch-size", "16",
-                            "--max-steps-per-epoch", "1", "--quiet", "--output", str(out)]) == 0
-    return str(out)
-
-
 @pytest.mark.parametrize("command", ["eval", "convert", "models"])
-def test_cheap_commands_run_for_real_on_fuzzed_options(command, capsys, tiny_run):
+def test_cheap_commands_run_for_real_on_fuzzed_options(command, capsys, digits_run):
     """The work itself, not stubbed, on drawn options (commands that finish in about a second)."""
-    runs = [tiny_run, str(Path(tiny_run) / "last.pt")]
+    runs = [str(digits_run), str(digits_run / "last.pt")]
     pools = {"checkpoint": st.sampled_from(runs) | VALUES, "input": st.sampled_from(runs[1:]) | VALUES,
              "data": st.sampled_from(["digits", *PATHS]), "workers": st.sampled_from(["0", "1", "-1", "x"]),
              "output": st.sampled_from([str(SCRATCH / "out.safetensors"), str(SCRATCH / "o.pt"), *PATHS])}

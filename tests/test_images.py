@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import image_folder
 from PIL import Image
 
 from lesa.data import (
@@ -92,6 +93,13 @@ def test_symlink_loops_are_listed_once_and_end(tmp_path):
     assert sorted(Path(p).name for p in dogs) == ["0.png", "0.png", "1.png"]
 
 
+def test_a_symlink_back_up_from_a_class_folder_is_not_followed(tmp_path):
+    data = image_folder(tmp_path / "d", classes=("a", "b"), n=3, size=(12, 12))
+    (data / "train" / "a" / "loop").symlink_to("..")
+    listing = list_image_folder(data / "train")
+    assert len(listing.samples) == 6 and [t for _, t in listing.samples].count(0) == 3
+
+
 # --- the image reader ----------------------------------------------------------------------------------------
 
 def test_exif_orientation_is_applied(tmp_path):
@@ -138,6 +146,15 @@ def test_every_mode_reads_as_8_bit_rgb_with_contrast(tmp_path, mode, ext):
         grey = rgb[..., 0].ravel()
         assert (rgb[..., 0] == rgb[..., 2]).all() and (np.diff(grey) >= 0).all()
         assert grey[0] == 0 and grey[-1] == 255
+
+
+def test_16_bit_images_keep_their_contrast(tmp_path):
+    ramp = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    rgb = np.asarray(read_image(str(tmp_path / "ramp.png")))
+    assert rgb.shape == (64, 64, 3) and rgb.min() == 0 and rgb.max() == 255
+    assert len(np.unique(rgb)) == 256  # not clipped to black and white
+    np.testing.assert_allclose(rgb[..., 0], np.round(ramp / 257.0), atol=1)
 
 
 def test_16_bit_images_scale_from_their_own_range(tmp_path):

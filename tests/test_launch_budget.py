@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from same_step import assert_same_step
+from helpers import assert_same_step, bn_affines
 
 from lesa.errors import ConfigError
 from lesa.layers import BinaryAttention2d
@@ -131,11 +131,7 @@ def wide_pair(out_channels):
     """A 'rel2d' reference layer with one head of width ``out_channels / 2`` at 24x24, and its fused copy."""
     torch.manual_seed(0)
     ref = BinaryAttention2d(16, out_channels, heads=1, pos_embed="rel2d", feature_size=24, impl="reference")
-    ref = ref.double()
-    with torch.no_grad():
-        for bn in (ref.bn_qkv, ref.bn_logits, ref.bn_out):
-            bn.weight.uniform_(0.5, 1.5)
-            bn.bias.uniform_(-0.2, 0.2)
+    ref = bn_affines(ref.double())
     fused = copy.deepcopy(ref)
     fused.impl = "fused"
     return ref, fused

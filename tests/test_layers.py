@@ -1,12 +1,15 @@
-"""LESA2d / SelfAttention2d / AttentionAugmentedConv2d against an independent float64 computation."""
+"""LESA2d / SelfAttention2d / AttentionAugmentedConv2d against an independent float64 computation (outputs, BN
+statistics, gradients), and how the layers refuse bad arguments, inputs and allocations."""
 import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import close, randomise
 from naive_lesa import binary_term, lesa
 
 from lesa import AttentionAugmentedConv2d, LESA2d, SelfAttention2d
+from lesa.errors import ConfigError
 from lesa.layers import BinaryAttention2d
 
 
@@ -15,19 +18,6 @@ def make_layer(cls=LESA2d, channels=32, heads=4, size=5, dtype=torch.float64, **
     layer = cls(channels, channels, heads=heads, feature_size=size, **kw).to(dtype)
     randomise(layer)
     return layer
-
-
-@torch.no_grad()
-def randomise(module):
-    """Non-trivial BN affines and running stats (a fresh BN is the identity in eval mode)."""
-    gen = torch.Generator().manual_seed(1)
-    for m in module.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            n = m.num_features
-            m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
-            m.bias.copy_(torch.randn(n, generator=gen) * 0.2)
-            m.running_mean.copy_(torch.randn(n, generator=gen) * 0.2)
-            m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
 
 
 def bn_stats(module):
@@ -145,15 +135,29 @@ def test_deformable_unary_starts_as_the_plain_conv():
     torch.testing.assert_close(deform(x), conv(x))
 
 
+@pytest.mark.parametrize("impl", ["auto", "fused"])
 @pytest.mark.parametrize("cls", [LESA2d, SelfAttention2d])
-def test_shapes_and_backward(cls):
-    layer = cls(64, 64, heads=8, feature_size=7, pos_embed="rel2d")
-    x = torch.randn(2, 64, 7, 7, requires_grad=True)
-    y = layer(x)
-    assert y.shape == (2, 64, 7, 7)
-    y.mean().backward()
-    assert x.grad is not None and torch.isfinite(x.grad).all()
-    assert all(p.grad is not None for n, p in layer.named_parameters() if "bn_logits.bias" not in n)
+def test_gradients_match_autograd_through_the_naive_computation(cls, impl):
+    """A training step at the paper's head count (8 heads, 'rel2d', 7x7): the output, the input's gradient and
+    every parameter's gradient equal autograd's through the naive float64 computation."""
+    layer = make_layer(cls, channels=64, heads=8, size=7, pos_embed="rel2d", impl=impl).train()
+    naive = copy.deepcopy(layer)
+    x = torch.randn(2, 64, 7, 7, dtype=torch.float64)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = layer(xa)
+    expected, _ = lesa(naive, xb, True) if cls is LESA2d else binary_term(naive.binary, xb, True)
+    assert out.shape == (2, 64, 7, 7)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-9, atol=1e-10)
+    for (name, p), q in zip(layer.named_parameters(), naive.parameters()):
+        if name.endswith("bn_logits.bias"):  # softmax is shift invariant: zero up to rounding
+            assert p.grad is None or float(p.grad.abs().max()) < 1e-9, name
+            continue
+        assert p.grad is not None and q.grad is not None, name
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_bad_heads_raise_a_clear_error():
@@ -184,3 +188,16 @@ def test_bad_options():
         BinaryAttention2d(32, 32, heads=4, impl="cuda")
     with pytest.raises(ValueError, match="fusion='sum'"):
         LESA2d(32, 32, heads=4, fusion="sum")
+
+
+def test_the_reference_path_refuses_what_cannot_be_allocated(monkeypatch):
+    import lesa.layers.guards as guards
+
+    layer = LESA2d(32, 32, heads=4, pos_embed="rel2d", feature_size=16, impl="reference")
+    x = torch.randn(2, 32, 16, 16)
+    expected = copy.deepcopy(layer)(x)  # the reference path where the memory is there
+    monkeypatch.setattr(guards, "free_memory", lambda device: 1 << 20)  # 1 MiB free
+    with pytest.raises(ConfigError, match=r"impl='reference' would materialise 2x8x256x256 .*use impl='fused'"):
+        layer(x)
+    layer.binary.impl = "fused"
+    close(layer(x), expected)  # the same function, without the (HW)^2 tensor

@@ -1,5 +1,5 @@
 """Every option through one schema, every destination through one guard, runs that know their classes
-(issue 19, mechanisms 1, 2 and 4; docs/reliability.md names each case)."""
+(docs/reliability.md names each case)."""
 import json
 import os
 import shutil
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import image_folder
 from PIL import Image
-from test_train import make_folder
 
 import lesa.cli as cli_module
 from lesa.classification import build_config
@@ -38,7 +38,7 @@ def no_work(monkeypatch):
     return ran
 
 
-# -- mechanism 1: options -------------------------------------------------------------------------------
+# -- options: one schema --------------------------------------------------------------------------------
 @pytest.mark.parametrize("args,message", [
     (["eval", "--checkpoint", "x", "--batch-size", "0"], "--batch-size: got 0; use a value >= 1"),
     (["eval", "--checkpoint", "x", "--workers", "-1"], "--workers: got -1; use a value >= 0"),
@@ -214,7 +214,7 @@ def test_the_layer_options_of_the_model_are_checked_up_front(tmp_path, capsys, n
         build_config(model="resnet_tiny", heads=4)
 
 
-# -- mechanism 2: outputs -------------------------------------------------------------------------------
+# -- outputs: one guard ---------------------------------------------------------------------------------
 def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path, capsys, no_work):
     (tmp_path / "afile").write_text("keep me")
     for output, message in [
@@ -270,11 +270,11 @@ def test_valid_options_reach_the_command(tmp_path, capsys, no_work):
     assert name2 == "det" and options2.images == ["a.png"] and options2.score_threshold == 0.5
 
 
-# -- mechanism 4: runs know their classes ---------------------------------------------------------------
+# -- runs know their classes ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def folder_run(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("classes")
-    make_folder(root / "data", classes_train=("cat", "dog", "owl"), classes_val=("cat", "dog", "owl"), n=4)
+    image_folder(root / "data", ("cat", "dog", "owl"), n=4)
     out = root / "run"
     assert main(["train", *QUICK, "--data", str(root / "data"), "--output", str(out)]) == 0
     return root, out
@@ -293,7 +293,7 @@ def test_checkpoints_and_summary_carry_the_classes(folder_run):
 ])
 def test_resume_refuses_data_whose_classes_changed(tmp_path, capsys, change, message):
     data, run = tmp_path / "data", tmp_path / "run"
-    make_folder(data, classes_train=("cat", "dog", "owl"), classes_val=("cat", "dog", "owl"), n=4)
+    image_folder(data, ("cat", "dog", "owl"), n=4)
     assert run_cli(capsys, "train", *QUICK, "--data", data, "--output", run)[0] == 0
     for split in ("train", "val"):
         if change == "add":
@@ -327,66 +327,95 @@ def test_eval_maps_classes_by_name_and_refuses_unknown_ones(tmp_path, capsys, fo
     assert code == 2 and "not among the model's: ['fox']" in err
 
 
-# -- found by a review as a new user (each was a traceback, a wrong result or a lost file) ----------------
-def test_review_findings_on_outputs(tmp_path, capsys, folder_run, no_work):
-    root, run = folder_run
+# -- outputs, names, YAML and checkpoints a new user tried (each was a traceback, a wrong result or a lost file) --
+def test_convert_refuses_to_write_into_its_inputs_folder(folder_run, capsys, no_work):
+    _, run = folder_run
     best = (run / "best.pt").read_bytes()
     code, err = run_cli(capsys, "convert", run, run / "best.pt")  # the reader takes RUN as RUN/best.pt
     assert code == 2 and "exists in the folder of this command's input" in err
+    assert (run / "best.pt").read_bytes() == best and not no_work
+
+
+def test_det_predict_never_replaces_a_users_file_with_a_drawing(tmp_path, capsys, folder_run, no_work):
+    _, run = folder_run
     photos = tmp_path / "photos"
     photos.mkdir()
     Image.new("RGB", (8, 8)).save(photos / "a.jpg")
     Image.new("RGB", (8, 8)).save(photos / "a.png")  # the user's own file, where the drawing of a.jpg would go
     code, err = run_cli(capsys, "det", "predict", photos / "a.jpg", "--checkpoint", run, "--output", photos)
-    assert code == 2 and "a.png exists in the folder" in err
+    assert code == 2 and "a.png exists in the folder" in err and not no_work
+
+
+def test_an_output_that_is_a_dangling_link_is_named(tmp_path, capsys, no_work):
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere" / "dir")
     code, err = run_cli(capsys, "train", "--output", tmp_path / "dangling")
-    assert code == 2 and "which does not exist; remove the link" in err
+    assert code == 2 and "which does not exist; remove the link" in err and not no_work
+
+
+def test_an_output_inside_the_data_folder_is_refused(folder_run, capsys, no_work):
+    root, _ = folder_run
     code, err = run_cli(capsys, "train", "--data", root / "data", "--output", root / "data" / "train" / "cat" / "r")
-    assert code == 2 and "is inside the data folder" in err
+    assert code == 2 and "is inside the data folder" in err and not no_work
+
+
+def test_a_seed_beyond_numpys_range_is_named_with_the_limit(tmp_path, capsys, no_work):
     code, err = run_cli(capsys, "train", "--output", tmp_path / "r", "--seed", str(2**64))
     assert code == 2 and "--seed: got 18446744073709551616; use a value <= 4294967295" in err
-    code, err = run_cli(capsys, "train", "--output", tmp_path / "r2")  # --output of train is not OUTPUT
-    assert (run / "best.pt").read_bytes() == best and len(no_work) == 1
+    assert run_cli(capsys, "train", "--output", tmp_path / "r2")[0] == 0 and len(no_work) == 1
 
 
-def test_review_findings_on_names_and_yaml(tmp_path, capsys, no_work):
+def test_det_predict_gives_every_image_its_own_drawing():
     from lesa.detection.predict import output_names
 
     names = output_names(["p/x.png", "p/x.png", "q/p_x_2.png"])
     assert len(set(names)) == 3  # was: p_x_2.png twice, one drawing lost
+
+
+def test_an_option_is_named_as_its_command_spells_it(tmp_path, capsys, no_work):
     (tmp_path / "t.sh").write_text("#!/bin/sh\n")
     code, err = run_cli(capsys, "train", "--output", tmp_path / "t.sh")
     assert code == 2 and err.startswith("lesa train: error: --output ")  # was: named OUTPUT (convert's positional)
-    cases = [
-        ("base: &b {epochs: 1}\n<<: *b\nlr: 0.1\n", 0, ""),  # a merge key is valid YAML
-        ("heads: 2\nmodel_kwargs: {heads: 4}\n", 2, "heads is given twice, as 2 and as 4 in model_kwargs"),
-        ("lr: 1e-3\n", 2, "YAML reads a number like 1e-3 as text: write 1.0e-3 or 0.001"),
-    ]
-    for text, expected, message in cases:
-        config = tmp_path / "run.yaml"
-        config.write_text(text.replace("base: &b {epochs: 1}\n<<: *b", "<<: {epochs: 1}"))
-        code, err = run_cli(capsys, "train", "--config", config, "--output", tmp_path / "r")
-        assert code == expected and message in err, (text, err)
+
+
+@pytest.mark.parametrize(("text", "expected", "message"), [
+    ("<<: {epochs: 1}\nlr: 0.1\n", 0, ""),  # a merge key is valid YAML
+    ("heads: 2\nmodel_kwargs: {heads: 4}\n", 2, "heads is given twice, as 2 and as 4 in model_kwargs"),
+    ("lr: 1e-3\n", 2, "YAML reads a number like 1e-3 as text: write 1.0e-3 or 0.001"),
+])
+def test_a_config_file_is_read_as_yaml_means_it(tmp_path, capsys, no_work, text, expected, message):
+    config = tmp_path / "run.yaml"
+    config.write_text(text)
+    code, err = run_cli(capsys, "train", "--config", config, "--output", tmp_path / "r")
+    assert code == expected and message in err, (text, err)
+
+
+def test_an_empty_config_name_is_named(tmp_path, capsys, no_work):
     code, err = run_cli(capsys, "train", "--config", "", "--output", tmp_path / "r")
     assert code == 2 and "--config is empty" in err
-    with pytest.raises(SystemExit) as stop:  # argparse's own errors are one line too
+
+
+def test_argparse_errors_are_one_line_too(capsys):
+    with pytest.raises(SystemExit) as stop:
         main(["train", "--lr", "abc"])
     err = capsys.readouterr().err.strip()
     assert stop.value.code == 2 and len(err.splitlines()) == 1 and "invalid float value: 'abc' (see" in err
 
 
-def test_review_findings_on_checkpoints_and_data(tmp_path, capsys, folder_run, monkeypatch):
-    root, run = folder_run
+def test_a_text_file_named_like_a_checkpoint_is_named(tmp_path, capsys):
     (tmp_path / "text.pt").write_text("hi\n")
     code, err = run_cli(capsys, "eval", "--checkpoint", tmp_path / "text.pt", "--model", "resnet_tiny")
     assert code == 2 and "is not a torch checkpoint" in err  # was: KeyError traceback
-    code, err = run_cli(capsys, "convert", run / "best.pt", tmp_path / "w.pth")
-    assert code == 0
-    two = tmp_path / "two"
-    make_folder(two, n=2)
-    code, err = run_cli(capsys, "eval", "--checkpoint", tmp_path / "w.pth", "--model", "resnet_tiny", "--data", two,
-                        "--quiet")
+
+
+def test_weights_evaluated_on_data_with_fewer_classes_are_refused(tmp_path, capsys, folder_run):
+    _, run = folder_run
+    assert run_cli(capsys, "convert", run / "best.pt", tmp_path / "w.pth")[0] == 0
+    image_folder(tmp_path / "two", n=2)
+    code, err = run_cli(capsys, "eval", "--checkpoint", tmp_path / "w.pth", "--model", "resnet_tiny", "--data",
+                        tmp_path / "two", "--quiet")
     assert code == 2 and "the model has 3 classes" in err  # was: top-1 0.00%, exit 0
-    monkeypatch.chdir(tmp_path)  # the run stored its data folder absolute: eval from elsewhere reads the same data
+
+
+def test_a_run_stores_its_data_folder_absolute(folder_run):
+    root, run = folder_run
     assert json.loads((run / "summary.json").read_text())["data"] == str((root / "data").resolve())

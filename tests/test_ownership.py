@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import cli, image_folder
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -25,17 +26,6 @@ from lesa.ownership import MARKER, claim
 TRAIN = ["--model", "resnet_tiny", "--epochs", "1", "--batch-size", "16", "--max-steps-per-epoch", "1", "--quiet"]
 DET = ["--backbone", "resnet_tiny", "--epochs", "1", "--batch-size", "2", "--min-size", "64", "--max-size", "96",
        "--max-steps-per-epoch", "1", "--quiet"]
-
-
-def cli(*args) -> tuple[int, str]:
-    """``lesa ARGS`` in this process: the exit code and stderr (never a traceback, at most one line)."""
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        code = main([str(a) for a in args])
-    text = err.getvalue().strip()
-    lines = [line for line in text.splitlines() if "Warning" not in line and not line.startswith("  ")]
-    assert "Traceback" not in text and len(lines) <= 1, text
-    return code, text
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +99,7 @@ def test_no_command_changes_a_file_it_did_not_write(built, command, layout):
         shutil.rmtree(cwd, ignore_errors=True)
 
 
-# -- the examples of what was seen, each with its outcome -------------------------------------------------
+# -- a user's files in an output folder, and runs that move with their data ----------------------------------
 def test_a_users_folder_is_refused_before_any_work_naming_its_files(tmp_path, built, monkeypatch):
     proj = tmp_path / "proj"
     proj.mkdir()
@@ -186,18 +176,9 @@ def test_a_detection_run_moved_with_its_data_evaluates_and_resumes_from_anywhere
     assert code == 2 and "holds other data" in err
 
 
-def digits_folder(root: Path, classes=("a", "b"), n: int = 4) -> Path:
-    for split in ("train", "val"):
-        for k, name in enumerate(classes):
-            (root / split / name).mkdir(parents=True)
-            for i in range(n):
-                Image.new("RGB", (12, 12), (40 * k, 20 * i, 0)).save(root / split / name / f"{i}.png")
-    return root
-
-
 def test_a_classification_run_copied_with_its_data_resumes_and_evaluates(tmp_path):
     proj = tmp_path / "proj"
-    data = digits_folder(proj / "data")
+    data = image_folder(proj / "data", classes=("a", "b"), n=4, size=(12, 12))
     args = ["--model", "resnet_tiny", "--img-size", "16", "--batch-size", "4", "--max-steps-per-epoch", "1",
             "--quiet"]
     assert cli("train", *args, "--epochs", "1", "--data", data, "--output", proj / "runs" / "r")[0] == 0
@@ -268,41 +249,7 @@ def test_a_repeated_config_is_refused_and_extends_works(tmp_path, monkeypatch):
     assert cli("train", "--config", "r/config.yaml", "--output", "r2")[0] == 0
 
 
-def test_a_lightning_checkpoint_loads_without_its_attribute_prefix(tmp_path, built):
-    state = torch.load(built["cls"] / "best.pt", weights_only=True)["model"]
-    torch.save({"state_dict": {f"model.{k}": v for k, v in state.items()}, "epoch": 3,
-                "pytorch-lightning_version": "2.4.0"}, tmp_path / "last.ckpt")
-    with pytest.warns(UserWarning, match="removed the key prefix 'model.'"):
-        assert cli("eval", "--checkpoint", tmp_path / "last.ckpt", "--model", "resnet_tiny", "--data", "digits",
-                   "--quiet")[0] == 0
-    torch.save({"state_dict": {f"net.body.{k}": v for k, v in state.items()}}, tmp_path / "other.ckpt")
-    code, err = cli("eval", "--checkpoint", tmp_path / "other.ckpt", "--model", "resnet_tiny")
-    assert code == 2 and "every key starts with 'net.'" in err
-
-
-# -- shipped weights by name, classes by their folder names ---------------------------------------------------
-def test_shipped_weights_by_name_and_class_folders_with_safe_names(tmp_path):
-    from lesa.models.pretrained import pretrained_info
-
-    classes = pretrained_info("resnet_tiny")["classes"]
-    val = tmp_path / "mine" / "val"  # no train/: evaluation reads the split it evaluates only
-    for k, name in enumerate(classes):
-        (val / name.replace("/", "_")).mkdir(parents=True)
-        Image.new("L", (28, 28), 20 * k).save(val / name.replace("/", "_") / "0.png")
-    code, _ = cli("eval", "--checkpoint", "resnet_tiny.fashion_mnist", "--data", tmp_path / "mine", "--quiet")
-    assert code == 0
-    assert cli("export", "resnet_tiny.fashion_mnist", tmp_path / "m.pt2", "--no-check")[0] == 0
-    code, err = cli("eval", "--checkpoint", "resnet_tiny.fashion_mnist", "--data", "digits")
-    assert code == 2 and "a '/' in a class name is '_' in its folder's" in err
-
-
-def test_a_shipped_model_without_data_uses_its_own(tmp_path, monkeypatch):
-    monkeypatch.setattr("lesa.data.fashion_mnist.DEBIAN_DIR", tmp_path / "none")  # not installed here
-    code, err = cli("eval", "--checkpoint", "resnet_tiny.fashion_mnist")
-    assert code == 2 and "Fashion-MNIST's IDX files were not found" in err  # its own data, and how to get it
-
-
-# -- the smaller cases ----------------------------------------------------------------------------------------
+# -- outputs that cannot be made, resumes that ask for fewer epochs, lesa's folders of another kind ----------
 def test_smaller_cases_are_one_line_or_right(tmp_path, built, monkeypatch):
     code, err = cli("train", *TRAIN, "--output", "/proc/lesa-run")
     assert code == 2 and "cannot be created" in err
@@ -322,40 +269,6 @@ def test_smaller_cases_are_one_line_or_right(tmp_path, built, monkeypatch):
     assert code == 2 and "not an official LESA checkpoint" in err and not (tmp_path / "c.pt").exists()
 
 
-def test_compare_refuses_runs_trained_with_other_options(tmp_path):
-    args = ["compare", "--quick", "--ops", "conv", "--seeds", "1", "--max-steps-per-epoch", "1", "--quiet",
-            "--output", tmp_path / "cmp"]
-    assert cli(*args, "--epochs", "1")[0] == 0
-    code, err = cli(*args, "--epochs", "2")
-    assert code == 2 and "trained with other options: epochs=1 (this comparison: 2)" in err
-
-
-def test_a_symlink_back_up_from_a_class_folder_is_not_followed(tmp_path):
-    from lesa.data import list_image_folder
-
-    data = digits_folder(tmp_path / "d", n=3)
-    (data / "train" / "a" / "loop").symlink_to("..")
-    listing = list_image_folder(data / "train")
-    assert len(listing.samples) == 6 and [t for _, t in listing.samples].count(0) == 3
-
-
-def test_a_detector_given_no_images_says_so():
-    from lesa.detection.detectors import build_detector
-    from lesa.errors import InputError
-
-    model = build_detector("maskrcnn", "resnet_tiny", 3, min_size=64, max_size=64).eval()
-    with pytest.raises(InputError, match="one or more images"):
-        model([])
-
-
-def test_coco_area_zero_is_the_boxs_area(tmp_path):
-    from lesa.data.coco import Repairs, clean_annotation
-
-    ann = dict(id=1, image_id=1, category_id=1, bbox=[0, 0, 50, 40], area=0, iscrowd=0)
-    cleaned = clean_annotation(ann, dict(id=1, width=100, height=100), tmp_path / "a.json", Repairs())
-    assert cleaned["area"] == 2000
-
-
 def test_claim_refuses_lesa_folders_of_another_kind_and_adopts_earlier_runs(tmp_path):
     claim(tmp_path / "a", "analysis")
     with pytest.raises(PermissionError, match="analysis folder"):
@@ -367,7 +280,7 @@ def test_claim_refuses_lesa_folders_of_another_kind_and_adopts_earlier_runs(tmp_
     assert claim(earlier, "run").entries == {"last.pt", "config.yaml", "metrics.csv"}
 
 
-# -- found by a review of the finished feature -----------------------------------------------------------------
+# -- folders and files that look like lesa's, outputs inside the data, data that moved or changed ------------
 def test_a_folder_that_looks_like_an_earlier_run_is_not_written_by_other_commands(tmp_path, built):
     proj = tmp_path / "proj"
     proj.mkdir()
@@ -400,7 +313,7 @@ def test_a_users_marker_or_temp_file_makes_the_folder_theirs(tmp_path, built):
 
 
 def test_outputs_inside_the_data_are_refused(tmp_path, built):
-    data = digits_folder(tmp_path / "data")
+    data = image_folder(tmp_path / "data", classes=("a", "b"), n=4, size=(12, 12))
     code, err = cli("analyze", built["cls"], "--data", data, "--output", data / "val" / "a" / "an")
     assert code == 2 and "inside the data folder" in err
     code, err = cli("det", "train", "--data", built["scenes"], *DET, "--output", built["scenes"] / "val" / "r")
@@ -427,7 +340,7 @@ def test_the_repeated_config_advice_names_the_path_from_the_second_file(tmp_path
 def test_a_run_resumed_with_moved_data_and_moved_again_alone_still_finds_it(tmp_path):
     args = ["--model", "resnet_tiny", "--img-size", "16", "--batch-size", "4", "--max-steps-per-epoch", "1",
             "--quiet"]
-    old = digits_folder(tmp_path / "old" / "data")
+    old = image_folder(tmp_path / "old" / "data", classes=("a", "b"), n=4, size=(12, 12))
     assert cli("train", *args, "--epochs", "1", "--data", old, "--output", tmp_path / "old" / "run")[0] == 0
     new = tmp_path / "new"
     (tmp_path / "old").rename(new)
@@ -438,7 +351,7 @@ def test_a_run_resumed_with_moved_data_and_moved_again_alone_still_finds_it(tmp_
 
 
 def test_compare_refuses_runs_whose_data_changed_in_place(tmp_path):
-    data = digits_folder(tmp_path / "data")
+    data = image_folder(tmp_path / "data", classes=("a", "b"), n=4, size=(12, 12))
     args = ["compare", "--ops", "conv", "--arch", "resnet_tiny", "--data", data, "--epochs", "1", "--batch-size", "4",
             "--max-steps-per-epoch", "1", "--quiet", "--output", tmp_path / "cmp"]
     assert cli(*args)[0] == 0

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from same_step import assert_same_step
+from helpers import assert_same_step, bn_affines
 from torchvision.ops import box_iou
 
 from lesa import LESA2d, SelfAttention2d
@@ -69,13 +69,7 @@ def naive_padded_binary(b, x, sizes, training):
 
 def make(cls, impl, size, dtype=F64, **kw):
     torch.manual_seed(0)
-    layer = cls(32, 32, heads=4, pos_embed="rel2d", feature_size=size, impl=impl, **kw).to(dtype)
-    with torch.no_grad():  # non-trivial BN affines
-        for m in layer.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-    return layer
+    return bn_affines(cls(32, 32, heads=4, pos_embed="rel2d", feature_size=size, impl=impl, **kw).to(dtype))
 
 
 def inside(sizes, height, width, dtype=F64):

@@ -1,9 +1,12 @@
 """The weights shipped inside the package (the tiny models trained on Fashion-MNIST): they load with one line
-through lesa and timm, offline, describe themselves in ``pretrained_cfg``, and reach the stated test top-1 on
-the real test photos where Debian's dataset-fashion-mnist is installed."""
+through lesa and timm, offline, describe themselves in ``pretrained_cfg``, serve every command by their tagged
+name (class folders matched by safe names, their own data when none is given), and reach the stated test top-1
+on the real test photos where Debian's dataset-fashion-mnist is installed."""
 import pytest
 import timm
 import torch
+from helpers import cli
+from PIL import Image
 
 from lesa import create_model
 from lesa.data.fashion_mnist import DEBIAN_DIR, FashionMNISTDataset
@@ -134,3 +137,22 @@ def test_analyzing_shipped_weights_never_writes_into_the_package(tmp_path):
     assert default_analysis_dir(shipped, "lesa_resnet_tiny") == Path("runs") / "analysis-lesa_resnet_tiny"
     assert default_analysis_dir(tmp_path, "x") == tmp_path / "analysis"
     assert default_analysis_dir(tmp_path / "best.pt", "x") == tmp_path / "analysis"
+
+
+def test_shipped_weights_by_name_and_class_folders_with_safe_names(tmp_path):
+    classes = pretrained_info("resnet_tiny")["classes"]
+    val = tmp_path / "mine" / "val"  # no train/: evaluation reads the split it evaluates only
+    for k, name in enumerate(classes):
+        (val / name.replace("/", "_")).mkdir(parents=True)
+        Image.new("L", (28, 28), 20 * k).save(val / name.replace("/", "_") / "0.png")
+    code, _ = cli("eval", "--checkpoint", "resnet_tiny.fashion_mnist", "--data", tmp_path / "mine", "--quiet")
+    assert code == 0
+    assert cli("export", "resnet_tiny.fashion_mnist", tmp_path / "m.pt2", "--no-check")[0] == 0
+    code, err = cli("eval", "--checkpoint", "resnet_tiny.fashion_mnist", "--data", "digits")
+    assert code == 2 and "a '/' in a class name is '_' in its folder's" in err
+
+
+def test_a_shipped_model_without_data_uses_its_own(tmp_path, monkeypatch):
+    monkeypatch.setattr("lesa.data.fashion_mnist.DEBIAN_DIR", tmp_path / "none")  # not installed here
+    code, err = cli("eval", "--checkpoint", "resnet_tiny.fashion_mnist")
+    assert code == 2 and "Fashion-MNIST's IDX files were not found" in err  # its own data, and how to get it

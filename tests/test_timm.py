@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from helpers import calibrated, close, image
 
 import lesa
 from lesa.errors import ConfigError
@@ -24,24 +25,6 @@ def build(name="lesa_resnet_tiny", seed=0, **kwargs):
 
 def small(name="lesa_resnet_tiny", **kwargs):
     return build(name, img_size=SIZE, **kwargs)
-
-
-def calibrated(model, size=SIZE, steps=2):
-    """A few training-mode passes so that the BatchNorms hold data-like statistics, then eval mode."""
-    model.train()
-    with torch.no_grad():
-        for i in range(steps):
-            model(torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(100 + i)))
-    return model.eval()
-
-
-def close(actual, expected, rtol=1e-4):
-    """Equal to float32 rounding, relative to the tensor's scale."""
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * float(expected.detach().abs().max()))
-
-
-def image(batch=2, size=SIZE, seed=0):
-    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
 # -- the builder and the cfg --------------------------------------------------------------------------
@@ -165,15 +148,18 @@ def test_heads_and_pooling():
         feats = model.forward_features(x)
         pre = model.forward_head(feats, pre_logits=True)
         assert pre.shape == (2, model.head_hidden_size)
+        torch.testing.assert_close(pre, feats.mean((2, 3)))  # average pooling
         torch.testing.assert_close(model.forward_head(feats), model.get_classifier()(pre))
         model.reset_classifier(0)
         torch.testing.assert_close(model(x), pre)
         model.reset_classifier(0, "")
-        assert model(x).shape == feats.shape
+        torch.testing.assert_close(model(x), feats)  # neither pooled nor classified
         model.reset_classifier(4, "max")
-        assert model(x).shape == (2, 4) and model.num_classes == 4
-        unpooled = small(num_classes=0, global_pool="").eval()
-        assert unpooled(x).shape == feats.shape
+        assert model.num_classes == 4
+        torch.testing.assert_close(model(x), model.get_classifier()(feats.amax((2, 3))))  # max pooling, 4 classes
+        unpooled = small(num_classes=0, global_pool="").eval()  # built without head and pooling
+        unpooled.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("fc.")})
+        torch.testing.assert_close(unpooled(x), feats)
     with pytest.raises(ConfigError, match="global_pool='token'"):
         model.reset_classifier(0, "token")
 

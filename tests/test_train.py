@@ -1,4 +1,6 @@
-"""`lesa train` / `lesa eval` end to end on the embedded digits, resume after SIGKILL, DDP, bad input."""
+"""`lesa train` / `lesa eval` end to end on the embedded digits and on image folders: the run directory's files,
+resume after SIGKILL or an interrupted evaluation, DDP, a diverging loss, undecodable images, bad data folders,
+options checked before anything is built, and the configuration's presets and schedule."""
 import json
 import os
 import re
@@ -6,10 +8,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import cli, image_folder
 from PIL import Image
 
 from lesa.classification import build_config
@@ -122,19 +124,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, caps
     assert (out / "last.pt").read_bytes() == before
 
 
-def make_folder(root: Path, classes_train=("cat", "dog"), classes_val=("cat", "dog"), n=6, bad=0):
-    for split, classes in (("train", classes_train), ("val", classes_val)):
-        for c, name in enumerate(classes):
-            d = root / split / name
-            d.mkdir(parents=True)
-            for i in range(n):
-                Image.new("RGB", (40, 30), (40 * c + 5 * i, 100, 200)).save(d / f"{i}.png")
-    for i in range(bad):
-        (root / "train" / classes_train[0] / f"broken{i}.jpg").write_bytes(b"not an image")
-
-
 def test_image_folder_training_counts_undecodable_images(tmp_path, capsys):
-    make_folder(tmp_path / "data", bad=1)
+    image_folder(tmp_path / "data", n=6, bad=1)
     out = tmp_path / "run"
     common = ["train", "--model", "resnet_tiny", "--data", str(tmp_path / "data"), "--img-size", "32",
               "--epochs", "1", "--batch-size", "4", "--quiet"]
@@ -142,7 +133,7 @@ def test_image_folder_training_counts_undecodable_images(tmp_path, capsys):
         assert main([*common, "--output", str(out), "--max-bad-fraction", "0.1"]) == 0
     assert json.loads((out / "summary.json").read_text())["skipped_images"] == 1
     # beyond the allowed fraction of the training set the run stops, from the first images on (3 of 15)
-    make_folder(tmp_path / "bad", n=6, bad=3)
+    image_folder(tmp_path / "bad", n=6, bad=3)
     with pytest.warns(UserWarning):
         assert main([*common, "--data", str(tmp_path / "bad"), "--output", str(tmp_path / "r2")]) == 2
     err = capsys.readouterr().err
@@ -164,10 +155,40 @@ def test_bad_data_folders(tmp_path, capsys, case, message):
         (root / "train").mkdir(parents=True)
         (root / "val").mkdir()
     elif case == "mismatch":
-        make_folder(root, classes_val=("cat",))
+        image_folder(root, n=6, val_classes=("cat",))
     assert main(["train", "--data", str(root), "--output", str(tmp_path / "run"), "--quiet"]) == 2
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_one_class_folders_are_refused(tmp_path):
+    for split in ("train", "val"):
+        (tmp_path / "data" / split / "cat").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "data" / split / "cat" / "0.png")
+    code, err = cli("train", "--data", tmp_path / "data", "--output", tmp_path / "run", "--quiet")
+    assert code == 2 and "one class folder ('cat'): a classifier needs at least two" in err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--lr", "0"], "--lr: got 0.0; use a value > 0"),
+    (["--label-smoothing", "2"], "--label-smoothing: got 2.0; use a value < 1"),
+    (["--warmup-epochs", "-1"], "--warmup-epochs: got -1.0; use a value >= 0"),
+    (["--img-size", "0"], "--img-size: got 0; use a value >= 1"),
+    (["--epochs", "0"], "--epochs: got 0; use a value >= 1"),
+    (["--batch-size", "0"], "--batch-size: got 0; use a value >= 1"),
+    (["--heads", "4", "--model", "resnet_tiny"], "resnet_tiny does not use the layer option(s) heads"),
+    (["--config", "CONFIG"], "epochs in CONFIG: got '3'; give a whole number"),
+])
+def test_options_are_validated_before_anything_is_built(tmp_path, monkeypatch, args, message):
+    import lesa.classification.task as classification
+
+    (tmp_path / "c.yaml").write_text('epochs: "3"\n')
+    args = [str(tmp_path / "c.yaml") if a == "CONFIG" else a for a in args]
+    built = []
+    monkeypatch.setattr(classification, "classification_data", lambda *a, **k: built.append(a))
+    code, err = cli("train", *args, "--output", tmp_path / "run", "--quiet")
+    assert code == 2 and message.replace("CONFIG", str(tmp_path / "c.yaml")) in err
+    assert not built and not (tmp_path / "run").exists()
 
 
 def test_unknown_model_lists_names(tmp_path, capsys):
@@ -201,21 +222,3 @@ def test_defaults_are_the_digits_preset():
     defaults = build_config().to_dict()
     for key, value in preset_values("digits", PRESETS).items():
         assert defaults[key] == value or (key == "img_size" and defaults[key] is None), key
-
-
-def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
-    from lesa.ownership import MARKER, claim
-    from lesa.utils import atomic_write
-
-    claim(tmp_path, "run")  # lesa's folder: it may replace what it wrote there
-    target = tmp_path / "f.txt"
-    atomic_write(target, lambda tmp: Path(tmp).write_text("one"))
-    assert target.read_text() == "one" and (target.stat().st_mode & 0o044)  # readable like any new file
-
-    def broken(tmp):
-        Path(tmp).write_text("half")
-        raise OSError("disk full")
-
-    with pytest.raises(OSError, match="disk full"):
-        atomic_write(target, broken)
-    assert target.read_text() == "one" and sorted(tmp_path.iterdir()) == [tmp_path / MARKER, target]

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +30,7 @@ from .errors import CheckpointError, NotFoundError
 from .utils import PathLike
 
 Kind = Literal["run", "described", "official", "state_dict"]
+T = TypeVar("T")
 
 # What to do with each task's runs, for errors that meet a run of another task.
 COMMANDS_OF = {
@@ -139,7 +140,7 @@ def read_weights(source: PathLike, *, task: Optional[str] = None, run: bool = Fa
     """
     from .models.pretrained import file_description
 
-    path = _checkpoint_file(Path(source))
+    path = checkpoint_file(source)
     contents = read_checkpoint(path, mmap=mmap)
     if is_run(contents):
         found = WeightsFile(str(source), path, "run", run_kind(contents), contents)
@@ -169,13 +170,8 @@ def read_checkpoint(path: PathLike, mmap: bool = False) -> Any:
     or carrying code) raises one :class:`~lesa.errors.CheckpointError` / :class:`~lesa.errors.NotFoundError`
     naming it.
     """
-    try:
-        path = _checkpoint_file(Path(path))
-        size = path.stat().st_size
-    except NotFoundError:  # itself an OSError (FileNotFoundError), already naming the path
-        raise
-    except OSError as err:  # a name too long for the file system, a folder without permission, ...
-        raise CheckpointError(f"{path} cannot be read ({err.strerror or err}): check the path") from None
+    path = checkpoint_file(path)
+    size = _readable(path, lambda: path.stat().st_size)
     if size == 0:
         raise CheckpointError(f"{path} is empty (0 bytes), probably an interrupted copy: copy the file again")
     with open(path, "rb") as f:
@@ -209,9 +205,28 @@ def _torch_load(path: Path, mmap: bool) -> Any:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def _readable(path: PathLike, look: Callable[[], T]) -> T:
+    """``look()`` at the file system, its errors named as the reader's: a missing file stays a NotFoundError (itself
+    an OSError, already naming the path); a name too long, a folder without permission, ... a CheckpointError."""
+    try:
+        return look()
+    except NotFoundError:
+        raise
+    except OSError as err:
+        raise CheckpointError(f"{path} cannot be read ({err.strerror or err}): check the path") from None
+
+
+def checkpoint_file(source: PathLike) -> Path:
+    """The file a checkpoint argument names: ``source`` itself, the ``best.pt`` (else ``last.pt``) of a run
+    directory, or the shipped weights of a tagged model name (``lesa_resnet_tiny.fashion_mnist``).
+
+    Raises:
+        NotFoundError: there is none. CheckpointError: the name cannot be looked up (too long, no permission).
+    """
+    return _readable(source, lambda: _checkpoint_file(Path(source)))
+
+
 def _checkpoint_file(path: Path) -> Path:
-    """``path``, the ``best.pt`` (else ``last.pt``) of a directory, or the shipped weights a tagged model name
-    names (``lesa_resnet_tiny.fashion_mnist``); raises NotFoundError when there is none."""
     from .models.pretrained import shipped_file
 
     shipped = shipped_file(str(path))

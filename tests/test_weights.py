@@ -1,0 +1,118 @@
+"""Reading weights and checkpoints (lesa.weights, through every reader: the Python API and each command): a bad
+file is one line naming it and the fix, and a pickled payload never runs; weights of another dtype kind are
+refused and half precision converts; a run of the other task is named with the command that takes it."""
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import cli
+from PIL import Image
+
+from lesa import create_model, load_weights
+from lesa.errors import CheckpointError
+
+QUICK = ["--batch-size", "16", "--max-steps-per-epoch", "2", "--quiet"]
+
+
+class CarriesCode:
+    """Unpickling this runs a shell command: what a malicious checkpoint does."""
+
+    marker = ""
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def bad_file(kind: str, path: Path, good: Path) -> Path:
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "truncated":
+        data = good.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "random":
+        path.write_bytes(random.Random(0).randbytes(4096))
+    else:  # code-carrying
+        CarriesCode.marker = str(path.parent / "pwned")
+        torch.save({"model": CarriesCode(), "epoch": 1}, path)
+    return path
+
+
+BAD_KINDS = ["empty", "truncated", "random", "code"]
+READERS = ["load_weights", "create_model", "eval", "analyze", "convert", "det eval", "det predict", "train --resume",
+           "det train --resume", "--pretrained-backbone"]
+
+
+@pytest.mark.parametrize("reader", READERS)
+@pytest.mark.parametrize("kind", BAD_KINDS)
+def test_every_checkpoint_reader_reports_a_bad_file_in_one_line(tmp_path, digits_run, digit_scenes, kind, reader):
+    run = tmp_path / "run"
+    run.mkdir()
+    bad = bad_file(kind, run / "last.pt", digits_run / "last.pt")
+    if reader in ("load_weights", "create_model"):
+        with pytest.raises(CheckpointError) as info:
+            if reader == "load_weights":
+                load_weights(create_model("resnet_tiny"), bad)
+            else:
+                create_model("resnet_tiny", checkpoint_path=str(bad))
+        message = str(info.value)
+    else:
+        image = tmp_path / "scene.png"
+        Image.new("RGB", (64, 48)).save(image)
+        args = {
+            "eval": ["eval", "--checkpoint", bad, "--model", "resnet_tiny"],
+            "analyze": ["analyze", bad],
+            "convert": ["convert", bad, tmp_path / "out.pt"],
+            "det eval": ["det", "eval", "--checkpoint", bad],
+            "det predict": ["det", "predict", image, "--checkpoint", bad, "--output", tmp_path / "pred"],
+            "train --resume": ["train", "--model", "resnet_tiny", *QUICK, "--output", run, "--resume"],
+            "det train --resume": ["det", "train", "--data", digit_scenes, "--output", run, "--resume", "--quiet"],
+            "--pretrained-backbone": ["det", "train", "--data", digit_scenes, "--backbone", "resnet_tiny", "--output",
+                                      tmp_path / "det", "--pretrained-backbone", bad, "--quiet"],
+        }[reader]
+        code, message = cli(*args)
+        assert code == 2
+    assert str(bad) in message
+    assert "weights_only=False" not in message
+    expected = {"empty": "is empty", "truncated": "truncated or corrupt", "random": "not a torch checkpoint",
+                "code": "pickled Python objects"}[kind]
+    assert expected in message, message
+    assert not (tmp_path / "run" / "pwned").exists()  # the pickled command never ran
+    assert bad.exists() and not (tmp_path / "out.pt").exists()
+
+
+def test_integer_weights_are_refused_and_half_precision_converts(tmp_path):
+    from safetensors.torch import save_file
+
+    model = create_model("resnet_tiny")
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    save_file({k: (v * 100).to(torch.int64) if v.is_floating_point() else v for k, v in sd.items()},
+              str(tmp_path / "int.safetensors"))
+    code, err = cli("eval", "--checkpoint", tmp_path / "int.safetensors", "--model", "resnet_tiny")
+    assert code == 2 and "dtype" in err and "conv1.weight: checkpoint torch.int64 vs model torch.float32" in err
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in sd.items()}, str(tmp_path / "half.safetensors"))
+    loaded = load_weights(create_model("resnet_tiny"), tmp_path / "half.safetensors")
+    torch.testing.assert_close(loaded.conv1.weight, sd["conv1.weight"].half().float())
+
+
+def fake_detection_run(path: Path) -> Path:
+    path.mkdir(parents=True)
+    torch.save({"kind": "detection", "model": {}, "epoch": 1, "config": {"backbone": "lesa_resnet_tiny"}},
+               path / "best.pt")
+    return path
+
+
+def test_a_run_of_the_other_kind_is_named(tmp_path, digits_run, digit_scenes):
+    for args in (["det", "eval", "--checkpoint", digits_run],
+                 ["det", "predict", digit_scenes / "val" / "00000.png", "--checkpoint", digits_run, "--output",
+                  tmp_path]):
+        code, err = cli(*args)
+        assert code == 2 and "is a classification run" in err and "lesa eval" in err
+    det = fake_detection_run(tmp_path / "det")
+    for args in (["eval", "--checkpoint", det], ["analyze", det]):
+        code, err = cli(*args)
+        assert code == 2 and "is a detection run" in err and "lesa det eval" in err
+    code, err = cli("det", "train", "--data", digit_scenes, "--output", tmp_path / "d2", "--pretrained-backbone",
+                    det / "best.pt", "--quiet")
+    assert code == 2 and "is a detection run: --pretrained-backbone takes a classification checkpoint" in err
