@@ -255,18 +255,20 @@ def test_det_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     from lesa.engine import read_metrics_csv
 
     root = ensure_digit_scenes(tmp_path / "scenes", counts={"train": 4, "val": 1})
-    args = [sys.executable, "-m", "lesa", "det", "train", "--data", str(root), "--epochs", "3", "--batch-size", "2",
+    args = [sys.executable, "-m", "lesa", "det", "train", "--data", str(root), "--epochs", "2", "--batch-size", "2",
             "--min-size", "96", "--max-size", "128", "--seed", "5", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    subprocess.run([*args, "--output", str(straight)], check=True, env=env)
+    # the uninterrupted run beside the killed one: one thread each, the two cores busy
+    uninterrupted = subprocess.Popen([*args, "--output", str(straight)], env=env)
     proc = subprocess.Popen([*args, "--output", str(killed)], env=env)
     deadline = time.time() + 300
     while not (killed / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert torch.load(killed / "last.pt", weights_only=True)["epoch"] < 3, "finished before it could be killed"
+    assert torch.load(killed / "last.pt", weights_only=True)["epoch"] < 2, "finished before it could be killed"
+    assert uninterrupted.wait() == 0
     subprocess.run([*args, "--output", str(killed), "--resume"], check=True, env=env)
     a = torch.load(straight / "last.pt", weights_only=True)
     b = torch.load(killed / "last.pt", weights_only=True)

@@ -57,8 +57,8 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     args = [*QUICK, "--model", "sa_resnet_tiny", "--epochs", "3", "--seed", "3"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(lesa_cmd("train", *args, "--output", str(straight)), check=True, env=env)
-
+    # the uninterrupted run beside the killed one: one thread each, the two cores busy
+    uninterrupted = subprocess.Popen(lesa_cmd("train", *args, "--output", str(straight)), env=env)
     proc = subprocess.Popen(lesa_cmd("train", *args, "--output", str(killed)), env=env)
     deadline = time.time() + 120
     while not (killed / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
@@ -67,6 +67,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     proc.wait()
     done = torch.load(killed / "last.pt", weights_only=True)["epoch"]
     assert done < 3, "the run finished before it could be killed"
+    assert uninterrupted.wait() == 0
     subprocess.run(lesa_cmd("train", *args, "--output", str(killed), "--resume"), check=True, env=env)
 
     a = torch.load(straight / "last.pt", weights_only=True)
