@@ -79,3 +79,11 @@ def test_the_old_detection_train_path_warns_and_still_provides_its_names():
 
     assert (old.DetConfig, old.train_detector, old.evaluate_run, old.predict_images) == \
         (config.DetConfig, task.train_detector, evaluate.evaluate_run, predict.predict_images)
+
+
+def test_no_source_file_but_the_command_line_is_over_500_lines():
+    """One concept a file: a module that outgrows this holds several and is split (cli.py is one section per
+    command)."""
+    long = {str(path.relative_to(PACKAGE)): n for path in sorted(PACKAGE.rglob("*.py"))
+            if path.name != "cli.py" and (n := len(path.read_text().splitlines())) > 500}
+    assert not long, long

@@ -17,8 +17,8 @@ from tqdm.auto import tqdm
 
 from ..data import EMBEDDED, build_classification_data, list_image_folder
 from ..engine.distributed import DistContext, cleanup_distributed, setup_distributed
-from ..engine.loop import Precision, Runtime, ShardSampler
 from ..engine.run_data import fingerprint_files, is_folder_data, locate
+from ..engine.task import Precision, Runtime, ShardSampler
 from ..errors import ConfigError, DataError
 from .predict import classification_data, load_trained_model
 

@@ -21,9 +21,10 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from ..data import EMBEDDED
 from ..engine.checkpoint import load_checkpoint
 from ..engine.distributed import DistContext
-from ..engine.loop import Runtime, ShardSampler, SkippedImages, Step, Task, run_task, warmup_cosine
+from ..engine.loop import run_task
 from ..engine.records import plot_curves
 from ..engine.run_data import fingerprint_files, identity, is_folder_data
+from ..engine.task import Runtime, ShardSampler, SkippedImages, Step, Task, warmup_cosine
 from ..errors import CheckpointError, DataError, NotFoundError
 from ..models import create_model, resize_pos_embed
 from ..options import flag

@@ -4,18 +4,9 @@ no task: the tasks (``lesa.classification``, ``lesa.detection``) implement :clas
 from .checkpoint import load_checkpoint
 from .config import RunConfig, load_yaml, merge_config, merge_values
 from .distributed import DistContext, resolve_device, setup_distributed
-from .loop import (
-    Engine,
-    Runtime,
-    ShardSampler,
-    SkippedImages,
-    Step,
-    Task,
-    run_task,
-    warmup_cosine,
-    warmup_multistep,
-)
+from .loop import Engine, run_task
 from .records import TensorBoard, read_metrics_csv, write_json
+from .task import Runtime, ShardSampler, SkippedImages, Step, Task, warmup_cosine, warmup_multistep
 
 __all__ = [
     "DistContext",

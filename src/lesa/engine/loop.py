@@ -11,125 +11,47 @@ seeded the same way, so a run resumed from ``last.pt`` retraces the uninterrupte
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 import random
 import sys
 import time
-from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from ..errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
-from ..options import flag
+from ..errors import ConfigError, NonFiniteLossError
 from ..ownership import make_folder
 from ..utils import atomic_write, count_params
-from ..weights import run_kind
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import RunConfig
 from .distributed import DistContext, cleanup_distributed, setup_distributed
 from .records import TensorBoard, write_json, write_metrics_csv
-from .run_data import describe, difference
+from .resume import check_resume, check_same_classes, check_same_data
 from .run_dir import RunDir
+from .task import Runtime, Step, Task, choose_precision
 
 
-# -- small pieces every task uses ---------------------------------------------------------------------
-class ShardSampler(Sampler[int]):
-    """Every ``world``-th index from ``rank``: each sample evaluated exactly once across processes."""
-
-    def __init__(self, length: int, rank: int, world: int) -> None:
-        self.indices = list(range(rank, length, world))
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-@dataclass
-class Precision:
-    dtype: Optional[torch.dtype]  # autocast dtype, None: full precision
-    scaler: Optional[torch.amp.GradScaler]
-
-    def autocast(self, device: torch.device):
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=self.dtype)
-
-
-def choose_precision(amp: str, device: torch.device) -> Precision:
-    if amp == "auto":
-        amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "none"
-    if amp == "none":
-        return Precision(None, None)
-    if amp == "fp16":
-        if device.type != "cuda":
-            raise ConfigError("amp=fp16 needs a CUDA device; use --amp bf16 or --amp none on CPU")
-        return Precision(torch.float16, torch.amp.GradScaler("cuda"))
-    return Precision(torch.bfloat16, None)
-
-
-@dataclass
-class Runtime:
-    """Where and how a task's steps run (set up by the engine)."""
-
-    ctx: DistContext
-    precision: Precision = field(default_factory=lambda: Precision(None, None))
-    channels_last: bool = False
-    quiet: bool = True
-
-    @property
-    def device(self) -> torch.device:
-        return self.ctx.device
-
-    def images(self, images: torch.Tensor) -> torch.Tensor:
-        """A batch of images on the device, in the engine's memory format."""
-        images = images.to(self.device, non_blocking=True)
-        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
-
-
+# -- the loop's own steps --------------------------------------------------------------------------------
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
-
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 10_007 + rank) % 2**63
-
-
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Linear warm-up to 1, then cosine to 0, per step (the authors' classification schedule)."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def warmup_multistep(step: int, warmup_steps: int, milestones: list[int], warmup_ratio: float) -> float:
-    """Linear warm-up from ``warmup_ratio``, then divided by 10 at each milestone (mmdetection's schedule)."""
-    factor = 0.1 ** sum(step >= m for m in milestones)
-    if step < warmup_steps:
-        factor *= warmup_ratio + (1 - warmup_ratio) * step / warmup_steps
-    return factor
-
 
 def all_finite(ctx: DistContext, loss: torch.Tensor) -> bool:
     """Whether the loss is finite in every process (all stop together)."""
     return ctx.all_reduce_sum([float(torch.isfinite(loss))])[0] == ctx.world_size
-
 
 def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler, scaler=None) -> None:
     """Backward, step (through the fp16 gradient scaler if any) and advance the per-step schedule."""
@@ -143,119 +65,9 @@ def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, schedul
         optimizer.step()
     scheduler.step()
 
-
 def unwrap(model: nn.Module) -> nn.Module:
     model = model.module if isinstance(model, DistributedDataParallel) else model
     return getattr(model, "_orig_mod", model)  # torch.compile
-
-
-@dataclass
-class Step:
-    """One training step's result: the loss to back-propagate, the number of samples it weighs (for the
-    epoch means) and the statistics to average into the epoch row (their final column names)."""
-
-    loss: torch.Tensor
-    weight: float
-    stats: dict[str, float]
-
-
-# -- the task interface ---------------------------------------------------------------------------------
-class Task(ABC):
-    """What a kind of training supplies to the :class:`Engine`.
-
-    A task builds its ``model`` and ``train_set`` in its constructor (called with the config and the
-    distributed context after seeding, so every process starts from the same weights) and implements
-    the abstract methods. ``kind`` is written into checkpoints, so that a command meeting another kind
-    of run says so; ``best_metric`` is the column of the epoch row that picks ``best.pt`` (higher is
-    better); ``columns`` are those of ``metrics.csv``; ``resume_keys`` the options a resumed run must share
-    with the saved one.
-    """
-
-    kind: ClassVar[str]
-    best_metric: ClassVar[str]
-    columns: ClassVar[list[str]]
-    resume_keys: ClassVar[tuple[str, ...]]
-    model: nn.Module
-    train_set: Dataset
-
-    @classmethod
-    def same_setting(cls, key: str, saved: Any, current: Any) -> bool:
-        """Whether a resumed run's saved ``key`` (one of ``resume_keys``) agrees with this command's value."""
-        return saved == current
-
-    def collate(self, batch: list) -> Any:
-        return default_collate(batch)
-
-    @abstractmethod
-    def lr_schedule(self, steps_per_epoch: int, epochs: int) -> Callable[[int], float]:
-        """The learning-rate factor of each optimizer step."""
-
-    @abstractmethod
-    def train_step(self, net: nn.Module, batch: Any, runtime: Runtime) -> Step:
-        """Forward one batch (under ``runtime.precision.autocast``) and return its loss; no backward."""
-
-    @abstractmethod
-    def evaluate(self, net: nn.Module, runtime: Runtime) -> dict[str, float]:
-        """The validation columns of the epoch row (the same in every process)."""
-
-    @abstractmethod
-    def describe(self, params: int) -> str:
-        """One line on what is trained, printed at the start."""
-
-    @abstractmethod
-    def format_row(self, row: dict[str, float]) -> str:
-        """One line on an epoch's results."""
-
-    def summary(self, last: dict[str, float]) -> dict[str, Any]:
-        """The task's own entries of ``summary.json``."""
-        return {}
-
-    def finish(self, net: nn.Module, runtime: Runtime) -> dict[str, Any]:
-        """Once training is over (every process): final measurements for ``summary.json``, e.g. a test split
-        reported only at the end. ``best.pt`` is written by then."""
-        return {}
-
-    def state_dict(self) -> dict[str, Any]:
-        """The task's entries of each checkpoint (e.g. class names, ``data_identity``) besides the engine's."""
-        return {}
-
-    def data_identity(self) -> dict[str, Any]:
-        """What the run trains on (:mod:`lesa.engine.run_data`); ``{}``: nothing to compare on resume."""
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 - optional hook
-        """Restore what :meth:`state_dict` saved (on resume)."""
-
-    def write_outputs(self, out_dir: Path, history: list[dict[str, float]]) -> None:  # noqa: B027 - optional hook
-        """The task's own files in the run directory, after each epoch (main process only)."""
-
-
-class SkippedImages:
-    """The undecodable training images a task skipped, against ``--max-bad-fraction`` of its training set:
-    counted from the first images on (a bad folder stops the run early), saved with the run (``state``)."""
-
-    def __init__(self, max_fraction: float, train_images: int) -> None:
-        self.max_fraction, self.train_images = max_fraction, train_images
-        self.state = [0.0, 0.0]  # undecodable images, images read
-
-    @property
-    def count(self) -> int:
-        return int(self.state[0])
-
-    def add(self, bad: int, good: int) -> None:
-        """Count a batch's ``bad`` and ``good`` images.
-
-        Raises:
-            DataError: the bad ones exceed the fraction of the training set (or of what was read, when more).
-        """
-        self.state[0] += bad
-        self.state[1] += bad + good
-        bad_total, seen = self.state
-        if bad_total > self.max_fraction * max(seen, self.train_images):
-            raise DataError(
-                f"{int(bad_total)} of {int(seen)} images read so far could not be decoded, more than "
-                f"max_bad_fraction={self.max_fraction} of the {self.train_images} training images; fix or remove "
-                "them (the warnings name them), or raise --max-bad-fraction")
 
 
 # -- the engine -------------------------------------------------------------------------------------------
@@ -493,75 +305,6 @@ class Engine:
             world_size=self.ctx.world_size, device=str(self.ctx.device), **{f"best_{self.task.best_metric}": self.best},
             wall_time_s=wall_time, torch=torch.__version__, output=str(self.out),
         )
-
-
-def check_resume(state: dict[str, Any], cfg: RunConfig, task_cls: type[Task]) -> None:
-    """A resumed run is of the same kind and shares the options that shape its model and data."""
-    if run_kind(state) != task_cls.kind:
-        raise CheckpointError(f"--resume: {cfg.output_dir} holds a {run_kind(state)} run, not a {task_cls.kind} "
-                              "run; choose another --output")
-    saved = state.get("config", {})
-    for key in task_cls.resume_keys:
-        if key == "data" and moved_data(state, getattr(cfg, key)):
-            continue  # compared by identity once the task has listed it (check_same_data)
-        if key in saved and not task_cls.same_setting(key, saved[key], getattr(cfg, key)):
-            scalar = isinstance(saved[key], (int, float, str)) and not isinstance(saved[key], bool)
-            value = resume_data(state, cfg.output_dir) if key == "data" else saved[key]
-            given = f" ({flag(key)} {value})" if scalar else ""
-            raise ConfigError(f"--resume: the run in {cfg.output_dir} has {key}={saved[key]!r}, this command "
-                              f"{getattr(cfg, key)!r}; resume with the run's settings{given}")
-
-
-def moved_data(state: dict[str, Any], data: Any) -> bool:
-    """Whether ``data`` is a folder that may be the run's data moved: the run has a fingerprint to compare."""
-    saved = state.get("data_identity") or {}
-    return bool(saved.get("fingerprints")) and isinstance(data, str) and Path(data).is_dir()
-
-
-def resume_data(state: dict[str, Any], out: Path) -> str:
-    """The ``--data`` to resume with: the run's data where it is found from here (:func:`run_data.locate`:
-    relative to the run folder, then the stored path), else the stored path."""
-    saved = state.get("data_identity") or {}
-    data = str(state.get("config", {}).get("data"))
-    if not saved.get("relative") or not saved.get("fingerprints"):
-        return data
-    candidate = Path(out) / saved["relative"]
-    return str(candidate.resolve()) if candidate.is_dir() else data
-
-
-def check_same_data(saved: Optional[dict[str, Any]], current: dict[str, Any], out: Path) -> None:
-    """A resumed run given its data in another place meets the same files (fingerprints of every split).
-
-    Raises:
-        DataError: other data, with how it differs and the fix.
-    """
-    if not saved or not saved.get("fingerprints"):
-        return
-    common = [s for s in saved["fingerprints"] if s in current.get("fingerprints", {})]
-    if common and all(saved["fingerprints"][s] == current["fingerprints"][s] for s in common):
-        return
-    now = "now holds" if saved.get("data") == current.get("data") else f"and --data {current['data']} holds"
-    raise DataError(f"--resume: the run in {out} was trained on {saved['data']}{describe(saved)}, {now} other data "
-                    f"({difference(saved, current)}); resume with the run's data, or start a new run with another "
-                    "--output")
-
-
-def check_same_classes(saved: Optional[list[str]], current: Optional[list[str]], out: Path) -> None:
-    """A resumed run meets the classes it was trained on, by name and in order (a checkpoint from before
-    classes were stored has none to compare).
-
-    Raises:
-        DataError: classes added, removed, renamed or reordered since the run started.
-    """
-    if saved is None or current is None or list(saved) == list(current):
-        return
-    added, missing = sorted(set(current) - set(saved)), sorted(set(saved) - set(current))
-    if not added and not missing:
-        change = "the same classes in another order"
-    else:
-        change = f"classes added: {added[:5] or 'none'}; missing: {missing[:5] or 'none'}"
-    raise DataError(f"--resume: the run in {out} was trained on {len(saved)} classes and the data now has "
-                    f"{len(current)} ({change}); resume with the run's data, or start a new run with another --output")
 
 
 def run_task(cfg: RunConfig, task_cls: Callable[[Any, DistContext], Task]) -> dict[str, Any]:
