@@ -116,3 +116,20 @@ def test_lesa_state_dicts_pass_through_unchanged():
     assert not lesa.convert.is_official_state_dict(sd)
     converted = lesa.convert_official_state_dict({"model": sd})
     assert converted.keys() == sd.keys()
+
+
+def test_a_run_converts_to_a_file_that_describes_it(tmp_path, digits_run, capsys):
+    from lesa.weights import read_weights
+
+    out = tmp_path / "w.safetensors"
+    assert main(["convert", str(digits_run), str(out)]) == 0
+    assert "described as resnet_tiny at img_size 32" in capsys.readouterr().out
+    found = read_weights(out)
+    assert found.kind == "described" and found.config["classes"] == [str(d) for d in range(10)]
+    # it evaluates with no --model, and builds its model by itself
+    assert main(["eval", "--checkpoint", str(out), "--data", "digits", "--quiet"]) == 0
+    model = create_model("resnet_tiny", checkpoint_path=str(out))
+    assert torch.equal(model.fc.weight, read_weights(digits_run).state_dict["fc.weight"])
+    # a torch file holds the tensors alone, and says so
+    assert main(["convert", str(digits_run), str(tmp_path / "w.pt")]) == 0
+    assert "weights only: a .safetensors output also records" in capsys.readouterr().out

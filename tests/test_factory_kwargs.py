@@ -93,10 +93,28 @@ def test_a_detector_is_built_on_meta_and_in_float64():
 def test_a_dtype_that_is_not_floating_point_is_one_config_error():
     with pytest.raises(ConfigError, match=r"dtype=torch.int64: .*floating-point"):
         LAYERS["lesa"](dtype=torch.int64)
+    with pytest.raises(ConfigError, match=r"dtype='float65': .*or its name"):
+        LAYERS["lesa"](dtype="float65")
     assert torch.get_default_dtype() == torch.float32
 
 
+def test_a_dtype_may_be_named_as_configs_name_it():
+    for name in ("float64", "torch.float64"):
+        assert all(t.dtype == torch.float64 for t in tensors(LAYERS["lesa"](dtype=name)) if t.is_floating_point())
+
+
+@pytest.mark.parametrize("device,message", [
+    ("gpu", "not a device type torch knows"),
+    ("cuda:99" if torch.cuda.is_available() else "cuda", "cannot be used here"),
+    (-1, "cannot be used here"),
+])
+def test_a_device_this_machine_lacks_is_one_config_error(device, message):
+    with pytest.raises(ConfigError, match=message) as raised:
+        create_model("lesa_resnet_tiny", device=device)
+    assert len(str(raised.value).splitlines()) == 1
+
+
 def test_the_default_dtype_is_restored_when_building_fails():
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"odd out_channels fits no head count: choose an even one \(e.g. 16\)"):
         LESA2d(16, 15, heads=4, dtype=torch.float64)  # channels not divisible by the heads
     assert torch.get_default_dtype() == torch.float32

@@ -75,6 +75,28 @@ def test_each_option_has_one_flag_and_each_flag_an_option(command):
 
 
 @pytest.mark.parametrize("command", sorted(SCHEMAS))
+def test_every_command_and_option_says_what_it_is(command):
+    assert PARSERS[command].description, command
+    for action in actions(command):
+        if action.help == argparse.SUPPRESS:
+            continue
+        info = flagged(command).get(action.dest)
+        words = (action.help or "").removesuffix(default_note(info) or "" if info else "").strip()
+        assert words, (command, action.dest, action.help)  # more than its default
+
+
+def test_a_repeated_list_flag_adds_its_values_and_a_fixed_one_is_refused(capsys):
+    parser = cli.build_parser()
+    args = parser.parse_args(["det", "train", "--dcn-stages", "2", "--dcn-stages", "3"])
+    assert args.dcn_stages == [2, 3]
+    args = parser.parse_args(["compare", "--ops", "conv", "sa", "--ops", "lesa"])
+    assert args.ops == ["conv", "sa", "lesa"]
+    with pytest.raises(SystemExit) as raised:
+        parser.parse_args(["analyze", "RUN", "--query", "1", "2", "--query", "3", "4"])
+    assert raised.value.code == 2 and "--query given twice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", sorted(SCHEMAS))
 def test_the_help_shows_each_schema_default(command):
     shown = "".join(PARSERS[command].format_help().split())  # argparse wraps lines at spaces and hyphens
     for action in actions(command):

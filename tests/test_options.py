@@ -217,6 +217,7 @@ def test_the_layer_options_of_the_model_are_checked_up_front(tmp_path, capsys, n
 # -- outputs: one guard ---------------------------------------------------------------------------------
 def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path, capsys, no_work):
     (tmp_path / "afile").write_text("keep me")
+    (tmp_path / "c").write_bytes(b"a checkpoint")  # inputs exist: a missing one would be named first
     for output, message in [
         (tmp_path / "afile", "is a file, not a directory"),
         (tmp_path / "afile" / "run", "is a file, so nothing can be created under it"),
@@ -263,8 +264,10 @@ def test_no_command_overwrites_its_input(tmp_path, capsys, no_work):
 
 
 def test_valid_options_reach_the_command(tmp_path, capsys, no_work):
-    assert run_cli(capsys, "eval", "--checkpoint", "x", "--device", "cpu")[0] == 0
-    assert run_cli(capsys, "det", "predict", "a.png", "--checkpoint", "c", "--output", tmp_path / "out")[0] == 0
+    (tmp_path / "x").write_bytes(b"a checkpoint")
+    assert run_cli(capsys, "eval", "--checkpoint", tmp_path / "x", "--device", "cpu")[0] == 0
+    assert run_cli(capsys, "det", "predict", "a.png", "--checkpoint", tmp_path / "x", "--output", tmp_path / "out"
+                   )[0] == 0
     (name, options), (name2, options2) = no_work
     assert (name, options.batch_size, options.device) == ("eval", 128, "cpu")
     assert name2 == "det" and options2.images == ["a.png"] and options2.score_threshold == 0.5
@@ -419,3 +422,45 @@ def test_weights_evaluated_on_data_with_fewer_classes_are_refused(tmp_path, caps
 def test_a_run_stores_its_data_folder_absolute(folder_run):
     root, run = folder_run
     assert json.loads((run / "summary.json").read_text())["data"] == str((root / "data").resolve())
+
+
+# -- what each command says first -----------------------------------------------------------------------------
+def test_a_missing_input_is_named_before_any_problem_with_the_output(tmp_path, capsys, no_work):
+    (tmp_path / "out.safetensors").write_bytes(b"the user's")
+    code, err = run_cli(capsys, "convert", tmp_path / "none.pth", tmp_path / "out.safetensors")
+    assert code == 2 and err.endswith(f"INPUT '{tmp_path / 'none.pth'}' does not exist")
+    code, err = run_cli(capsys, "eval", "--checkpoint", tmp_path / "none.pt")
+    assert code == 2 and "--checkpoint" in err and "does not exist" in err and not no_work
+
+
+def test_an_existing_file_outside_lesas_folders_is_kept_with_a_fix_that_works(tmp_path, capsys, no_work):
+    (tmp_path / "in.pth").write_bytes(b"weights")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "w.safetensors").write_bytes(b"an earlier conversion")
+    code, err = run_cli(capsys, "convert", tmp_path / "in.pth", tmp_path / "out" / "w.safetensors")
+    assert code == 2 and "lesa replaces no file outside the folders it made" in err
+    assert "delete the file first" in err and not no_work
+
+
+@pytest.mark.parametrize("args,message", [
+    (["convert", "IN", "OUT.pt", "--img-size", "24"], "--img-size describes the model of --model, which is not given"),
+    (["det", "train", "--dcn-stages", "2", "2"], "--dcn-stages 2 2 names a stage twice"),
+    (["det", "train", "--pos-init", "interpolate"], "--pos-init interpolate acts on the tables of --pretrained"),
+])
+def test_options_that_act_on_nothing_are_refused(tmp_path, capsys, no_work, args, message):
+    (tmp_path / "IN").write_bytes(b"weights")
+    args = [str(tmp_path / a) if a in ("IN", "OUT.pt") else a for a in args]
+    code, err = run_cli(capsys, *args, *(["--output", tmp_path / "o"] if args[0] == "det" else []))
+    assert code == 2 and message in err and not no_work
+
+
+def test_an_unknown_option_in_a_file_lists_the_layer_options_too(tmp_path, capsys, no_work):
+    (tmp_path / "run.yaml").write_text("headz: 2\n")
+    code, err = run_cli(capsys, "train", "--config", tmp_path / "run.yaml", "--output", tmp_path / "r")
+    assert code == 2 and "headz in" in err and "(did you mean heads?)" in err
+    assert all(f" {name}," in err for name in ("heads", "impl", "pos_embed")) and not no_work
+
+
+def test_a_pattern_that_matches_no_model_is_bad_input(capsys):
+    code, err = run_cli(capsys, "models", "zzz*")
+    assert code == 2 and "no model matches 'zzz*': try 'lesa models' for all" in err

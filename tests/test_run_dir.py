@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from helpers import cli
 
 from lesa.errors import LesaError
@@ -65,16 +66,20 @@ def test_run_output_without_last_pt_is_not_overwritten(tmp_path):
 def test_resume_keeps_config_until_its_checkpoint_and_removes_interrupted_writes(tmp_path):
     out = tmp_path / "run"
     args = [*TRAIN, "--output", out]
-    assert cli(*args, "--epochs", "1")[0] == 0
+    assert cli(*args, "--epochs", "1", "--img-size", "24", "--label-smoothing", "0.1")[0] == 0
     config = (out / "config.yaml").read_text()
     (out / ".lesa-tmp-last.pt.abc123xy.tmp").write_bytes(b"\0" * 1000)  # what a kill during a write leaves
     (out / ".last.pt.abc123.tmp").write_bytes(b"user's")  # a user's file of the same shape: not lesa's prefix
-    # a resume that fails before training leaves config.yaml as the run's
-    code, err = cli(*args, "--epochs", "2", "--resume", "--img-size", "24")
-    assert code == 2 and "img_size=None, this command 24" in err
+    # a resume that fails before training leaves config.yaml as the run's; every option that differs is named
+    code, err = cli(*args, "--epochs", "2", "--resume", "--img-size", "32", "--model", "sa_resnet_tiny")
+    assert code == 2 and "has model='resnet_tiny', img_size=24, this command model='sa_resnet_tiny', img_size=32" in err
+    assert "(--model resnet_tiny, --img-size 24, or leave them out" in err
     assert (out / "config.yaml").read_text() == config
-    assert cli(*args, "--epochs", "2", "--resume")[0] == 0
-    assert "epochs: 2" in (out / "config.yaml").read_text()
+    # what the resuming command does not give is the run's own, not a default
+    assert cli("train", "--output", out, "--epochs", "2", "--resume", "--quiet")[0] == 0
+    resumed = yaml.safe_load((out / "config.yaml").read_text())
+    assert (resumed["epochs"], resumed["img_size"], resumed["label_smoothing"], resumed["model"]) == (
+        2, 24, 0.1, "resnet_tiny")
     assert not list(out.glob(".lesa-tmp-*")) and not (out / ".lock").exists()
     assert (out / ".last.pt.abc123.tmp").read_bytes() == b"user's"
 

@@ -116,3 +116,59 @@ def test_a_run_of_the_other_kind_is_named(tmp_path, digits_run, digit_scenes):
     code, err = cli("det", "train", "--data", digit_scenes, "--output", tmp_path / "d2", "--pretrained-backbone",
                     det / "best.pt", "--quiet")
     assert code == 2 and "is a detection run: --pretrained-backbone takes a classification checkpoint" in err
+
+
+# -- what a file records builds the model it fits -------------------------------------------------------------
+def test_a_file_that_records_its_run_builds_the_model_at_its_input_size(tmp_path, digits_run):
+    from lesa.convert import save_state_dict
+
+    trained = create_model("lesa_resnet_tiny", img_size=24, num_classes=3, heads=4)
+    described = tmp_path / "w.safetensors"
+    save_state_dict(trained.state_dict(), str(described), {"model": "lesa_resnet_tiny", "img_size": 24,
+                                                          "classes": ["a", "b", "c"], "model_kwargs": {"heads": 4}})
+    model = create_model("lesa_resnet_tiny", checkpoint_path=str(described))
+    assert (model.img_size, model.num_classes) == ((24, 24), 3)
+    x = torch.randn(1, 3, 24, 24)
+    assert torch.equal(model.eval()(x), trained.eval()(x))
+    # the shipped weights by name, as pretrained=True gives them; the same built on the meta device
+    shipped = create_model("lesa_resnet_tiny", checkpoint_path="lesa_resnet_tiny.fashion_mnist")
+    on_meta = create_model("lesa_resnet_tiny", pretrained=True, device="meta")
+    x = torch.randn(1, 3, 28, 28)
+    assert shipped.img_size == (28, 28) and torch.equal(shipped.eval()(x), on_meta.eval()(x))
+    assert on_meta.conv1.weight.dtype == torch.float32  # the model's dtype, not the file's float16
+    # a run directory records its model too: another model is named with the one that fits
+    with pytest.raises(CheckpointError, match="holds a resnet_tiny .* create_model\\('resnet_tiny'"):
+        create_model("lesa_resnet_tiny", checkpoint_path=str(digits_run))
+
+
+def test_a_misfit_says_which_options_fit(tmp_path):
+    bare = tmp_path / "w.pt"
+    torch.save(create_model("lesa_resnet_tiny", img_size=24).state_dict(), bare)
+    with pytest.raises(CheckpointError) as raised:
+        create_model("lesa_resnet_tiny", checkpoint_path=str(bare))
+    message = str(raised.value)
+    assert "trained at img_size 24: build the model with img_size=24" in message and "classes" not in message
+    assert create_model("lesa_resnet_tiny", img_size=24, checkpoint_path=str(bare)).img_size == (24, 24)
+    with pytest.raises(CheckpointError, match="are 'flat' ones: build the model with pos_embed='flat'"):
+        create_model("lesa_resnet_tiny", img_size=24, pos_embed="rel2d", checkpoint_path=str(bare))
+    with pytest.raises(CheckpointError, match="weights are of another model") as raised:
+        create_model("resnet_tiny", checkpoint_path=str(bare))
+    assert "position" not in str(raised.value)
+    # the command line reads the options off the tensors of a bare file: no flag to guess
+    code, err = cli("eval", "--checkpoint", bare, "--model", "lesa_resnet_tiny", "--data", "digits", "--quiet")
+    assert code == 0, err
+
+
+def test_files_that_are_no_weights_are_named_with_what_they_hold(tmp_path):
+    listed, junk = tmp_path / "list.pt", tmp_path / "junk.pt"
+    torch.save([1, 2], listed)
+    junk.write_bytes(b"x" * 101)
+    assert cli("eval", "--checkpoint", listed, "--model", "resnet_tiny")[1].endswith(
+        f"{listed}: a checkpoint must hold a dict of tensors, got list")
+    assert "its 101 bytes start with b'xxxxxxxx'" in cli("eval", "--checkpoint", junk, "--model", "resnet_tiny")[1]
+    weights = tmp_path / "w.safetensors"
+    from lesa.convert import save_state_dict
+
+    save_state_dict(create_model("resnet_tiny").state_dict(), str(weights))
+    code, err = cli("det", "eval", "--checkpoint", weights)
+    assert code == 2 and "holds weights only" in err and "pass the run's directory, or its last.pt" in err

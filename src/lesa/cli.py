@@ -24,6 +24,7 @@ from .convert import WEIGHT_SUFFIXES
 from .data import EMBEDDED, DataRoot, Download, Split
 from .detection.config import DetConfig
 from .detection.evaluate import EVAL_KINDS
+from .errors import ConfigError
 from .export import FORMATS
 from .layers.binary import POS_EMBEDS
 from .models import ARCHS, OPS
@@ -31,6 +32,7 @@ from .options import (
     HIDDEN,
     POSITIONAL,
     ROLE_INPUT,
+    ROLE_INPUT_FILE,
     ROLE_INPUT_TREE,
     ROLE_OUTPUT_DIR,
     ROLE_OUTPUT_FILE,
@@ -117,9 +119,7 @@ def run_models(args: ModelsOptions) -> int:
 
     names = list_models(args.pattern)
     if not names:
-        print(f"lesa models: no model matches {args.pattern!r} (try 'lesa models' for all, or a pattern like "
-              "'*lesa*')", file=sys.stderr)
-        return 1
+        raise ConfigError(f"no model matches {args.pattern!r}: try 'lesa models' for all, or a pattern like '*lesa*'")
     for name in names:
         print(f"{name:32s} {count_params(create_model(name)) / 1e6:8.2f}M" if args.params else name)
     return 0
@@ -129,7 +129,7 @@ def run_models(args: ModelsOptions) -> int:
 @schema
 class ConvertOptions:
     input: Name = Field(description="official checkpoint (.pth), e.g. the authors' checkpoint.pth",
-                        json_schema_extra={**ROLE_INPUT, **POSITIONAL})
+                        json_schema_extra={**ROLE_INPUT_FILE, **POSITIONAL})
     output: Annotated[Name, suffix_in(*WEIGHT_SUFFIXES)] = Field(
         description="output file: .pth/.pt (torch) or .safetensors",
         json_schema_extra={**ROLE_OUTPUT_FILE, **POSITIONAL})
@@ -138,11 +138,17 @@ class ConvertOptions:
     pos_embed: Optional[Literal[POS_EMBEDS]] = Field(None, description="with --model: the checkpoint's embedding")
     img_size: Optional[ImageSize] = Field(None, description="with --model: input size the checkpoint was trained at")
 
+    def __post_init__(self) -> None:
+        given = [flag(k) for k in ("pos_embed", "img_size") if getattr(self, k) is not None]
+        if given and not self.model:
+            raise ConfigError(f"{' and '.join(given)} describe{'s' if len(given) == 1 else ''} the model of --model, "
+                              "which is not given: pass --model NAME, or drop them")
+
 
 def run_convert(args: ConvertOptions) -> int:
     from .convert import convert_official_state_dict, save_state_dict
     from .errors import CheckpointError
-    from .weights import check_state_dict, read_weights
+    from .weights import check_state_dict, fitting_options, read_weights
 
     found = read_weights(args.input)
     if not (args.model or found.kind in ("run", "official")):
@@ -154,14 +160,22 @@ def run_convert(args: ConvertOptions) -> int:
     # backbone alone of an mmdetection file without LESA layers
     sd = convert_official_state_dict(found.state_dict)
     if args.model:
-        from .models import create_model, parse_name
+        from .models import create_model
 
-        kwargs = {k: v for k, v in (("pos_embed", args.pos_embed), ("img_size", args.img_size)) if v}
-        if "pos_embed" not in kwargs and parse_name(args.model)[0] != "conv":
-            kwargs["pos_embed"] = "rel2d" if any(k.endswith("rel_pos.height") for k in sd) else "flat"
+        given = {k: v for k, v in (("pos_embed", args.pos_embed), ("img_size", args.img_size)) if v}
+        kwargs = {**fitting_options(args.model, sd), **given}
         check_state_dict(create_model(args.model, **kwargs), sd, source=args.input)
-    save_state_dict(sd, args.output)
-    print(f"wrote {len(sd)} tensors to {args.output}")
+    from .models.pretrained import run_description
+
+    description = run_description(found.config) if found.task in (None, "classification") else None
+    save_state_dict(sd, args.output, description)
+    if description and args.output.endswith(".safetensors"):
+        note = f" described as {description['model']} at img_size {description['img_size']}"
+    elif description:
+        note = " (weights only: a .safetensors output also records the model, input size and classes)"
+    else:
+        note = ""
+    print(f"wrote {len(sd)} tensors to {args.output}{note}")
     return 0
 
 
@@ -201,18 +215,18 @@ def epochs(n: int) -> str:
 # -- lesa eval ------------------------------------------------------------------------------------------
 @schema
 class EvalOptions:
-    checkpoint: Trained = Field(json_schema_extra=ROLE_INPUT)
+    checkpoint: Trained = Field(json_schema_extra=ROLE_INPUT_FILE)
     data: RunData = Field(None, json_schema_extra=ROLE_INPUT)
     model: WeightsModel = None
-    batch_size: PositiveInt = 128
-    workers: Workers = 0
-    device: Device = "auto"
+    batch_size: PositiveInt = Field(128, description="images per batch")
+    workers: Workers = Field(0, description="data-loading processes")
+    device: Device = Field("auto", description="auto, cpu or cuda")
     ablate_unary: bool = Field(False, description="remove each query's own attention term S_ii v_i (the paper's "
                                                   "Table 1 ablation)")
     split: Split = "val"
     data_root: DataRoot = None
     download: Download = False
-    quiet: bool = False
+    quiet: bool = Field(False, description="no progress bars")
 
 
 def run_eval(args: EvalOptions) -> int:
@@ -232,7 +246,7 @@ def run_eval(args: EvalOptions) -> int:
 # -- lesa analyze / compare ----------------------------------------------------------------------------
 @schema
 class AnalyzeOptions:
-    run: Trained = Field(json_schema_extra={**ROLE_INPUT, **POSITIONAL})
+    run: Trained = Field(json_schema_extra={**ROLE_INPUT_FILE, **POSITIONAL})
     data: RunData = Field(None, json_schema_extra=ROLE_INPUT_TREE)
     model: WeightsModel = None
     output: Optional[Name] = Field(None, description="figure/JSON directory (default RUN/analysis)",
@@ -286,21 +300,22 @@ class CompareOptions:
     download: Download = False
     output: Name = Field("runs/compare", description="runs go to OUTPUT/<op>/seed<k>",
                          json_schema_extra=ROLE_OUTPUT_DIR)
-    ops: Optional[Annotated[list[Literal[OPS]], Field(min_length=1)]] = None
+    ops: Optional[Annotated[list[Literal[OPS]], Field(min_length=1)]] = Field(
+        None, description="the operators to compare (default: all)")
     preset: Optional[Literal[PRESETS]] = Field(None, description=(
         "training recipe (default: the embedded set's own: digits, cluttered_digits, fashion_mnist)"))
-    epochs: Optional[PositiveInt] = None
-    batch_size: Optional[PositiveInt] = None
-    lr: Optional[PositiveFloat] = None
+    epochs: Optional[PositiveInt] = Field(None, description="epochs of each run (default: the preset's)")
+    batch_size: Optional[PositiveInt] = Field(None, description="images per process (default: the preset's)")
+    lr: Optional[PositiveFloat] = Field(None, description="learning rate (default: the preset's)")
     train_subset: Optional[PositiveInt] = Field(None, json_schema_extra=metavar("N"), description=(
         "train on at most N training images, the same random subset for every run"))
     seeds: Optional[PositiveInt] = Field(None, json_schema_extra=metavar("N"), description=(
         "runs per operation, with seeds SEED..SEED+N-1 (default 3 with --quick, else 1); the tables report mean and "
         "standard deviation over them"))
     seed: NonNegativeInt = Field(0, description="the first seed")
-    workers: Optional[Workers] = None
+    workers: Optional[Workers] = Field(None, description="data-loading processes of each run")
     max_steps_per_epoch: Optional[PositiveInt] = Field(None, json_schema_extra=HIDDEN)
-    quiet: bool = False
+    quiet: bool = Field(False, description="no progress bars")
 
     OUTPUT_KINDS: ClassVar[dict[str, tuple[str, ...]]] = {"output": ("compare",)}
 
@@ -339,10 +354,11 @@ def run_compare(args: CompareOptions) -> int:
 # -- lesa det train / eval / predict -------------------------------------------------------------------
 @schema
 class DetEvalOptions:
-    checkpoint: Name = Field(description="run directory (best.pt) or checkpoint", json_schema_extra=ROLE_INPUT)
+    checkpoint: Name = Field(description="run directory (best.pt) or checkpoint", json_schema_extra=ROLE_INPUT_FILE)
     data: Optional[Name] = Field(None, description="COCO root (default: the run's)", json_schema_extra=ROLE_INPUT_TREE)
-    device: Device = "auto"
-    max_images: Optional[PositiveInt] = None
+    device: Device = Field("auto", description="auto, cpu or cuda")
+    max_images: Optional[PositiveInt] = Field(None, json_schema_extra=metavar("N"),
+                                              description="evaluate the first N validation images only (default: all)")
     output: Optional[Name] = Field(None, description="write coco_eval.json here (default: the run directory)",
                                    json_schema_extra=ROLE_OUTPUT_DIR)
 
@@ -362,11 +378,14 @@ class DetEvalOptions:
 
 @schema
 class DetPredictOptions:
-    images: Annotated[list[Name], Field(min_length=1)] = Field(json_schema_extra={**ROLE_INPUT, **POSITIONAL})
-    checkpoint: Name = Field(json_schema_extra=ROLE_INPUT)
+    images: Annotated[list[Name], Field(min_length=1)] = Field(
+        description="image files, folders or glob patterns", json_schema_extra={**ROLE_INPUT, **POSITIONAL})
+    checkpoint: Name = Field(description="run directory (best.pt) or checkpoint of a detector",
+                             json_schema_extra=ROLE_INPUT_FILE)
     output: Name = Field(description="directory for the PNGs", json_schema_extra=ROLE_OUTPUT_DIR)
-    score_threshold: Annotated[float, Field(ge=0, le=1)] = 0.5
-    device: Device = "auto"
+    score_threshold: Annotated[float, Field(ge=0, le=1)] = Field(
+        0.5, description="keep detections scoring at least this")
+    device: Device = Field("auto", description="auto, cpu or cuda")
 
     OUTPUT_KINDS: ClassVar[dict[str, tuple[str, ...]]] = {"output": ("predictions",)}
 
@@ -378,14 +397,19 @@ class DetPredictOptions:
 
 def _det_flags(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="det_command", metavar="{train,eval,predict}", required=True)
-    train = sub.add_parser("train", help="train a detector (default: Mask R-CNN on the embedded digit scenes)")
-    train.add_argument("--config", action=GivenOnce, help="YAML file with any of the options below, given once "
-                       "('extends: base.yaml' or 'extends: htc' in it builds on another file or a preset)")
-    add_flags(train, DetConfig)
-    add_flags(sub.add_parser("eval", help="COCO box and mask AP of a trained detector (the run's categories)"),
-              DetEvalOptions)
-    add_flags(sub.add_parser("predict", help="draw a detector's boxes, labels, scores and masks on images (an image "
-                             "that cannot be read is named, skipped, and makes the exit code 2)"), DetPredictOptions)
+    helps = {
+        "train": "train a detector (default: Mask R-CNN on the embedded digit scenes)",
+        "eval": "COCO box and mask AP of a trained detector (the run's categories)",
+        "predict": "draw a detector's boxes, labels, scores and masks on images (an image that cannot be read is "
+                   "named, skipped, and makes the exit code 2)",
+    }
+    parsers = {name: sub.add_parser(name, help=text, description=text) for name, text in helps.items()}
+    parsers["train"].add_argument("--config", action=GivenOnce, help="YAML file with any of the options below, given "
+                                  "once ('extends: base.yaml' or 'extends: htc' in it builds on another file or a "
+                                  "preset)")
+    add_flags(parsers["train"], DetConfig)
+    add_flags(parsers["eval"], DetEvalOptions)
+    add_flags(parsers["predict"], DetPredictOptions)
 
 
 def det_options(args: argparse.Namespace) -> Any:
@@ -446,12 +470,14 @@ def _det_predict(args: DetPredictOptions) -> int:
         failed.append(err)
         print(f"lesa det predict: skipped: {err}", file=sys.stderr)
 
+    done = 0
     for image, kept, target in predict_images(args.checkpoint, args.images, args.output, args.score_threshold,
                                               args.device, on_bad_image=skip):
         print(f"{image}: {kept} detections -> {target}")
+        done += 1
     if failed:
-        print(f"lesa det predict: {len(failed)} of {len(args.images)} image(s) could not be read (named above); the "
-              "others are done", file=sys.stderr)
+        rest = f"the other {done} are drawn" if done else "none was drawn"
+        print(f"lesa det predict: {len(failed)} image(s) could not be read (named above); {rest}", file=sys.stderr)
         return 2
     return 0
 
@@ -460,7 +486,7 @@ def _det_predict(args: DetPredictOptions) -> int:
 @schema
 class ExportOptions:
     checkpoint: Checkpoint = Field(description="a classifier: run directory (uses best.pt), training checkpoint or "
-                                               "weights file", json_schema_extra={**ROLE_INPUT, **POSITIONAL})
+                                               "weights file", json_schema_extra={**ROLE_INPUT_FILE, **POSITIONAL})
     output: Annotated[Name, suffix_in(*FORMATS)] = Field(
         description="out.onnx (ONNX, through torch.export; needs pip install 'lesa[export]') or out.pt2 (a "
                     "torch.export program)", json_schema_extra={**ROLE_OUTPUT_FILE, **POSITIONAL})
@@ -548,8 +574,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return 2
     _, _, make_options, run = COMMANDS[args.command]
+    prog = " ".join(["lesa", args.command] + ([args.det_command] if getattr(args, "det_command", None) else []))
     formatwarning = warnings.formatwarning
-    warnings.formatwarning = lambda message, *_, **__: f"lesa {args.command}: warning: {message}\n"
+    warnings.formatwarning = lambda message, *_, **__: f"{prog}: warning: {message}\n"
     try:
         options = make_options(args)
         extra = [args.config] if getattr(args, "config", None) else []
@@ -561,10 +588,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.debug or os.environ.get("LESA_DEBUG", "") not in ("", "0"):
             raise
         message = " ".join(str(err).split())  # one line
-        print(f"lesa {args.command}: error: {message}", file=sys.stderr)
+        print(f"{prog}: error: {message}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
-        print(f"lesa {args.command}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     finally:
         warnings.formatwarning = formatwarning

@@ -137,8 +137,12 @@ TORCH_SUFFIXES = (".pth", ".pt")
 WEIGHT_SUFFIXES = (*TORCH_SUFFIXES, ".safetensors")  # what save_state_dict writes
 
 
-def save_state_dict(sd: Mapping[str, Tensor], path: str) -> None:
-    """Write ``sd`` atomically as ``.safetensors`` or a torch ``.pth``/``.pt`` file."""
+def save_state_dict(sd: Mapping[str, Tensor], path: str, description: Optional[Mapping[str, Any]] = None) -> None:
+    """Write ``sd`` atomically as ``.safetensors`` or a torch ``.pth``/``.pt`` file; ``description`` (the run
+    the weights come from, :func:`lesa.models.pretrained.run_description`) goes into a safetensors file's
+    metadata under the key ``lesa`` (a torch file holds the tensors only)."""
+    import json
+
     from .utils import atomic_write
 
     path = str(path)
@@ -146,7 +150,8 @@ def save_state_dict(sd: Mapping[str, Tensor], path: str) -> None:
     if path.endswith(".safetensors"):
         from safetensors.torch import save_file
 
-        atomic_write(path, lambda tmp: save_file(tensors, tmp))
+        metadata = {"lesa": json.dumps(dict(description))} if description else None
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     elif path.endswith(TORCH_SUFFIXES):
         atomic_write(path, lambda tmp: torch.save(tensors, tmp))
     else:

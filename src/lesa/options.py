@@ -49,6 +49,7 @@ ImageSize = Annotated[int, Field(ge=1, le=16384)]  # pixels a side: the position
 
 # roles of path fields (see the module docstring)
 ROLE_INPUT = {"role": "input"}
+ROLE_INPUT_FILE = {"role": "input_file"}  # a file (or run folder) that must exist: named before any output problem
 ROLE_INPUT_TREE = {"role": "input_tree"}  # a dataset folder: read recursively, so nothing is written inside
 ROLE_OUTPUT_DIR = {"role": "output_dir"}
 ROLE_OUTPUT_FILE = {"role": "output_file"}
@@ -154,10 +155,22 @@ def _value_kwargs(name: str, info: FieldInfo, form: Optional[str]) -> dict[str, 
     kind, metadata = _unwrapped(info.annotation, info.metadata)
     if get_origin(kind) is list:
         item, _ = _unwrapped(get_args(kind)[0], [])
-        return {**_scalar_kwargs(name, item), "nargs": _nargs(metadata)}
+        nargs = _nargs(metadata)
+        # a repeated flag adds to a list of any length (``--ops a --ops b``); a fixed-length one is one value
+        action = _Once if isinstance(nargs, int) else "extend"
+        return {**_scalar_kwargs(name, item), "nargs": nargs, "action": action}
     if kind is bool:
         return {"action": argparse.BooleanOptionalAction if form == NEGATABLE["flag"] else "store_true"}
     return _scalar_kwargs(name, kind)
+
+
+class _Once(argparse.Action):
+    """Store the values of a fixed-length list flag, refusing it given twice (argparse would keep the last)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001 -- argparse's signature
+        if getattr(namespace, self.dest) is not None:
+            parser.error(f"{option_string} given twice: give it once, with {self.nargs} values")
+        setattr(namespace, self.dest, values)
 
 
 def _unwrapped(annotation: Any, metadata: list[Any]) -> tuple[Any, list[Any]]:
@@ -227,8 +240,10 @@ def build(cls: type[T], values: dict[str, Any], sources: Optional[dict[str, str]
     known = option_names(cls)
     unknown = sorted(set(values) - set(known))
     if unknown:
-        hints = [f"{sources.get(k, k)}{_closest(k, known)}" for k in unknown]
-        raise ConfigError(f"unknown option(s) {', '.join(hints)}; valid options: {', '.join(sorted(known))}")
+        # the options a schema takes beside its fields (a run's layer options, moved into model_kwargs before)
+        valid = known + list(getattr(cls, "LAYER_OPTIONS", ()))
+        hints = [f"{sources.get(k, k)}{_closest(k, valid)}" for k in unknown]
+        raise ConfigError(f"unknown option(s) {', '.join(hints)}; valid options: {', '.join(sorted(valid))}")
     try:
         return cls(**values)
     except ValidationError as err:

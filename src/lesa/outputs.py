@@ -22,11 +22,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .errors import ConfigError, OwnershipError
+from .errors import ConfigError, NotFoundError, OwnershipError
 from .options import flag
 from .ownership import MARKER, RUN_FILES, check_folder, check_write, is_earlier_run, owns, read_marker
 
 OUTPUT_ROLES = ("output_dir", "output_file")
+INPUT_ROLES = ("input", "input_file", "input_tree")
 
 
 def roles(options: Any) -> dict[str, str]:
@@ -47,7 +48,7 @@ def _paths(value: Any) -> list[str]:
 
 def input_paths(options: Any) -> list[str]:
     """The paths an options instance reads (its ``input`` and ``input_tree`` options)."""
-    return [p for name, role in roles(options).items() if role in ("input", "input_tree")
+    return [p for name, role in roles(options).items() if role in INPUT_ROLES
             for p in _paths(getattr(options, name))]
 
 
@@ -78,6 +79,11 @@ def guard_outputs(options: Any, names: Optional[dict[str, str]] = None, extra_in
         value = getattr(options, name)
         if role == "input":
             inputs += _paths(value)
+        elif role == "input_file":
+            inputs += _paths(value)
+            for path in _paths(value):  # a missing input is the first thing to fix, before any output's problem
+                if not _exists(Path(path)):
+                    raise NotFoundError(f"{names.get(name, flag(name))} {path!r} does not exist")
         elif role == "input_tree":
             inputs += _paths(value)
             trees += _paths(value)

@@ -227,6 +227,10 @@ def check_write(path: str | Path) -> None:
         raise OwnershipError(f"{path} is an input of this command: lesa never writes over its inputs; write the "
                              "output to another path")
     if os.path.lexists(path) and not owns(path):
+        if read_marker(path.parent) is None:  # outside lesa's folders no record says who wrote a file
+            raise OwnershipError(f"{path} exists: lesa replaces no file outside the folders it made (it keeps no "
+                                 "record of writing it); choose another output path, or delete the file first to "
+                                 "write it again")
         raise OwnershipError(f"{path} exists and lesa did not write it: it is left as it is; choose another output "
                              "path (or a new folder)")
 

@@ -91,8 +91,9 @@ class WeightsFile:
             CheckpointError: the file holds weights only.
         """
         if self.kind != "run":
-            raise CheckpointError(f"{self.source} holds weights only, not a training checkpoint of a lesa run "
-                                  "(last.pt / best.pt)")
+            of = f" (a {self.config['model']}'s, which `lesa eval` takes)" if self.config.get("model") else ""
+            raise CheckpointError(f"{self.source} holds weights only{of}, not a training checkpoint of a lesa run: "
+                                  "pass the run's directory, or its last.pt / best.pt")
         return self.contents
 
     @property
@@ -187,8 +188,10 @@ def read_checkpoint(path: PathLike, mmap: bool = False) -> Any:
                 f"{path} holds pickled Python objects{what} besides tensors, which lesa never loads (they can "
                 "run code): in the environment that wrote it, save the tensors alone (torch.save(model.state_dict(),"
                 " ...)) or convert it to .safetensors") from None
-        raise CheckpointError(f"{path} is not a torch checkpoint or safetensors file ({_first_line(err)}): "
-                              "check the file name, or copy the file again") from None
+        # torch's own text is about weights_only; what helps is what the file is
+        found = _first_line(err) if head.startswith(b"PK") else f"its {size} bytes start with {head[:8]!r}"
+        raise CheckpointError(f"{path} is not a torch checkpoint or safetensors file ({found}): check the file "
+                              "name, or copy the file again") from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as err:
         # a text or other non-pickle file makes the unpickler fail with any of these
         what = "truncated or corrupt" if head.startswith(b"PK") else "not a torch checkpoint"
@@ -281,7 +284,13 @@ def model_state_dict(obj: Any, source: Optional[PathLike] = None) -> dict[str, T
     """
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
         obj = obj["model"]
-    sd = strip_attribute_prefix(strip_wrapper_prefixes(unwrap_state_dict(obj), source), source)
+    try:
+        sd = unwrap_state_dict(obj)
+    except CheckpointError as err:
+        if source is None:
+            raise
+        raise CheckpointError(f"{source}: {err}") from None
+    sd = strip_attribute_prefix(strip_wrapper_prefixes(sd, source), source)
     return convert_official_state_dict(sd) if is_official_state_dict(sd) else sd
 
 
@@ -333,24 +342,73 @@ def check_state_dict(model: nn.Module, sd: Mapping[str, Tensor], ignore: tuple[s
     for title, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes),
                         ("dtype kinds a parameter cannot have", dtypes)):
         if keys:
-            more = f" (+{len(keys) - 12} more)" if len(keys) > 12 else ""
-            lines.append(f"{title} ({len(keys)}): {', '.join(keys[:12])}{more}")
-    weight = _classifier_keys(model)[:1]
-    if weight and weight[0] in mis_shaped:
-        old, new = sd[weight[0]].shape[0], own[weight[0]].shape[0]
-        lines.append(f"the checkpoint's classifier has {old} classes and the model's {new}: build the model with "
-                     f"num_classes={old}, or choose num_classes explicitly (create_model(..., num_classes={new}, "
-                     "checkpoint_path=...), `lesa train --init`) to load the rest and re-initialise the classifier")
-    if any("rel_pos" in k for k in mis_shaped):
-        lines.append(
-            "position tables differ in size: build the model with the checkpoint's img_size, or resize "
-            "the tables with lesa.resize_pos_embed (flat=True for 'flat' tables)"
-        )
-    if any("rel_pos" in k for k in missing + unexpected):
-        lines.append("position embedding keys differ: is pos_embed ('flat' / 'rel2d') the checkpoint's?")
+            more = f" (+{len(keys) - 5} more)" if len(keys) > 5 else ""
+            lines.append(f"{title} ({len(keys)}): {', '.join(keys[:5])}{more}")
+    lines += _misfit_advice(model, sd, missing, unexpected, mis_shaped)
     if dtypes:
         lines.append("integer tensors where the model has floating-point ones: re-export the weights as float")
     raise CheckpointError("; ".join(lines))
+
+
+def _misfit_advice(model: nn.Module, sd: Mapping[str, Tensor], missing: list[str], unexpected: list[str],
+                   mis_shaped: list[str]) -> list[str]:
+    """The fix for the kinds of misfit :func:`check_state_dict` knows (one line each)."""
+    advice = []
+    tables = [k for k in model.state_dict() if ".rel_pos." in k]
+    other = [k for k in missing + unexpected if ".rel_pos." not in k]
+    if other or (not tables and any(".rel_pos." in k for k in unexpected)):
+        # layers differ, not a size: the weights are of another architecture or operator
+        return ["the weights are of another model: build the one they were trained as (create_model(NAME, "
+                "checkpoint_path=...), --model NAME)"]
+    if any(".rel_pos." in k for k in missing + unexpected):
+        kind = "rel2d" if any(k.endswith("rel_pos.height") for k in sd) else "flat"
+        advice.append(f"the position tables are {kind!r} ones: build the model with pos_embed={kind!r} "
+                      f"(--pos-embed {kind})")
+    weight = _classifier_keys(model)[:1]
+    if weight and weight[0] in mis_shaped and sd[weight[0]].shape[0] != model.state_dict()[weight[0]].shape[0]:
+        old, new = sd[weight[0]].shape[0], model.state_dict()[weight[0]].shape[0]
+        advice.append(f"the checkpoint's classifier has {old} classes and the model's {new}: build the model with "
+                      f"num_classes={old}, or pass num_classes={new} to load the rest and re-initialise the "
+                      "classifier (create_model(..., num_classes=N, checkpoint_path=...), `lesa train --init`)")
+    if any(".rel_pos." in k for k in mis_shaped):
+        size = _tables_img_size(model, sd, [k for k in mis_shaped if ".rel_pos." in k][0])
+        advice.append(f"the position tables were trained at img_size {size}: build the model with img_size={size} "
+                      f"(--img-size {size})" if size else
+                      "the position tables are of another input size: build the model with the checkpoint's "
+                      "img_size (--img-size)")
+        advice.append("or resize the tables with lesa.resize_pos_embed (flat=True for 'flat' ones)")
+    return advice
+
+
+def fitting_options(name: str, sd: Mapping[str, Tensor]) -> dict[str, Any]:
+    """The options of model ``name`` that weights recording no run (a bare state dict) were trained with, as far
+    as their tensors show: ``pos_embed`` (which tables they hold) and ``img_size`` (the tables' size); ``{}`` for a
+    model without position tables. The weights may still not fit (another model): loading says so."""
+    from .models import create_model, parse_name
+
+    if parse_name(name)[0] == "conv" or not any(".rel_pos." in k for k in sd):
+        return {}
+    options: dict[str, Any] = {"pos_embed": "rel2d" if any(k.endswith("rel_pos.height") for k in sd) else "flat"}
+    with torch.device("meta"):
+        model = create_model(name, **options)
+    key = next((k for k in model.state_dict() if ".rel_pos." in k and k in sd), None)
+    size = _tables_img_size(model, sd, key) if key else None
+    return {**options, "img_size": size} if size else options
+
+
+def _tables_img_size(model: nn.Module, sd: Mapping[str, Tensor], key: str) -> Optional[int]:
+    """The input size the position table ``key`` of ``sd`` was made for, from the model's (None: not a whole
+    number, or a model that does not record its own): a 'flat' table spans 2*H*W - 1 offsets of a square H x W
+    map, a 'rel2d' one 2*H - 1."""
+    img_size = getattr(model, "img_size", None)
+    if not img_size:
+        return None
+
+    def side(shape: tuple[int, ...]) -> float:
+        return (((shape[-1] + 1) / 2) ** 0.5) if key.endswith("relative") else (shape[0] + 1) / 2
+
+    size = img_size[0] * side(tuple(sd[key].shape)) / side(tuple(model.state_dict()[key].shape))
+    return round(size) if abs(size - round(size)) < 1e-6 else None
 
 
 def _classifier_keys(model: nn.Module) -> tuple[str, ...]:
@@ -389,9 +447,15 @@ def load_state(model: nn.Module, sd: Mapping[str, Tensor], source: Optional[Path
     """
     sd, note = with_new_classifier(model, sd, source) if num_classes_given else (sd, None)
     check_state_dict(model, sd, source=source)
-    model.load_state_dict(sd, strict=True)
+    if any(p.is_meta for p in model.parameters()):
+        # a model built on the meta device (device='meta') has no storage to copy into: it takes the tensors,
+        # in its own dtypes (as copying would give them)
+        own = model.state_dict()
+        model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=True, assign=True)
+    else:
+        model.load_state_dict(sd, strict=True)
     if note:
-        warnings.warn(note, stacklevel=2)
+        warnings.warn(note, stacklevel=3)
     return model
 
 

@@ -17,7 +17,7 @@ from ..layers.binary import IMPLS, POS_EMBEDS
 from ..models.registry import check_model_options
 from ..options import (
     NO_FLAG,
-    ROLE_INPUT,
+    ROLE_INPUT_FILE,
     ROLE_INPUT_TREE,
     Checkpoint,
     Fraction,
@@ -43,9 +43,11 @@ class LayerOptions:
     """The options of a model's attention layers that a run may give at the top level, in a file as on the command
     line (:func:`lesa.engine.merge_config` moves them into ``model_kwargs``, where the model checks them)."""
 
-    pos_embed: Optional[Literal[POS_EMBEDS]] = Field(None, description="position embedding of the attention layers")
-    impl: Optional[Literal[IMPLS]] = Field(None, description="binary-term implementation")
-    heads: Optional[PositiveInt] = None
+    pos_embed: Optional[Literal[POS_EMBEDS]] = Field(
+        None, description="position embedding of the attention layers (default: the model's, flat)")
+    impl: Optional[Literal[IMPLS]] = Field(None, description="binary-term implementation (default: the model's, auto)")
+    heads: Optional[PositiveInt] = Field(
+        None, description="attention heads of the attention layers (default: the model's, 8)")
 
 
 @schema
@@ -63,20 +65,22 @@ class TrainConfig(RunConfig):
     data_root: DataRoot = None
     download: Download = False
     img_size: Optional[ImageSize] = Field(None, description="input size (default: the model's, 224 or 32)")
-    epochs: PositiveInt = 15
+    epochs: PositiveInt = Field(15, description="passes over the training data")
     batch_size: PositiveInt = Field(64, description="images per process")
-    val_batch_size: Optional[PositiveInt] = None
+    val_batch_size: Optional[PositiveInt] = Field(
+        None, description="images per validation batch (default: --batch-size)")
     nesterov: bool = Field(True, json_schema_extra=NO_FLAG)
-    weight_decay: NonNegativeFloat = 5e-4
-    warmup_epochs: NonNegativeFloat = 2.0
-    label_smoothing: Fraction = 0.0
+    weight_decay: NonNegativeFloat = Field(5e-4, description="L2 penalty of the SGD step (weight decay)")
+    warmup_epochs: NonNegativeFloat = Field(
+        2.0, description="epochs of linear learning-rate warm-up before the cosine decay")
+    label_smoothing: Fraction = Field(0.0, description="share of the target spread over all classes")
     # a subset fixed for the data, not the seed: every seed and operation of a comparison sees the same images
     # (compare --quick on fashion-mnist)
     train_subset: Optional[PositiveInt] = Field(None, json_schema_extra=metavar("N"), description=(
         "train on at most N training images, a random subset fixed for the data (the same for every seed)"))
     preset: Optional[Literal[PRESETS]] = Field(None, description="start from a shipped recipe")
     # its weights, not its optimizer or epoch; build_config takes the model from its run
-    init: Optional[Checkpoint] = Field(None, json_schema_extra={**ROLE_INPUT, **metavar("CKPT")}, description=(
+    init: Optional[Checkpoint] = Field(None, json_schema_extra={**ROLE_INPUT_FILE, **metavar("CKPT")}, description=(
         "fine-tune from a classifier: run directory (best.pt), training checkpoint or weights file "
         "(.pt/.pth/.safetensors); model from its run, a new classifier for another class count, position tables "
         "resized for another --img-size; a new run from epoch 0 (not --resume)"))

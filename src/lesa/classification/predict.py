@@ -13,7 +13,7 @@ from torch import nn
 from ..data import build_classification_data
 from ..errors import CheckpointError, ConfigError
 from ..models import create_model, default_cfg
-from ..weights import load_state, read_weights, shared_prefix_note
+from ..weights import fitting_options, load_state, read_weights, shared_prefix_note
 
 
 def model_img_size(model: str, img_size: Optional[int] = None) -> int:
@@ -50,8 +50,10 @@ def load_trained_model(checkpoint: str | Path, model_name: Optional[str] = None)
     name = model_name or cfg.get("model")
     if not name:
         raise ConfigError(f"{checkpoint} holds weights only: pass the model name (--model NAME)")
-    img_size = model_img_size(name, cfg.get("img_size"))
-    model = create_model(name, num_classes=sd["fc.weight"].shape[0], img_size=img_size, **cfg.get("model_kwargs", {}))
+    # a bare weights file records no options: those its tensors show (position tables) stand in for them
+    options = {**(fitting_options(name, sd) if not cfg else {}), **cfg.get("model_kwargs", {})}
+    img_size = model_img_size(name, cfg.get("img_size") or options.pop("img_size", None))
+    model = create_model(name, num_classes=sd["fc.weight"].shape[0], img_size=img_size, **options)
     load_state(model, sd, checkpoint)
     cfg.update(model=name, img_size=img_size)
     return model, cfg

@@ -26,6 +26,7 @@ from ..options import (
     NEGATABLE,
     NO_FLAG,
     ROLE_INPUT,
+    ROLE_INPUT_FILE,
     ROLE_INPUT_TREE,
     Checkpoint,
     ImageSize,
@@ -86,14 +87,15 @@ class DetConfig(RunConfig):
     # [[probability, low, high], ...]: longer side drawn per image
     train_scales: Optional[list[Annotated[list[PositiveFloat], Field(min_length=3, max_length=3)]]] = Field(
         None, json_schema_extra=NO_FLAG)
-    schedule: Literal[tuple(SCHEDULES)] = "1x"
+    schedule: Literal[tuple(SCHEDULES)] = Field(
+        "1x", description="training length and lr steps, as mmdetection's 1x / 2x / 3x")
     epochs: Optional[PositiveInt] = Field(None, description="override the schedule's length (its lr steps keep their "
                                                             "place)")
     batch_size: Optional[PositiveInt] = Field(None, description="images per process (default 4 on digit scenes, 2 on "
                                                                 "COCO)")
     lr: PositiveFloat = Field(0.02, description="learning rate for --lr-base-batch images")
-    lr_base_batch: PositiveInt = 16
-    warmup_iters: NonNegativeInt = 500
+    lr_base_batch: PositiveInt = Field(16, description="the global batch --lr is given for (linear scaling)")
+    warmup_iters: NonNegativeInt = Field(500, description="steps of linear learning-rate warm-up")
     warmup_ratio: Annotated[float, Field(gt=0, le=1)] = Field(0.001, json_schema_extra=NO_FLAG)
     min_size: Optional[ImageSize] = Field(None, description="shorter image side (default 320 on digit scenes, 800 on "
                                                             "COCO)")
@@ -103,7 +105,7 @@ class DetConfig(RunConfig):
         default_factory=list, description=(
         "stages with deformable 3x3 convs, e.g. 2 3 4"))
     deform_unary: bool = Field(False, description="deformable LESA unary term")
-    pretrained_backbone: Optional[Checkpoint] = Field(None, json_schema_extra=ROLE_INPUT,
+    pretrained_backbone: Optional[Checkpoint] = Field(None, json_schema_extra=ROLE_INPUT_FILE,
                                                       description="classification checkpoint of the same backbone")
     pos_init: Literal[POS_INIT] = Field("reinit", description="position tables from the checkpoint")
     trainable_layers: Optional[Annotated[int, Field(ge=TRAINABLE_LAYERS[0], le=TRAINABLE_LAYERS[1])]] = Field(
@@ -117,7 +119,7 @@ class DetConfig(RunConfig):
     box_batch_size_per_image: Optional[PositiveInt] = Field(None, json_schema_extra=NO_FLAG)
     # proposals kept in training
     rpn_post_nms_top_n_train: Optional[PositiveInt] = Field(None, json_schema_extra=NO_FLAG)
-    impl: Literal[IMPLS] = "auto"
+    impl: Literal[IMPLS] = Field("auto", description="binary-term implementation")
     max_eval_images: Optional[PositiveInt] = Field(None, description="evaluate on the first N validation images only")
     max_repaired: Annotated[float, Field(ge=0, le=1)] = Field(
         MAX_REPAIRED, json_schema_extra=metavar("FRACTION"),
@@ -158,6 +160,11 @@ class DetConfig(RunConfig):
             if not scale[0] <= 1 or not scale[1] <= scale[2]:
                 problems.append(f"train_scales entries are [probability, low, high] with probability <= 1 and "
                                 f"low <= high (got {scale})")
+        if len(set(self.dcn_stages)) < len(self.dcn_stages):
+            problems.append(f"--dcn-stages {' '.join(map(str, self.dcn_stages))} names a stage twice: give each once")
+        if self.pos_init != "reinit" and not self.pretrained_backbone:
+            problems.append(f"--pos-init {self.pos_init} acts on the tables of --pretrained-backbone, which is not "
+                            "given: pass it, or drop --pos-init")
         if self.min_size > self.max_size:
             problems.append(f"--min-size {self.min_size} exceeds --max-size {self.max_size}: the shorter side "
                             "cannot be longer than the longer one")

@@ -18,7 +18,7 @@ from typing import Annotated, Any, ClassVar, Literal, Optional, TypeVar
 import yaml
 from pydantic import Field
 
-from ..errors import ConfigError, NotFoundError
+from ..errors import ConfigError, LesaError, NotFoundError
 from ..options import (
     NEGATABLE,
     NO_FLAG,
@@ -33,6 +33,7 @@ from ..options import (
     build,
     flag,
     load_yaml,
+    option_names,
     schema,
 )
 
@@ -62,12 +63,16 @@ class RunConfig:
     lr_base_batch: PositiveInt = Field(64, description="the global batch --lr is given for (linear scaling)")
     momentum: NonNegativeFloat = Field(0.9, json_schema_extra=NO_FLAG)
     nesterov: bool = Field(False, json_schema_extra=NO_FLAG)
-    weight_decay: NonNegativeFloat = 1e-4
+    weight_decay: NonNegativeFloat = Field(1e-4, description="L2 penalty of the SGD step (weight decay)")
     workers: Workers = Field(0, description="data-loading processes per training process")
-    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0  # numpy's and torch's seeds both take it
+    # numpy's and torch's seeds both take it
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = Field(
+        0, description="random seed (initialisation, data order, augmentation)")
     output: Optional[Name] = run_directory("run")
     resume: bool = Field(False, description="continue from OUTPUT/last.pt")
-    amp: Literal[AMP_MODES] = "auto"  # auto (bf16/fp16 on CUDA, off on CPU), none, bf16, fp16
+    amp: Literal[AMP_MODES] = Field(
+        "auto", description="mixed precision: auto (bf16 / fp16 on CUDA, off on CPU), none, "
+                                                        "bf16 or fp16")
     channels_last: Optional[bool] = Field(None, description="channels-last memory format (default: on CUDA)",
                                           json_schema_extra=NEGATABLE)
     compile: bool = Field(False, description="torch.compile the model")
@@ -121,7 +126,8 @@ def preset_values(name: str, presets: tuple[str, ...]) -> dict[str, Any]:
 
 def merge_config(cls: type[C], config_file: Optional[str] = None, preset: Optional[str] = None,
                  presets: tuple[str, ...] = (), **overrides: Any) -> C:
-    """Defaults < a preset < a YAML file < explicit overrides (``None`` values are ignored; mappings merge).
+    """Defaults < a preset < a YAML file < explicit overrides (``None`` values are ignored; mappings merge); a
+    command that resumes a run (``resume`` with ``output``) has that run's ``config.yaml`` below them all.
 
     The layer options of ``cls.LAYER_OPTIONS`` (``heads``, ``pos_embed``, ``impl`` for classification) may
     be given at the top level, in a file as on the command line: they go into ``model_kwargs``.
@@ -154,6 +160,9 @@ def merge_values(cls: type, config_file: Optional[str] = None, preset: Optional[
         if preset is not None and preset not in presets:
             raise ConfigError(f"preset in {where}: {preset_error(preset, presets)}")
     layers = [(f"preset {preset}", preset_values(preset, presets))] if preset else []
+    run = _resumed_run(cls, files + [("", overrides)])
+    layers = run + layers
+    preset = preset or (run[0][1].get("preset") if run else None)  # the run's recipe stays on its record
     for source, given in layers + files + [("", overrides)]:
         for key, value in _nest_layer_options(cls, given, source).items():
             if value is None and not source:  # an option the command line did not give
@@ -166,6 +175,27 @@ def merge_values(cls: type, config_file: Optional[str] = None, preset: Optional[
     if preset:
         values["preset"] = preset
     return values, sources
+
+
+def _resumed_run(cls: type, given: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
+    """The options of the run a command resumes (``--resume`` with ``--output RUN``), from the ``config.yaml``
+    lesa wrote there, as the lowest layer: what this command does not give is the run's, not a default."""
+    from ..ownership import owns
+
+    resume = next((v.get("resume") for _, v in reversed(given) if v.get("resume") is not None), None)
+    output = next((v.get("output") for _, v in reversed(given) if v.get("output") is not None), None)
+    if not resume or not isinstance(output, str):
+        return []
+    path = Path(output) / "config.yaml"
+    try:
+        if not (path.is_file() and owns(path)):
+            return []
+        saved = load_yaml(path)
+    except (OSError, ValueError, LesaError):  # unreadable: the run's checkpoint is checked and named later
+        return []
+    # the options of this command's kind only: a run of another task is refused once its checkpoint is read
+    known = (set(option_names(cls)) | set(getattr(cls, "LAYER_OPTIONS", ()))) - {"output", "resume"}
+    return [(str(path), {k: v for k, v in saved.items() if k in known})]
 
 
 def preset_error(name: Any, presets: tuple[str, ...]) -> str:

@@ -19,15 +19,23 @@ def check_resume(state: dict[str, Any], cfg: RunConfig, task_cls: type[Task]) ->
         raise CheckpointError(f"--resume: {cfg.output_dir} holds a {run_kind(state)} run, not a {task_cls.kind} "
                               "run; choose another --output")
     saved = state.get("config", {})
+    differ = []
     for key in task_cls.resume_keys:
         if key == "data" and moved_data(state, getattr(cfg, key)):
             continue  # compared by identity once the task has listed it (check_same_data)
         if key in saved and not task_cls.same_setting(key, saved[key], getattr(cfg, key)):
-            scalar = isinstance(saved[key], (int, float, str)) and not isinstance(saved[key], bool)
+            differ.append(key)
+    if differ:
+        def given(key: str) -> str:
             value = resume_data(state, cfg.output_dir) if key == "data" else saved[key]
-            given = f" ({flag(key)} {value})" if scalar else ""
-            raise ConfigError(f"--resume: the run in {cfg.output_dir} has {key}={saved[key]!r}, this command "
-                              f"{getattr(cfg, key)!r}; resume with the run's settings{given}")
+            scalar = isinstance(value, (int, float, str)) and not isinstance(value, bool)
+            return f"{flag(key)} {value}" if scalar else f"{key}={value!r}"
+
+        run = ", ".join(f"{k}={saved[k]!r}" for k in differ)
+        this = ", ".join(f"{k}={getattr(cfg, k)!r}" for k in differ)
+        raise ConfigError(f"--resume: the run in {cfg.output_dir} has {run}, this command {this}; resume with the "
+                          f"run's settings ({', '.join(given(k) for k in differ)}, or leave them out: a resumed run "
+                          "keeps its own)")
 
 
 def moved_data(state: dict[str, Any], data: Any) -> bool:

@@ -112,14 +112,20 @@ def check_heads(in_channels: int, out_channels: int, heads: int) -> None:
     if out_channels % (2 * heads) != 0:
         raise ConfigError(
             f"out_channels={out_channels} must be divisible by 2*heads={2 * heads}: each head gets "
-            f"out_channels/heads value channels and half as many query/key channels. "
-            f"Choose heads among {[h for h in (1, 2, 4, 8, 16, 32) if out_channels % (2 * h) == 0]}."
+            f"out_channels/heads value channels and half as many query/key channels. {_heads_advice(out_channels)}"
         )
     if in_channels % heads != 0:
         raise ConfigError(
             f"in_channels={in_channels} must be divisible by heads={heads} (the unary term is a grouped "
             "convolution with one group per head)."
         )
+
+
+def _heads_advice(out_channels: int) -> str:
+    fitting = [h for h in (1, 2, 4, 8, 16, 32) if out_channels % (2 * h) == 0]
+    if fitting:
+        return f"Choose heads among {fitting}."
+    return f"An odd out_channels fits no head count: choose an even one (e.g. {out_channels + 1})."
 
 
 class BinaryAttention2d(nn.Module):

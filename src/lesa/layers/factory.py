@@ -24,15 +24,15 @@ DeviceLike = Optional[torch.device | str | int]
 
 
 @contextlib.contextmanager
-def factory_defaults(device: DeviceLike = None, dtype: Optional[torch.dtype] = None) -> Iterator[None]:
+def factory_defaults(device: DeviceLike = None, dtype: Optional[torch.dtype | str] = None) -> Iterator[None]:
     """Within the block, tensors are created on ``device`` and floating ones in ``dtype`` (``None``: as before).
+    ``dtype`` may be named (``'bfloat16'``, ``'torch.float64'``).
 
     Raises:
-        ConfigError: ``dtype`` is not a floating-point dtype.
+        ConfigError: ``dtype`` is not a floating-point dtype; ``device`` is not one torch knows or this machine has.
     """
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise ConfigError(f"dtype={dtype!r}: a module's parameters need a floating-point dtype (torch.float32, "
-                          "torch.float64, torch.bfloat16, torch.float16)")
+    dtype = _floating_dtype(dtype)
+    device = _usable_device(device)
     previous = torch.get_default_dtype()
     with torch.device(device) if device is not None else contextlib.nullcontext():
         if dtype is not None:
@@ -43,12 +43,36 @@ def factory_defaults(device: DeviceLike = None, dtype: Optional[torch.dtype] = N
             torch.set_default_dtype(previous)
 
 
+def _floating_dtype(dtype: Any) -> Optional[torch.dtype]:
+    if isinstance(dtype, str):  # a name, as configs and command lines give it
+        dtype = getattr(torch, dtype.removeprefix("torch."), dtype)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ConfigError(f"dtype={dtype!r}: a module's parameters need a floating-point dtype (torch.float32, "
+                          "torch.float64, torch.bfloat16, torch.float16, or its name: 'bfloat16')")
+    return dtype
+
+
+def _usable_device(device: DeviceLike) -> Optional[torch.device]:
+    if device is None:
+        return None
+    try:
+        found = torch.device(device)
+        torch.empty(0, device=found)  # a device type this build lacks, or one absent from this machine, fails here
+    except (RuntimeError, AssertionError, TypeError, ValueError) as err:
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if detail.startswith("Expected one of"):  # torch lists every device type it was ever built for
+            detail = "not a device type torch knows"
+        raise ConfigError(f"device={device!r} cannot be used here ({detail}): pass 'cpu', 'meta', or a device this "
+                          "machine has ('cuda' where torch.cuda.is_available())") from None
+    return found
+
+
 def takes_factory_kwargs(init: F) -> F:
     """Give a module's ``__init__`` (or a function that builds modules) the keyword-only ``device`` and ``dtype`` of
     torch.nn (see the module docstring)."""
 
     @functools.wraps(init)
-    def wrapped(*args: Any, device: DeviceLike = None, dtype: Optional[torch.dtype] = None, **kwargs: Any) -> Any:
+    def wrapped(*args: Any, device: DeviceLike = None, dtype: Optional[torch.dtype | str] = None, **kwargs: Any) -> Any:
         with factory_defaults(device, dtype):
             return init(*args, **kwargs)
 

@@ -202,7 +202,9 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[
     :mod:`lesa.models.pretrained`; offline, nothing is downloaded): the model is built at their input size and
     class count unless ``img_size`` / ``num_classes`` are given, and its ``pretrained_cfg`` names the data, the
     test top-1, the class names and the licence. ``checkpoint_path`` loads any other weights: a checkpoint of
-    ours or one converted from the authors' (``lesa convert``), by :func:`lesa.load_weights`. With
+    ours or one converted from the authors' (``lesa convert``), by :func:`lesa.load_weights`; where the file
+    records the run (a run's checkpoint or directory, a described ``.safetensors``) and it is of this model, the
+    model is built with its input size, class count and layer options unless they are given. With
     ``num_classes`` given, weights whose classifier has another size load all other weights and the
     classifier is re-initialised (timm's rule; a warning says so).
 
@@ -211,7 +213,7 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[
             ``pretrained=True`` for a model without shipped weights (the message lists those with).
         NotFoundError, CheckpointError: a ``checkpoint_path`` that cannot be read or does not fit.
     """
-    from .pretrained import pretrained_cfg_fields, pretrained_kwargs, pretrained_path, shipped_models
+    from .pretrained import pretrained_cfg_fields, pretrained_path, shipped_models
 
     if not isinstance(name, str):
         raise ConfigError(f"the model name must be a str, got {describe(name)}: e.g. create_model('lesa_resnet50')")
@@ -228,23 +230,45 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[
                 f"pretrained=True: lesa ships weights (trained on Fashion-MNIST) for {', '.join(shipped_models())} "
                 f"only, not {name}. Pass checkpoint_path=... (a lesa checkpoint, or an official one converted "
                 "with `lesa convert`).")
-        kwargs = {**pretrained_kwargs(name), **kwargs}
+    found = None
+    if checkpoint_path:
+        from ..weights import read_weights
+
+        found = read_weights(checkpoint_path, task="classification")
+        kwargs = {**recorded_options(name, found.config), **kwargs}
     try:
         model = _MODELS[name](**kwargs)
     except TypeError as err:  # an unknown keyword
         raise ConfigError(f"{name}: {err}. Accepted keyword arguments: see lesa.models.build_resnet") from None
-    if checkpoint_path:
-        from ..weights import load_weights
+    if found is not None:
+        from ..weights import load_state
 
         try:
-            load_weights(model, checkpoint_path, num_classes_given=num_classes_given)
+            load_state(model, found.state_dict, checkpoint_path, num_classes_given=num_classes_given)
         except CheckpointError as err:
-            if not pretrained:
-                raise
-            raise CheckpointError(shipped_misfit(name, user_options, err)) from None
+            if pretrained:
+                raise CheckpointError(shipped_misfit(name, user_options, err)) from None
+            trained_as = found.config.get("model")
+            if trained_as and trained_as != name:
+                raise CheckpointError(f"{checkpoint_path} holds a {trained_as} (the file records it), not a {name}: "
+                                      f"create_model({trained_as!r}, checkpoint_path=...)") from None
+            raise
     if pretrained:
         model.pretrained_cfg = shipped_cfg(model.pretrained_cfg, pretrained_cfg_fields(name))
     return model
+
+
+def recorded_options(name: str, config: dict[str, Any]) -> dict[str, Any]:
+    """The options a weights file records for model ``name`` (a run's or a described file's ``img_size``, class
+    count and ``model_kwargs``; none when it records another model, or nothing)."""
+    if config.get("model") != name:
+        return {}
+    options = dict(config.get("model_kwargs") or {})
+    if config.get("img_size"):
+        options["img_size"] = config["img_size"]
+    if config.get("classes"):
+        options["num_classes"] = len(config["classes"])
+    return options
 
 
 def shipped_cfg(model_cfg: dict[str, Any], shipped: dict[str, Any]) -> dict[str, Any]:
