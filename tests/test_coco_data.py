@@ -476,7 +476,7 @@ def test_det_commands_keep_the_epoch_map_categories_and_skip_bad_inputs(tmp_path
     assert code == 2 and sorted(p.name for p in (tmp_path / "pred").iterdir()) == [".lesa", "v.png"]  # and its marker
     assert "skipped: image" in captured.err and "broken.jpg cannot be read" in captured.err
     assert "big.png cannot be read: 4,096 pixels, more than PIL.Image.MAX_IMAGE_PIXELS" in captured.err
-    assert "2 of 3 image(s) could not be read" in captured.err and "v.png: " in captured.out
+    assert "2 image(s) could not be read (named above); 1 drawn" in captured.err and "v.png: " in captured.out
 
     # the run keeps its mapping: a training file whose category 9 became 10 does not resume it
     for name in ("train.json", "val.json"):

@@ -226,7 +226,8 @@ def test_a_resumed_run_keeps_its_training_subset(tmp_path, capsys):
     run = ["train", "--data", "digits", "--model", "resnet_tiny", "--epochs", "2", "--max-steps-per-epoch", "1",
            "--batch-size", "8", "--quiet", "--output", str(tmp_path / "run")]
     assert main([*run[:-2], "--epochs", "1", "--train-subset", "30", "--output", str(tmp_path / "run")]) == 0
-    assert main([*run, "--resume"]) == 2
-    assert "has train_subset=30, this command None; resume with the run's settings (--train-subset 30)" in \
-        capsys.readouterr().err
-    assert main([*run, "--resume", "--train-subset", "30"]) == 0
+    assert main([*run, "--resume", "--train-subset", "40"]) == 2
+    assert "has train_subset=30, this command train_subset=40; resume with the run's settings (--train-subset 30" \
+        in capsys.readouterr().err
+    assert main([*run, "--resume"]) == 0  # left out: the run's own subset
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train_subset"] == 30

@@ -155,7 +155,7 @@ def test_model_options_are_checked():
 
 
 def test_models_pattern_without_a_match(capsys):
-    assert main(["models", "lesa_vit*"]) == 1
+    assert main(["models", "lesa_vit*"]) == 2  # bad input
     assert "no model matches 'lesa_vit*'" in capsys.readouterr().err
     assert main(["models", "lesa_*"]) == 0
     assert capsys.readouterr().out.split() == [n for n in list_models() if n.startswith("lesa_")]

@@ -460,7 +460,3 @@ def test_an_unknown_option_in_a_file_lists_the_layer_options_too(tmp_path, capsy
     assert code == 2 and "headz in" in err and "(did you mean heads?)" in err
     assert all(f" {name}," in err for name in ("heads", "impl", "pos_embed")) and not no_work
 
-
-def test_a_pattern_that_matches_no_model_is_bad_input(capsys):
-    code, err = run_cli(capsys, "models", "zzz*")
-    assert code == 2 and "no model matches 'zzz*': try 'lesa models' for all" in err

@@ -148,7 +148,7 @@ class ConvertOptions:
 def run_convert(args: ConvertOptions) -> int:
     from .convert import convert_official_state_dict, save_state_dict
     from .errors import CheckpointError
-    from .weights import check_state_dict, fitting_options, read_weights
+    from .weights import check_state_dict, read_weights
 
     found = read_weights(args.input)
     if not (args.model or found.kind in ("run", "official")):
@@ -161,11 +161,12 @@ def run_convert(args: ConvertOptions) -> int:
     sd = convert_official_state_dict(found.state_dict)
     if args.model:
         from .models import create_model
+        from .models.registry import fitting_options
 
         given = {k: v for k, v in (("pos_embed", args.pos_embed), ("img_size", args.img_size)) if v}
         kwargs = {**fitting_options(args.model, sd), **given}
         check_state_dict(create_model(args.model, **kwargs), sd, source=args.input)
-    from .models.pretrained import run_description
+    from .models.registry import run_description
 
     description = run_description(found.config) if found.task in (None, "classification") else None
     save_state_dict(sd, args.output, description)
@@ -476,7 +477,7 @@ def _det_predict(args: DetPredictOptions) -> int:
         print(f"{image}: {kept} detections -> {target}")
         done += 1
     if failed:
-        rest = f"the other {done} are drawn" if done else "none was drawn"
+        rest = f"{done} drawn" if done else "none drawn"
         print(f"lesa det predict: {len(failed)} image(s) could not be read (named above); {rest}", file=sys.stderr)
         return 2
     return 0

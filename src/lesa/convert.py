@@ -139,7 +139,7 @@ WEIGHT_SUFFIXES = (*TORCH_SUFFIXES, ".safetensors")  # what save_state_dict writ
 
 def save_state_dict(sd: Mapping[str, Tensor], path: str, description: Optional[Mapping[str, Any]] = None) -> None:
     """Write ``sd`` atomically as ``.safetensors`` or a torch ``.pth``/``.pt`` file; ``description`` (the run
-    the weights come from, :func:`lesa.models.pretrained.run_description`) goes into a safetensors file's
+    the weights come from, :func:`lesa.models.registry.run_description`) goes into a safetensors file's
     metadata under the key ``lesa`` (a torch file holds the tensors only)."""
     import json
 

@@ -371,7 +371,7 @@ def _misfit_advice(model: nn.Module, sd: Mapping[str, Tensor], missing: list[str
                       f"num_classes={old}, or pass num_classes={new} to load the rest and re-initialise the "
                       "classifier (create_model(..., num_classes=N, checkpoint_path=...), `lesa train --init`)")
     if any(".rel_pos." in k for k in mis_shaped):
-        size = _tables_img_size(model, sd, [k for k in mis_shaped if ".rel_pos." in k][0])
+        size = tables_img_size(model, sd, [k for k in mis_shaped if ".rel_pos." in k][0])
         advice.append(f"the position tables were trained at img_size {size}: build the model with img_size={size} "
                       f"(--img-size {size})" if size else
                       "the position tables are of another input size: build the model with the checkpoint's "
@@ -380,23 +380,7 @@ def _misfit_advice(model: nn.Module, sd: Mapping[str, Tensor], missing: list[str
     return advice
 
 
-def fitting_options(name: str, sd: Mapping[str, Tensor]) -> dict[str, Any]:
-    """The options of model ``name`` that weights recording no run (a bare state dict) were trained with, as far
-    as their tensors show: ``pos_embed`` (which tables they hold) and ``img_size`` (the tables' size); ``{}`` for a
-    model without position tables. The weights may still not fit (another model): loading says so."""
-    from .models import create_model, parse_name
-
-    if parse_name(name)[0] == "conv" or not any(".rel_pos." in k for k in sd):
-        return {}
-    options: dict[str, Any] = {"pos_embed": "rel2d" if any(k.endswith("rel_pos.height") for k in sd) else "flat"}
-    with torch.device("meta"):
-        model = create_model(name, **options)
-    key = next((k for k in model.state_dict() if ".rel_pos." in k and k in sd), None)
-    size = _tables_img_size(model, sd, key) if key else None
-    return {**options, "img_size": size} if size else options
-
-
-def _tables_img_size(model: nn.Module, sd: Mapping[str, Tensor], key: str) -> Optional[int]:
+def tables_img_size(model: nn.Module, sd: Mapping[str, Tensor], key: str) -> Optional[int]:
     """The input size the position table ``key`` of ``sd`` was made for, from the model's (None: not a whole
     number, or a model that does not record its own): a 'flat' table spans 2*H*W - 1 offsets of a square H x W
     map, a 'rel2d' one 2*H - 1."""

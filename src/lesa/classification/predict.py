@@ -13,7 +13,8 @@ from torch import nn
 from ..data import build_classification_data
 from ..errors import CheckpointError, ConfigError
 from ..models import create_model, default_cfg
-from ..weights import fitting_options, load_state, read_weights, shared_prefix_note
+from ..models.registry import fitting_options
+from ..weights import load_state, read_weights, shared_prefix_note
 
 
 def model_img_size(model: str, img_size: Optional[int] = None) -> int:

@@ -195,7 +195,10 @@ def _resumed_run(cls: type, given: list[tuple[str, dict[str, Any]]]) -> list[tup
         return []
     # the options of this command's kind only: a run of another task is refused once its checkpoint is read
     known = (set(option_names(cls)) | set(getattr(cls, "LAYER_OPTIONS", ()))) - {"output", "resume"}
-    return [(str(path), {k: v for k, v in saved.items() if k in known})]
+    options = {k: v for k, v in saved.items() if k in known}
+    if isinstance(options.get("data"), str) and options["data"].startswith("/") and not Path(options["data"]).exists():
+        del options["data"]  # data that moved: the run is refused naming where its data is found now (--data)
+    return [(str(path), options)]
 
 
 def preset_error(name: Any, presets: tuple[str, ...]) -> str:

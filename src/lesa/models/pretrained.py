@@ -56,7 +56,8 @@ def pretrained_info(name: str, tag: str = TAG) -> Optional[dict[str, Any]]:
 
 def file_description(path: str | Path) -> Optional[dict[str, Any]]:
     """The run a weights file describes in its metadata (a shipped file, one ``tools/ship_pretrained.py`` or
-    ``lesa convert RUN OUT.safetensors`` wrote): ``model``, ``img_size`` and ``classes``, the ``model_kwargs`` it
+    ``lesa convert RUN OUT.safetensors`` wrote:
+    :func:`lesa.models.registry.run_description`): ``model``, ``img_size`` and ``classes``, the ``model_kwargs`` it
     was built with where any, and ``data`` where the command that trained it named a ``--data``; ``None`` for
     any other file (no safetensors, no ``lesa`` metadata, or metadata without the first three)."""
     info = file_metadata(path)
@@ -68,18 +69,6 @@ def file_description(path: str | Path) -> Optional[dict[str, Any]]:
         described["model_kwargs"] = info["model_kwargs"]
     data = info.get("data") if "command" not in info else _option(str(info["command"]), "--data")
     return {**described, "data": data} if isinstance(data, str) and data else described
-
-
-def run_description(cfg: dict[str, Any]) -> Optional[dict[str, Any]]:
-    """What :func:`file_description` reads back, from a classification run's configuration (``None`` where it
-    lacks the model, input size or classes): the metadata ``lesa convert`` writes into a ``.safetensors``."""
-    from .registry import default_cfg, is_model
-
-    if not (isinstance(cfg.get("model"), str) and is_model(cfg["model"]) and isinstance(cfg.get("classes"), list)):
-        return None
-    img_size = cfg.get("img_size") or default_cfg(cfg["model"])["input_size"][-1]  # a run's None: the model's
-    keys = ("model", "classes", "model_kwargs", "data")
-    return {"img_size": img_size, **{k: cfg[k] for k in keys if cfg.get(k) not in (None, {})}}
 
 
 def _option(command: str, flag: str) -> Optional[str]:

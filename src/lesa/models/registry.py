@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
 import torch
+from torch import Tensor
 
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import CheckpointError, ConfigError
@@ -258,6 +260,21 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[
     return model
 
 
+def fitting_options(name: str, sd: Mapping[str, Tensor]) -> dict[str, Any]:
+    """The options of model ``name`` that weights recording no run (a bare state dict) were trained with, as far
+    as their tensors show: ``pos_embed`` (which tables they hold) and ``img_size`` (the tables' size); ``{}`` for a
+    model without position tables. The weights may still not fit (another model): loading says so."""
+    from ..weights import tables_img_size
+
+    if parse_name(name)[0] == "conv" or not any(".rel_pos." in k for k in sd):
+        return {}
+    options: dict[str, Any] = {"pos_embed": "rel2d" if any(k.endswith("rel_pos.height") for k in sd) else "flat"}
+    model = create_model(name, device="meta", **options)  # its tables' shapes, nothing allocated
+    key = next((k for k in model.state_dict() if ".rel_pos." in k and k in sd), None)
+    size = tables_img_size(model, sd, key) if key else None
+    return {**options, "img_size": size} if size else options
+
+
 def recorded_options(name: str, config: dict[str, Any]) -> dict[str, Any]:
     """The options a weights file records for model ``name`` (a run's or a described file's ``img_size``, class
     count and ``model_kwargs``; none when it records another model, or nothing)."""
@@ -269,6 +286,16 @@ def recorded_options(name: str, config: dict[str, Any]) -> dict[str, Any]:
     if config.get("classes"):
         options["num_classes"] = len(config["classes"])
     return options
+
+
+def run_description(cfg: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """What :func:`lesa.models.pretrained.file_description` reads back, from a classification run's configuration
+    (``None`` where it lacks the model or classes): the metadata ``lesa convert`` writes into a ``.safetensors``."""
+    if not (isinstance(cfg.get("model"), str) and is_model(cfg["model"]) and isinstance(cfg.get("classes"), list)):
+        return None
+    img_size = cfg.get("img_size") or default_cfg(cfg["model"])["input_size"][-1]  # a run's None: the model's
+    keys = ("model", "classes", "model_kwargs", "data")
+    return {"img_size": img_size, **{k: cfg[k] for k in keys if cfg.get(k) not in (None, {})}}
 
 
 def shipped_cfg(model_cfg: dict[str, Any], shipped: dict[str, Any]) -> dict[str, Any]:
