@@ -25,7 +25,7 @@ from .data import EMBEDDED, DataRoot, Download, Split
 from .detection.config import DetConfig
 from .detection.evaluate import EVAL_KINDS
 from .errors import ConfigError
-from .export import FORMATS
+from .export import EXPORTERS, FORMATS
 from .layers.binary import POS_EMBEDS
 from .models import ARCHS, OPS
 from .options import (
@@ -493,7 +493,11 @@ class ExportOptions:
                     "torch.export program)", json_schema_extra={**ROLE_OUTPUT_FILE, **POSITIONAL})
     model: WeightsModel = None
     batch_size: Optional[PositiveInt] = Field(None, description="fix the graph's batch size (default: any batch size)")
-    opset: Optional[PositiveInt] = Field(None, description="ONNX opset version (default: the exporter's)")
+    exporter: Literal[EXPORTERS] = Field("dynamo", description=(
+        "ONNX exporter: dynamo (torch.export) or torchscript (torch.onnx.export(dynamo=False), as timm's onnx_export "
+        "and many TensorRT / OpenVINO pipelines)"))
+    opset: Optional[PositiveInt] = Field(None, description="ONNX opset version (default: the exporter's; 17 for "
+                                                           "torchscript)")
     no_check: bool = Field(False, description="do not run the exported graph (onnxruntime / torch.export) against "
                                               "eager PyTorch")
 
@@ -503,7 +507,8 @@ def run_export(args: ExportOptions) -> int:
     from .export import export_model
 
     model, cfg = load_trained_model(args.checkpoint, args.model)
-    result = export_model(model, args.output, batch_size=args.batch_size, opset=args.opset, check=not args.no_check)
+    result = export_model(model, args.output, batch_size=args.batch_size, opset=args.opset, check=not args.no_check,
+                          exporter=args.exporter)
     shape = result["input_shape"]
     dims = ["N" if result["dynamic_batch"] else str(shape[0])] + [str(d) for d in shape[1:]]
     inputs = f"input ({', '.join(dims)})" + (" for any N" if result["dynamic_batch"] else "")

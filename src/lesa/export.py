@@ -2,7 +2,9 @@
 
 * ``.onnx``: ONNX through ``torch.export`` and PyTorch's dynamo-based exporter
   (``torch.onnx.export(..., dynamo=True)``; needs ``onnx`` and ``onnxscript``: ``pip install 'lesa[export]'``),
-  then run by onnxruntime (when installed) on the example input;
+  or with ``exporter='torchscript'`` through the TorchScript-based one (``dynamo=False``: what timm's
+  ``onnx_export`` and most TensorRT / OpenVINO pipelines call; opset 13 or later, default 17), then run by
+  onnxruntime (when installed) on the example input;
 * ``.pt2``: a ``torch.export`` program (``torch.export.load`` reads it), run on the example input.
 
 The attention layers export the path they run (see :mod:`lesa.layers.binary`): the reference path, or the
@@ -15,6 +17,7 @@ import contextlib
 import importlib.util
 import io
 import logging
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,7 +31,11 @@ FORMATS = {".onnx": "onnx", ".pt2": "torch.export"}
 # Exported graphs agree with eager PyTorch to float32 rounding: elementwise within this fraction of the
 # output's largest magnitude (reordered sums and fused kernels change the last bits, nothing more).
 TOLERANCE = 1e-4
-MIN_OPSET = 18  # the oldest ONNX opset PyTorch's dynamo-based exporter writes
+EXPORTERS = ("dynamo", "torchscript")  # torch.onnx.export(..., dynamo=True / False)
+# the oldest ONNX opset each exporter writes for lesa's models (dynamo: PyTorch's own floor; TorchScript:
+# the oldest that has every operator they use), and the TorchScript exporter's default
+MIN_OPSET = {"dynamo": 18, "torchscript": 13}
+TORCHSCRIPT_OPSET = 17
 
 
 def example_input(model: nn.Module, batch_size: int = 1, img_size: Optional[int] = None, seed: int = 0) -> Tensor:
@@ -58,15 +65,31 @@ def require_onnx() -> None:
 
 
 def export_onnx(model: nn.Module, path: str | Path, example: Tensor, dynamic_batch: bool = False,
-                opset: Optional[int] = None) -> None:
-    """Write the model (eval mode) as one ONNX file through the dynamo-based exporter."""
+                opset: Optional[int] = None, exporter: str = "dynamo") -> None:
+    """Write the model (eval mode) as one ONNX file through the ``exporter`` of :data:`EXPORTERS`.
+
+    Raises:
+        ConfigError: an unknown exporter, an opset it cannot write, or onnx / onnxscript missing.
+    """
+    if exporter not in EXPORTERS:
+        raise ConfigError(f"exporter {exporter!r}: choose one of {', '.join(EXPORTERS)}")
     require_onnx()
     import onnx
 
     newest = onnx.defs.onnx_opset_version()
-    if opset is not None and not MIN_OPSET <= opset <= newest:
-        raise ConfigError(f"opset {opset} is not available: choose {MIN_OPSET}..{newest} (the exporter writes opset "
-                          f"{MIN_OPSET} or later; the installed onnx knows up to {newest}), or leave the default")
+    if opset is not None and not MIN_OPSET[exporter] <= opset <= newest:
+        raise ConfigError(f"opset {opset} is not available: choose {MIN_OPSET[exporter]}..{newest} (the {exporter} "
+                          f"exporter writes opset {MIN_OPSET[exporter]} or later for lesa's models; the installed onnx "
+                          f"knows up to {newest}), or leave the default")
+    if exporter == "torchscript":
+        buffer = io.BytesIO()
+        axes = {"x": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
+        with warnings.catch_warnings():  # the checks of input sizes trace as constants: the graph is for this size
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            torch.onnx.export(model.eval(), (example,), buffer, dynamo=False, input_names=["x"],
+                              output_names=["logits"], dynamic_axes=axes, opset_version=opset or TORCHSCRIPT_OPSET)
+        atomic_write(path, lambda tmp: Path(tmp).write_bytes(buffer.getvalue()))
+        return
     with _quiet_logger("onnxscript"):  # its optimiser warns of every constant it leaves unfolded
         program = torch.onnx.export(model.eval(), (example,), dynamo=True, input_names=["x"],
                                     output_names=["logits"], dynamic_shapes=_dynamic_shapes(dynamic_batch),
@@ -102,10 +125,12 @@ def max_relative_error(actual: Tensor, expected: Tensor) -> float:
 
 
 def export_model(model: nn.Module, output: str | Path, batch_size: Optional[int] = None,
-                 img_size: Optional[int] = None, opset: Optional[int] = None, check: bool = True) -> dict[str, Any]:
+                 img_size: Optional[int] = None, opset: Optional[int] = None, check: bool = True,
+                 exporter: str = "dynamo") -> dict[str, Any]:
     """Export ``model`` (in eval mode, on the CPU) to ``output`` (``.onnx`` or ``.pt2``) for any batch size, or
-    for ``batch_size`` only; with ``check``, run the exported graph on random inputs (batch sizes 2 and 1, or
-    ``batch_size``) and compare it with eager PyTorch. Returns what was written and how it was checked."""
+    for ``batch_size`` only, ONNX through ``exporter`` (:data:`EXPORTERS`); with ``check``, run the exported
+    graph on random inputs (batch sizes 2 and 1, or ``batch_size``) and compare it with eager PyTorch. Returns
+    what was written and how it was checked."""
     output = Path(output)
     fmt = FORMATS.get(output.suffix.lower())
     if fmt is None:
@@ -114,17 +139,20 @@ def export_model(model: nn.Module, output: str | Path, batch_size: Optional[int]
         raise NotFoundError(f"output directory {str(output.parent)!r} does not exist: create it first")
     if opset is not None and fmt != "onnx":
         raise ConfigError("--opset applies to .onnx outputs only")
+    if exporter != "dynamo" and fmt != "onnx":
+        raise ConfigError("--exporter applies to .onnx outputs only (a .pt2 file is a torch.export program)")
     model = model.cpu().eval()
     dynamic_batch = batch_size is None
     # traced with two images: export would take a batch of one for a constant
     example = example_input(model, 2 if dynamic_batch else batch_size, img_size)
     if fmt == "onnx":
-        export_onnx(model, output, example, dynamic_batch, opset)
+        export_onnx(model, output, example, dynamic_batch, opset, exporter)
     else:
         buffer = io.BytesIO()
         torch.export.save(export_program(model, example, dynamic_batch), buffer)
         atomic_write(output, lambda tmp: Path(tmp).write_bytes(buffer.getvalue()))
-    result: dict[str, Any] = dict(path=str(output), format=fmt, input_shape=tuple(example.shape),
+    result: dict[str, Any] = dict(path=str(output), format=fmt if fmt != "onnx" else f"onnx, {exporter} exporter",
+                                  input_shape=tuple(example.shape),
                                   dynamic_batch=dynamic_batch, checked_with=None, max_rel_error=None)
     if not check:
         return result

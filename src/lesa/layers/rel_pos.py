@@ -35,14 +35,24 @@ def to_2tuple(size: Size2d) -> tuple[int, int]:
     return (int(h), int(w))
 
 
-def toeplitz_expand(table: Tensor, length: int) -> Tensor:
+def offset_index(length: int | Tensor, device: torch.device) -> Tensor:
+    """``(L, L)`` index ``[i, j] = i - j + L - 1``: the column of offset ``i - j`` in a ``2L-1`` table.
+
+    An index, not ``Tensor.unfold``: the TorchScript ONNX exporter translates ``unfold`` only for a constant
+    size, and under a dynamic batch axis the traced map size is not one (``arange`` and ``Gather`` are).
+    """
+    positions = torch.arange(length, device=device)
+    return positions.unsqueeze(1) - positions.unsqueeze(0) + (length - 1)
+
+
+def toeplitz_expand(table: Tensor, length: int | Tensor) -> Tensor:
     """``(d, 2L-1)`` table of offsets -> ``(d, L, L)`` with ``[c, i, j] = table[c, i - j + L - 1]``."""
-    return table.unfold(-1, length, 1).flip(-1)
+    return table[:, offset_index(length, table.device)]
 
 
-def abs_from_rel(table: Tensor, length: int) -> Tensor:
+def abs_from_rel(table: Tensor, length: int | Tensor) -> Tensor:
     """``(2L-1, d)`` table of offsets -> ``(L, L, d)`` with ``[i, j] = table[j - i + L - 1]``."""
-    return table.unfold(0, length, 1).flip(0).transpose(1, 2)
+    return table[offset_index(length, table.device).t()]
 
 
 def resize_rel_table(table: Tensor, length: int) -> Tensor:
