@@ -145,7 +145,7 @@ def test_torchscript_onnx_and_jit_trace_match_eager(pos_embed, impl, tmp_path):
 
 
 # every operator on the small model, and the paper's ResNet-50 forms at a small input (the same graph; the
-# wide_resnet50_2 forms differ in width only and were exported by hand, docs/performance.md)
+# wide_resnet50_2 forms differ in width only and were exported by hand: README, the export table)
 TIMM_EXPORTED = lesa.list_models("*resnet_tiny") + [n for n in lesa.list_models("*_resnet50") if n != "resnet50"]
 
 
