@@ -35,7 +35,7 @@ def to_2tuple(size: Size2d) -> tuple[int, int]:
     return (int(h), int(w))
 
 
-def offset_index(length: int | Tensor, device: torch.device) -> Tensor:
+def offset_index(length: int, device: torch.device) -> Tensor:
     """``(L, L)`` index ``[i, j] = i - j + L - 1``: the column of offset ``i - j`` in a ``2L-1`` table.
 
     An index, not ``Tensor.unfold``: the TorchScript ONNX exporter translates ``unfold`` only for a constant
@@ -45,12 +45,12 @@ def offset_index(length: int | Tensor, device: torch.device) -> Tensor:
     return positions.unsqueeze(1) - positions.unsqueeze(0) + (length - 1)
 
 
-def toeplitz_expand(table: Tensor, length: int | Tensor) -> Tensor:
+def toeplitz_expand(table: Tensor, length: int) -> Tensor:
     """``(d, 2L-1)`` table of offsets -> ``(d, L, L)`` with ``[c, i, j] = table[c, i - j + L - 1]``."""
     return table[:, offset_index(length, table.device)]
 
 
-def abs_from_rel(table: Tensor, length: int | Tensor) -> Tensor:
+def abs_from_rel(table: Tensor, length: int) -> Tensor:
     """``(2L-1, d)`` table of offsets -> ``(L, L, d)`` with ``[i, j] = table[j - i + L - 1]``."""
     return table[offset_index(length, table.device).t()]
 
