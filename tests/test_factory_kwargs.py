@@ -118,3 +118,14 @@ def test_the_default_dtype_is_restored_when_building_fails():
     with pytest.raises(ConfigError, match=r"odd out_channels fits no head count: choose an even one \(e.g. 16\)"):
         LESA2d(16, 15, heads=4, dtype=torch.float64)  # channels not divisible by the heads
     assert torch.get_default_dtype() == torch.float32
+
+
+def test_amps_short_dtype_names_are_accepted():
+    assert next(create_model("lesa_resnet_tiny", dtype="bf16").parameters()).dtype == torch.bfloat16
+
+
+def test_a_meta_model_with_a_new_classifier_is_whole_after_loading():
+    model = create_model("lesa_resnet_tiny", device="meta", num_classes=5,
+                         checkpoint_path="lesa_resnet_tiny.fashion_mnist")
+    assert not any(t.is_meta for t in tensors(model))
+    assert model.eval()(torch.randn(1, 3, 28, 28)).shape == (1, 5)

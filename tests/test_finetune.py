@@ -100,7 +100,7 @@ def test_another_num_classes_reinitialises_the_classifier_alone(tmp_path):
     with pytest.raises(CheckpointError, match=r"classifier has 4 classes .* num_classes=4, or pass num_classes=10"):
         create_model(MODEL, checkpoint_path=str(tmp_path / "four.pt"))
     # any other mismatch stays an error, with its own fix
-    with pytest.raises(CheckpointError, match=r"rel_pos\.relative.*at img_size 32: .* resize the tables") as info:
+    with pytest.raises(CheckpointError, match=r"rel_pos\.relative.*from 29 to 32: .* resize the tables") as info:
         create_model(MODEL, num_classes=4, img_size=48, checkpoint_path=path)
     assert "fc.weight" not in str(info.value)
     with pytest.raises(ConfigError, match=r"only, not lesa_resnet50.*pretrained_cfg_overlay=dict\(file=PATH\)"):

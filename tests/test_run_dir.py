@@ -131,3 +131,18 @@ def test_atomic_write_names_a_full_disk_that_torch_reports_otherwise(tmp_path, m
 
     with pytest.raises(LesaError, match="no space left on device"):
         atomic_write(tmp_path / "x.pt", torch_like)
+
+
+def test_resume_of_the_default_folder_and_of_a_fine_tuned_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    quick = ["--max-steps-per-epoch", "1", "--batch-size", "16", "--quiet"]
+    assert cli("train", "--model", "sa_resnet_tiny", "--heads", "4", "--epochs", "1", *quick)[0] == 0
+    # no --output: the default folder's run, with its own options
+    assert cli("train", "--model", "sa_resnet_tiny", "--resume", "--epochs", "2")[0] == 0
+    run = yaml.safe_load((tmp_path / "runs" / "sa_resnet_tiny-digits" / "config.yaml").read_text())
+    assert (run["epochs"], run["model_kwargs"], run["batch_size"]) == (2, {"heads": 4}, 16)
+    # a run started with --init resumes from its own checkpoint, not the --init one again
+    out = tmp_path / "ft"
+    assert cli("train", "--init", tmp_path / "runs" / "sa_resnet_tiny-digits", "--epochs", "1", *quick,
+               "--output", out)[0] == 0
+    assert cli("train", "--resume", "--output", out, "--epochs", "2")[0] == 0

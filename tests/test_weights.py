@@ -147,7 +147,9 @@ def test_a_misfit_says_which_options_fit(tmp_path):
     with pytest.raises(CheckpointError) as raised:
         create_model("lesa_resnet_tiny", checkpoint_path=str(bare))
     message = str(raised.value)
-    assert "trained at img_size 24: build the model with img_size=24" in message and "classes" not in message
+    # the tables fix the feature map (6 x 6 at stride 4), not the input: the sizes that give that map
+    assert "trained at an img_size from 21 to 24: build the model with img_size=24" in message
+    assert "classes" not in message
     assert create_model("lesa_resnet_tiny", img_size=24, checkpoint_path=str(bare)).img_size == (24, 24)
     with pytest.raises(CheckpointError, match="are 'flat' ones: build the model with pos_embed='flat'"):
         create_model("lesa_resnet_tiny", img_size=24, pos_embed="rel2d", checkpoint_path=str(bare))

@@ -128,7 +128,8 @@ def run_models(args: ModelsOptions) -> int:
 # -- lesa convert --------------------------------------------------------------------------------------
 @schema
 class ConvertOptions:
-    input: Name = Field(description="official checkpoint (.pth), e.g. the authors' checkpoint.pth",
+    input: Name = Field(description="the authors' checkpoint (.pth), or a lesa classifier's run directory or "
+                                    "checkpoint (to a .safetensors that records its model, input size and classes)",
                         json_schema_extra={**ROLE_INPUT_FILE, **POSITIONAL})
     output: Annotated[Name, suffix_in(*WEIGHT_SUFFIXES)] = Field(
         description="output file: .pth/.pt (torch) or .safetensors",
@@ -151,6 +152,9 @@ def run_convert(args: ConvertOptions) -> int:
     from .weights import check_state_dict, read_weights
 
     found = read_weights(args.input)
+    if found.task == "detection":
+        raise CheckpointError(f"{args.input} is a detection run: lesa convert writes a classifier's or an official "
+                              "checkpoint's weights; use the run as it is (lesa det eval / det predict)")
     if not (args.model or found.kind in ("run", "official")):
         raise CheckpointError(f"{args.input} has no LESA keys of the authors' layout (qkv_transform, x_transform, "
                               "bn_similarity, ...): it is not an official LESA checkpoint, and there is nothing to "
@@ -170,7 +174,7 @@ def run_convert(args: ConvertOptions) -> int:
 
     description = run_description(found.config) if found.task in (None, "classification") else None
     save_state_dict(sd, args.output, description)
-    if description and args.output.endswith(".safetensors"):
+    if description and args.output.lower().endswith(".safetensors"):
         note = f" described as {description['model']} at img_size {description['img_size']}"
     elif description:
         note = " (weights only: a .safetensors output also records the model, input size and classes)"
@@ -380,7 +384,7 @@ class DetEvalOptions:
 @schema
 class DetPredictOptions:
     images: Annotated[list[Name], Field(min_length=1)] = Field(
-        description="image files, folders or glob patterns", json_schema_extra={**ROLE_INPUT, **POSITIONAL})
+        description="image files", json_schema_extra={**ROLE_INPUT, **POSITIONAL})
     checkpoint: Name = Field(description="run directory (best.pt) or checkpoint of a detector",
                              json_schema_extra=ROLE_INPUT_FILE)
     output: Name = Field(description="directory for the PNGs", json_schema_extra=ROLE_OUTPUT_DIR)
@@ -537,7 +541,8 @@ COMMANDS: dict[str, Command] = {
     "compare": _plain("train conv/SA/AA/static-LESA/LESA alike and tabulate (Tables 1, 2, 6)", CompareOptions,
                       run_compare),
     "det": ("detection and instance segmentation: train / eval / predict", _det_flags, det_options, run_det),
-    "convert": _plain("convert an official LESA checkpoint to lesa's layout", ConvertOptions, run_convert),
+    "convert": _plain("convert an official LESA checkpoint to lesa's layout, or a run to a weights file",
+                      ConvertOptions, run_convert),
     "models": _plain("list the available models", ModelsOptions, run_models),
     "export": _plain("export a classifier to ONNX or a torch.export program, checked against eager PyTorch",
                      ExportOptions, run_export),

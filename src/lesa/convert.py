@@ -147,12 +147,12 @@ def save_state_dict(sd: Mapping[str, Tensor], path: str, description: Optional[M
 
     path = str(path)
     tensors = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
-    if path.endswith(".safetensors"):
+    if path.lower().endswith(".safetensors"):
         from safetensors.torch import save_file
 
         metadata = {"lesa": json.dumps(dict(description))} if description else None
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    elif path.endswith(TORCH_SUFFIXES):
+    elif path.lower().endswith(TORCH_SUFFIXES):
         atomic_write(path, lambda tmp: torch.save(tensors, tmp))
     else:
         raise CheckpointError(f"output {path!r}: use a .pth, .pt or .safetensors file name")

@@ -8,6 +8,7 @@ file is (:class:`WeightsFile`) instead of inspecting the loaded object themselve
 """
 from __future__ import annotations
 
+import math
 import pickle
 import re
 import warnings
@@ -371,19 +372,22 @@ def _misfit_advice(model: nn.Module, sd: Mapping[str, Tensor], missing: list[str
                       f"num_classes={old}, or pass num_classes={new} to load the rest and re-initialise the "
                       "classifier (create_model(..., num_classes=N, checkpoint_path=...), `lesa train --init`)")
     if any(".rel_pos." in k for k in mis_shaped):
-        size = tables_img_size(model, sd, [k for k in mis_shaped if ".rel_pos." in k][0])
-        advice.append(f"the position tables were trained at img_size {size}: build the model with img_size={size} "
-                      f"(--img-size {size})" if size else
-                      "the position tables are of another input size: build the model with the checkpoint's "
-                      "img_size (--img-size)")
+        sizes = tables_img_sizes(model, sd, [k for k in mis_shaped if ".rel_pos." in k][0])
+        if not sizes:
+            advice.append("the position tables are of another input size: build the model with the checkpoint's "
+                          "img_size (--img-size)")
+        else:
+            trained = f"img_size {sizes[0]}" if len(sizes) == 1 else f"an img_size from {sizes[0]} to {sizes[-1]}"
+            advice.append(f"the position tables were trained at {trained}: build the model with img_size={sizes[-1]}"
+                          f" (--img-size {sizes[-1]})" + (" or the size it was trained at" if len(sizes) > 1 else ""))
         advice.append("or resize the tables with lesa.resize_pos_embed (flat=True for 'flat' ones)")
     return advice
 
 
-def tables_img_size(model: nn.Module, sd: Mapping[str, Tensor], key: str) -> Optional[int]:
-    """The input size the position table ``key`` of ``sd`` was made for, from the model's (None: not a whole
-    number, or a model that does not record its own): a 'flat' table spans 2*H*W - 1 offsets of a square H x W
-    map, a 'rel2d' one 2*H - 1."""
+def tables_img_sizes(model: nn.Module, sd: Mapping[str, Tensor], key: str) -> Optional[range]:
+    """The input sizes the position table ``key`` of ``sd`` fits, from the model's own (None: a model that does not
+    record its size, or a table of no whole map): a 'flat' table spans 2*H*W - 1 offsets of a square H x W map, a
+    'rel2d' one 2*H - 1; a map of side H comes from any input of ``(H-1)*stride + 1 .. H*stride`` pixels."""
     img_size = getattr(model, "img_size", None)
     if not img_size:
         return None
@@ -391,8 +395,11 @@ def tables_img_size(model: nn.Module, sd: Mapping[str, Tensor], key: str) -> Opt
     def side(shape: tuple[int, ...]) -> float:
         return (((shape[-1] + 1) / 2) ** 0.5) if key.endswith("relative") else (shape[0] + 1) / 2
 
-    size = img_size[0] * side(tuple(sd[key].shape)) / side(tuple(model.state_dict()[key].shape))
-    return round(size) if abs(size - round(size)) < 1e-6 else None
+    own, theirs = side(tuple(model.state_dict()[key].shape)), side(tuple(sd[key].shape))
+    if theirs != round(theirs) or own != round(own) or theirs < 1:
+        return None
+    stride = 2 ** round(math.log2(img_size[0] / own))  # the map is ceil(input / stride) a side
+    return range((round(theirs) - 1) * stride + 1, round(theirs) * stride + 1)
 
 
 def _classifier_keys(model: nn.Module) -> tuple[str, ...]:
@@ -436,6 +443,12 @@ def load_state(model: nn.Module, sd: Mapping[str, Tensor], source: Optional[Path
         # in its own dtypes (as copying would give them)
         own = model.state_dict()
         model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=True, assign=True)
+        for module in model.modules():  # a re-initialised classifier was taken from the model: still no storage
+            if any(t.is_meta for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]):
+                device = next((t.device for t in sd.values() if not t.is_meta), torch.device("cpu"))
+                module.to_empty(device=device, recurse=False)
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
     else:
         model.load_state_dict(sd, strict=True)
     if note:

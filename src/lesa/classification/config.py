@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Literal, Optional
 from pydantic import Field
 
 from ..data import EMBEDDED, DataRoot, Download, check_source
-from ..engine.config import RunConfig, merge_values, run_directory
+from ..engine.config import RunConfig, merge_values, resumed_default_output, run_directory
 from ..errors import CheckpointError, ConfigError, NotFoundError
 from ..layers.binary import IMPLS, POS_EMBEDS
 from ..models.registry import check_model_options
@@ -138,7 +138,9 @@ def build_config(config_file: Optional[str] = None, preset: Optional[str] = None
     values, sources = merge_values(TrainConfig, config_file, preset, PRESETS, **overrides)
     if isinstance(values.get("init"), str) and values["init"]:  # other values: the schema names the error
         values = with_init_run(values, sources)
-    return build(TrainConfig, values, sources)
+    cfg = build(TrainConfig, values, sources)
+    named = resumed_default_output(cfg, config_file, PRESETS, overrides)
+    return cfg if named is None else build_config(config_file, preset, **named)
 
 
 def with_init_run(values: dict[str, Any], sources: dict[str, str]) -> dict[str, Any]:

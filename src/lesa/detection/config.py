@@ -88,7 +88,7 @@ class DetConfig(RunConfig):
     train_scales: Optional[list[Annotated[list[PositiveFloat], Field(min_length=3, max_length=3)]]] = Field(
         None, json_schema_extra=NO_FLAG)
     schedule: Literal[tuple(SCHEDULES)] = Field(
-        "1x", description="training length and lr steps, as mmdetection's 1x / 2x / 3x")
+        "1x", description="training length and lr steps, as mmdetection's schedules (1x: 12 epochs)")
     epochs: Optional[PositiveInt] = Field(None, description="override the schedule's length (its lr steps keep their "
                                                             "place)")
     batch_size: Optional[PositiveInt] = Field(None, description="images per process (default 4 on digit scenes, 2 on "

@@ -138,7 +138,20 @@ def merge_config(cls: type[C], config_file: Optional[str] = None, preset: Option
     Raises:
         ConfigError, NotFoundError: see :func:`lesa.options.build` and :func:`lesa.options.load_yaml`.
     """
-    return build(cls, *merge_values(cls, config_file, preset, presets, **overrides))
+    cfg = build(cls, *merge_values(cls, config_file, preset, presets, **overrides))
+    named = resumed_default_output(cfg, config_file, presets, overrides)
+    return cfg if named is None else build(cls, *merge_values(cls, config_file, preset, presets, **named))
+
+
+def resumed_default_output(cfg: RunConfig, config_file: Optional[str], presets: tuple[str, ...],
+                           overrides: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """For a command resuming the default run folder (``--resume`` without an output anywhere): the overrides
+    naming that folder, so that its run's options are merged as for ``--output`` (the folder is known only once
+    the options are built); ``None`` otherwise."""
+    if not getattr(cfg, "resume", False) or overrides.get("output") is not None or _given_in_files(config_file,
+                                                                                                    presets):
+        return None
+    return {**overrides, "output": str(cfg.output_dir)}
 
 
 def merge_values(cls: type, config_file: Optional[str] = None, preset: Optional[str] = None,
@@ -177,6 +190,11 @@ def merge_values(cls: type, config_file: Optional[str] = None, preset: Optional[
     return values, sources
 
 
+def _given_in_files(config_file: Optional[str], presets: tuple[str, ...]) -> bool:
+    """Whether a config file (or one it extends) names the output."""
+    return bool(config_file) and any("output" in values for _, values in config_files(config_file, presets))
+
+
 def _resumed_run(cls: type, given: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
     """The options of the run a command resumes (``--resume`` with ``--output RUN``), from the ``config.yaml``
     lesa wrote there, as the lowest layer: what this command does not give is the run's, not a default."""
@@ -194,7 +212,8 @@ def _resumed_run(cls: type, given: list[tuple[str, dict[str, Any]]]) -> list[tup
     except (OSError, ValueError, LesaError):  # unreadable: the run's checkpoint is checked and named later
         return []
     # the options of this command's kind only: a run of another task is refused once its checkpoint is read
-    known = (set(option_names(cls)) | set(getattr(cls, "LAYER_OPTIONS", ()))) - {"output", "resume"}
+    # (``init`` says how the run began, not what it trains: a resumed run continues from its own checkpoint)
+    known = (set(option_names(cls)) | set(getattr(cls, "LAYER_OPTIONS", ()))) - {"output", "resume", "init"}
     options = {k: v for k, v in saved.items() if k in known}
     if isinstance(options.get("data"), str) and options["data"].startswith("/") and not Path(options["data"]).exists():
         del options["data"]  # data that moved: the run is refused naming where its data is found now (--data)

@@ -21,6 +21,7 @@ from ..errors import ConfigError
 
 F = TypeVar("F", bound=Callable[..., Any])
 DeviceLike = Optional[torch.device | str | int]
+SHORT_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "fp64": "float64"}
 
 
 @contextlib.contextmanager
@@ -44,8 +45,9 @@ def factory_defaults(device: DeviceLike = None, dtype: Optional[torch.dtype | st
 
 
 def _floating_dtype(dtype: Any) -> Optional[torch.dtype]:
-    if isinstance(dtype, str):  # a name, as configs and command lines give it
-        dtype = getattr(torch, dtype.removeprefix("torch."), dtype)
+    if isinstance(dtype, str):  # a name, as configs and command lines give it (--amp's short names too)
+        name = dtype.removeprefix("torch.")
+        dtype = getattr(torch, SHORT_DTYPES.get(name, name), dtype)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ConfigError(f"dtype={dtype!r}: a module's parameters need a floating-point dtype (torch.float32, "
                           "torch.float64, torch.bfloat16, torch.float16, or its name: 'bfloat16')")

@@ -260,19 +260,28 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[
     return model
 
 
+def img_size_of(name: str) -> int:
+    """The input size model ``name`` is built at by default (a side, pixels)."""
+    return default_cfg(name)["input_size"][-1]
+
+
 def fitting_options(name: str, sd: Mapping[str, Tensor]) -> dict[str, Any]:
     """The options of model ``name`` that weights recording no run (a bare state dict) were trained with, as far
-    as their tensors show: ``pos_embed`` (which tables they hold) and ``img_size`` (the tables' size); ``{}`` for a
+    as their tensors show: ``pos_embed`` (which tables they hold) and ``img_size`` (the largest input whose map
+    fits the tables; the model's own where it fits); ``{}`` for a
     model without position tables. The weights may still not fit (another model): loading says so."""
-    from ..weights import tables_img_size
+    from ..weights import tables_img_sizes
 
     if parse_name(name)[0] == "conv" or not any(".rel_pos." in k for k in sd):
         return {}
     options: dict[str, Any] = {"pos_embed": "rel2d" if any(k.endswith("rel_pos.height") for k in sd) else "flat"}
     model = create_model(name, device="meta", **options)  # its tables' shapes, nothing allocated
     key = next((k for k in model.state_dict() if ".rel_pos." in k and k in sd), None)
-    size = tables_img_size(model, sd, key) if key else None
-    return {**options, "img_size": size} if size else options
+    sizes = tables_img_sizes(model, sd, key) if key else None
+    if sizes and img_size_of(name) in sizes:  # the model's own size fits: the likeliest
+        return options
+    # the tables fix the map, not the input: the largest input of that map (the model's size when it fits)
+    return {**options, "img_size": sizes[-1]} if sizes else options
 
 
 def recorded_options(name: str, config: dict[str, Any]) -> dict[str, Any]:
