@@ -174,3 +174,22 @@ def test_files_that_are_no_weights_are_named_with_what_they_hold(tmp_path):
     save_state_dict(create_model("resnet_tiny").state_dict(), str(weights))
     code, err = cli("det", "eval", "--checkpoint", weights)
     assert code == 2 and "holds weights only" in err and "pass the run's directory, or its last.pt" in err
+
+
+def test_a_file_that_records_its_model_is_not_loaded_as_another(tmp_path, digits_run, digit_scenes):
+    code, err = cli("eval", "--checkpoint", digits_run, "--model", "sa_resnet_tiny", "--data", "digits")
+    assert code == 2 and "holds a resnet_tiny (the file records it), not a sa_resnet_tiny: drop --model" in err
+    code, err = cli("det", "train", "--data", digit_scenes, "--backbone", "lesa_resnet_tiny", "--pretrained-backbone",
+                    digits_run, "--output", tmp_path / "det", "--quiet")
+    assert code == 2 and "not the backbone lesa_resnet_tiny: pass --backbone resnet_tiny" in err
+
+
+def test_bare_weights_show_their_heads(tmp_path):
+    from lesa.models.registry import fitting_options
+
+    bare = tmp_path / "w.pt"
+    torch.save(create_model("lesa_resnet_tiny", pos_embed="rel2d", heads=4).state_dict(), bare)
+    assert fitting_options("lesa_resnet_tiny", torch.load(bare, weights_only=True)) == {"pos_embed": "rel2d",
+                                                                                       "heads": 4}
+    code, err = cli("eval", "--checkpoint", bare, "--model", "lesa_resnet_tiny", "--data", "digits", "--quiet")
+    assert code == 0, err

@@ -165,10 +165,10 @@ def run_convert(args: ConvertOptions) -> int:
     sd = convert_official_state_dict(found.state_dict)
     if args.model:
         from .models import create_model
-        from .models.registry import fitting_options
+        from .models.registry import fitting_options, recorded_options
 
         given = {k: v for k, v in (("pos_embed", args.pos_embed), ("img_size", args.img_size)) if v}
-        kwargs = {**fitting_options(args.model, sd), **given}
+        kwargs = {**fitting_options(args.model, sd), **recorded_options(args.model, found.config), **given}
         check_state_dict(create_model(args.model, **kwargs), sd, source=args.input)
     from .models.registry import run_description
 

@@ -48,6 +48,9 @@ def load_trained_model(checkpoint: str | Path, model_name: Optional[str] = None)
     """The model of a run directory (its ``best.pt``), a training checkpoint or a weights file, with the
     run's configuration (``{}`` for a bare weights file, which then needs ``model_name``)."""
     sd, cfg = read_classifier(checkpoint)
+    if model_name and cfg.get("model") and model_name != cfg["model"]:
+        raise ConfigError(f"{checkpoint} holds a {cfg['model']} (the file records it), not a {model_name}: drop "
+                          f"--model, or pass --model {cfg['model']}")
     name = model_name or cfg.get("model")
     if not name:
         raise ConfigError(f"{checkpoint} holds weights only: pass the model name (--model NAME)")

@@ -118,7 +118,7 @@ def build_detector(
     frozen = frozen_bn if frozen_bn is not None else pretrained
     table = table_size or max([max_size, *(high for _, _, high in train_scales or [])])
     fpn = build_backbone(backbone, dcn_stages, deform_unary, trainable, frozen, int(table), checkpoint, impl)
-    report = load_backbone_weights(fpn, pretrained_backbone, pos_init) if pretrained else None
+    report = load_backbone_weights(fpn, pretrained_backbone, pos_init, backbone) if pretrained else None
     transform = DetectionTransform(min_size, max_size, list(IMAGENET_MEAN), list(IMAGENET_STD), train_scales)
     if kind in ("maskrcnn", "fasterrcnn"):
         model = (MaskRCNN if kind == "maskrcnn" else FasterRCNN)(
@@ -167,13 +167,22 @@ def build_maskrcnn(backbone: str, num_classes: int, **kwargs) -> MaskRCNN:
     return build_detector("maskrcnn", backbone, num_classes, **kwargs)
 
 
-def load_backbone_weights(backbone: LesaFPNBackbone, source: str | Path, pos_init: str = "reinit"
-                          ) -> dict[str, list[str]]:
-    """Initialise ``backbone.body`` from a classification checkpoint; return what was skipped and why."""
+def load_backbone_weights(backbone: LesaFPNBackbone, source: str | Path, pos_init: str = "reinit",
+                          name: Optional[str] = None) -> dict[str, list[str]]:
+    """Initialise ``backbone.body`` (the model ``name``) from a classification checkpoint; return what was skipped
+    and why.
+
+    Raises:
+        CheckpointError: a detection run, or a file that records another model than ``name``.
+    """
     found = read_weights(source)
     if found.task == "detection":
         raise CheckpointError(f"{source} is a detection run: --pretrained-backbone takes a classification checkpoint "
                               "(a lesa run or weights file, or the authors' converted one)")
+    trained_as = found.config.get("model")
+    if name and trained_as and trained_as != name:
+        raise CheckpointError(f"{source} holds a {trained_as} (the file records it), not the backbone {name}: pass "
+                              f"--backbone {trained_as}, or a checkpoint of {name}")
     sd = found.state_dict
     body = backbone.body
     own = body.state_dict()

@@ -197,18 +197,24 @@ def _given_in_files(config_file: Optional[str], presets: tuple[str, ...]) -> boo
 
 def _resumed_run(cls: type, given: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
     """The options of the run a command resumes (``--resume`` with ``--output RUN``), from the ``config.yaml``
-    lesa wrote there, as the lowest layer: what this command does not give is the run's, not a default."""
+    lesa wrote there (or, without it, its ``last.pt``), as the lowest layer: what this command does not give is
+    the run's, not a default."""
     from ..ownership import owns
 
     resume = next((v.get("resume") for _, v in reversed(given) if v.get("resume") is not None), None)
     output = next((v.get("output") for _, v in reversed(given) if v.get("output") is not None), None)
     if not resume or not isinstance(output, str):
         return []
-    path = Path(output) / "config.yaml"
+    path, last = Path(output) / "config.yaml", Path(output) / "last.pt"
     try:
-        if not (path.is_file() and owns(path)):
+        if path.is_file() and owns(path):
+            saved = load_yaml(path)
+        elif last.is_file() and owns(last):  # config.yaml removed: the checkpoint holds the same options
+            from ..weights import read_weights
+
+            path, saved = last, dict(read_weights(last, run=True, mmap=True).checkpoint.get("config", {}))
+        else:
             return []
-        saved = load_yaml(path)
     except (OSError, ValueError, LesaError):  # unreadable: the run's checkpoint is checked and named later
         return []
     # the options of this command's kind only: a run of another task is refused once its checkpoint is read

@@ -267,7 +267,8 @@ def img_size_of(name: str) -> int:
 
 def fitting_options(name: str, sd: Mapping[str, Tensor]) -> dict[str, Any]:
     """The options of model ``name`` that weights recording no run (a bare state dict) were trained with, as far
-    as their tensors show: ``pos_embed`` (which tables they hold) and ``img_size`` (the largest input whose map
+    as their tensors show: ``pos_embed`` (which tables they hold), ``heads`` (the logits' BatchNorm channels) and
+    ``img_size`` (the largest input whose map
     fits the tables; the model's own where it fits); ``{}`` for a
     model without position tables. The weights may still not fit (another model): loading says so."""
     from ..weights import tables_img_sizes
@@ -275,7 +276,15 @@ def fitting_options(name: str, sd: Mapping[str, Tensor]) -> dict[str, Any]:
     if parse_name(name)[0] == "conv" or not any(".rel_pos." in k for k in sd):
         return {}
     options: dict[str, Any] = {"pos_embed": "rel2d" if any(k.endswith("rel_pos.height") for k in sd) else "flat"}
-    model = create_model(name, device="meta", **options)  # its tables' shapes, nothing allocated
+    # the logits' BatchNorm has a channel per head and logit term (3 for 'flat': q.k, q.r, k.r; 2 for 'rel2d')
+    logits = next((v for k, v in sd.items() if k.endswith("binary.bn_logits.weight")), None)
+    terms = 3 if options["pos_embed"] == "flat" else 2
+    if logits is not None and logits.ndim == 1 and logits.shape[0] % terms == 0:
+        options["heads"] = logits.shape[0] // terms
+    try:
+        model = create_model(name, device="meta", **options)  # its tables' shapes, nothing allocated
+    except ConfigError:  # heads that do not fit this model: the weights are another model's, loading says so
+        return {}
     key = next((k for k in model.state_dict() if ".rel_pos." in k and k in sd), None)
     sizes = tables_img_sizes(model, sd, key) if key else None
     if sizes and img_size_of(name) in sizes:  # the model's own size fits: the likeliest
