@@ -133,3 +133,10 @@ def test_a_run_converts_to_a_file_that_describes_it(tmp_path, digits_run, capsys
     # a torch file holds the tensors alone, and says so
     assert main(["convert", str(digits_run), str(tmp_path / "w.pt")]) == 0
     assert "weights only: a .safetensors output also records" in capsys.readouterr().out
+
+
+def test_shipped_weights_by_name_convert_and_keep_their_description(tmp_path, capsys):
+    out = tmp_path / "fm.safetensors"
+    assert main(["convert", "lesa_resnet_tiny.fashion_mnist", str(out)]) == 0
+    assert "described as lesa_resnet_tiny at img_size 28" in capsys.readouterr().out
+    assert create_model("lesa_resnet_tiny", checkpoint_path=str(out)).num_classes == 10

@@ -445,6 +445,7 @@ def test_an_existing_file_outside_lesas_folders_is_kept_with_a_fix_that_works(tm
 @pytest.mark.parametrize("args,message", [
     (["convert", "IN", "OUT.pt", "--img-size", "24"], "--img-size describes the model of --model, which is not given"),
     (["det", "train", "--dcn-stages", "2", "2"], "--dcn-stages 2 2 names a stage twice"),
+    (["compare", "--quick", "--ops", "sa", "--ops", "sa"], "--ops: got ['sa', 'sa']; names sa more than once"),
     (["det", "train", "--pos-init", "interpolate"], "--pos-init interpolate acts on the tables of --pretrained"),
 ])
 def test_options_that_act_on_nothing_are_refused(tmp_path, capsys, no_work, args, message):

@@ -106,6 +106,14 @@ RunData = Annotated[Optional[Name], Field(description="dataset (default: the run
 WeightsModel = Annotated[Optional[Name], Field(description="model name, for a weights-only file")]
 
 
+def once_each(values: list[Any]) -> list[Any]:
+    """A list option that names each value once (a repeated flag adds to the list: ``--ops sa --ops sa``)."""
+    twice = sorted({str(v) for v in values if values.count(v) > 1})
+    if twice:
+        raise ValueError(f"names {', '.join(twice)} more than once: give each once")
+    return values
+
+
 # -- lesa models ---------------------------------------------------------------------------------------
 @schema
 class ModelsOptions:
@@ -128,7 +136,7 @@ def run_models(args: ModelsOptions) -> int:
 # -- lesa convert --------------------------------------------------------------------------------------
 @schema
 class ConvertOptions:
-    input: Name = Field(description="the authors' checkpoint (.pth), or a lesa classifier's run directory or "
+    input: Checkpoint = Field(description="the authors' checkpoint (.pth), or a lesa classifier's run directory or "
                                     "checkpoint (to a .safetensors that records its model, input size and classes)",
                         json_schema_extra={**ROLE_INPUT_FILE, **POSITIONAL})
     output: Annotated[Name, suffix_in(*WEIGHT_SUFFIXES)] = Field(
@@ -155,11 +163,12 @@ def run_convert(args: ConvertOptions) -> int:
     if found.task == "detection":
         raise CheckpointError(f"{args.input} is a detection run: lesa convert writes a classifier's or an official "
                               "checkpoint's weights; use the run as it is (lesa det eval / det predict)")
-    if not (args.model or found.kind in ("run", "official")):
+    if not (args.model or found.kind in ("run", "official", "described")):
         raise CheckpointError(f"{args.input} has no LESA keys of the authors' layout (qkv_transform, x_transform, "
                               "bn_similarity, ...): it is not an official LESA checkpoint, and there is nothing to "
                               "convert. To re-save weights lesa loads in another format, pass --model NAME (they are "
-                              "checked by loading them); a lesa run's checkpoint converts as it is")
+                              "checked by loading them); a lesa run's checkpoint, or a weights file that records its "
+                              "run, converts as it is")
     # the reader removed wrapper prefixes and converted LESA layouts; convert_official_state_dict also keeps the
     # backbone alone of an mmdetection file without LESA layers
     sd = convert_official_state_dict(found.state_dict)
@@ -305,7 +314,7 @@ class CompareOptions:
     download: Download = False
     output: Name = Field("runs/compare", description="runs go to OUTPUT/<op>/seed<k>",
                          json_schema_extra=ROLE_OUTPUT_DIR)
-    ops: Optional[Annotated[list[Literal[OPS]], Field(min_length=1)]] = Field(
+    ops: Optional[Annotated[list[Literal[OPS]], Field(min_length=1), AfterValidator(once_each)]] = Field(
         None, description="the operators to compare (default: all)")
     preset: Optional[Literal[PRESETS]] = Field(None, description=(
         "training recipe (default: the embedded set's own: digits, cluttered_digits, fashion_mnist)"))
