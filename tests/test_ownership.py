@@ -188,7 +188,7 @@ def test_a_classification_run_copied_with_its_data_resumes_and_evaluates(tmp_pat
     run = copy / "runs" / "r"
     assert cli("eval", "--checkpoint", run, "--quiet")[0] == 0  # found at ../../data from the run folder
     code, err = cli("train", *args, "--epochs", "2", "--output", run, "--resume")
-    assert code == 2 and f"(--data {copy / 'data'}," in err  # the advice names the data where it is now
+    assert code == 2 and f"(--data {copy / 'data'};" in err  # the advice names the data where it is now
     assert cli("train", *args, "--epochs", "2", "--data", copy / "data", "--output", run, "--resume")[0] == 0
 
 

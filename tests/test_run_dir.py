@@ -73,7 +73,7 @@ def test_resume_keeps_config_until_its_checkpoint_and_removes_interrupted_writes
     # a resume that fails before training leaves config.yaml as the run's; every option that differs is named
     code, err = cli(*args, "--epochs", "2", "--resume", "--img-size", "32", "--model", "sa_resnet_tiny")
     assert code == 2 and "has model='resnet_tiny', img_size=24, this command model='sa_resnet_tiny', img_size=32" in err
-    assert "(--model resnet_tiny, --img-size 24, or leave them out" in err
+    assert "(--model resnet_tiny, --img-size 24; a resumed run keeps its own where neither" in err
     assert (out / "config.yaml").read_text() == config
     # what the resuming command does not give is the run's own, not a default
     assert cli("train", "--output", out, "--epochs", "2", "--resume", "--quiet")[0] == 0

@@ -26,16 +26,26 @@ def check_resume(state: dict[str, Any], cfg: RunConfig, task_cls: type[Task]) ->
         if key in saved and not task_cls.same_setting(key, saved[key], getattr(cfg, key)):
             differ.append(key)
     if differ:
-        def given(key: str) -> str:
-            value = resume_data(state, cfg.output_dir) if key == "data" else saved[key]
-            scalar = isinstance(value, (int, float, str)) and not isinstance(value, bool)
-            return f"{flag(key)} {value}" if scalar else f"{key}={value!r}"
-
         run = ", ".join(f"{k}={saved[k]!r}" for k in differ)
         this = ", ".join(f"{k}={getattr(cfg, k)!r}" for k in differ)
         raise ConfigError(f"--resume: the run in {cfg.output_dir} has {run}, this command {this}; resume with the "
-                          f"run's settings ({', '.join(given(k) for k in differ)}, or leave them out: a resumed run "
-                          "keeps its own)")
+                          f"run's settings ({', '.join(_as_flags(k, saved[k], state, cfg) for k in differ)}; a resumed "
+                          "run keeps its own where neither the command line, a preset nor a --config file gives "
+                          "one)")
+
+
+def _as_flags(key: str, value: Any, state: dict[str, Any], cfg: RunConfig) -> str:
+    """How the command line gives ``key`` its saved ``value``: ``--img-size 24``, ``--heads 4 --pos-embed rel2d``
+    (a mapping of layer options), ``no --train-subset`` (none)."""
+    if key == "data":
+        value = resume_data(state, cfg.output_dir)
+    if value is None:
+        return f"no {flag(key)}"
+    if isinstance(value, dict):
+        return " ".join(f"{flag(k)} {v}" for k, v in value.items()) or f"no {flag(key)}"
+    if isinstance(value, (list, tuple)):
+        return f"{flag(key)} {' '.join(map(str, value))}"
+    return f"{flag(key)} {value}"
 
 
 def moved_data(state: dict[str, Any], data: Any) -> bool:
