@@ -178,9 +178,9 @@ def check_input(x: Tensor, in_channels: int, layer: str, param: Tensor, arg: str
     check_dtype(x, param, layer)
     if x.device != param.device:
         if param.is_meta:  # built without storage: it is given some (and its weights), not moved
-            raise InputError(f"{layer} was built on the meta device (no weights): give it storage and weights "
-                             f"(model.to_empty(device='{x.device}') then load a state dict, or build it on "
-                             f"'{x.device}')")
+            raise InputError(f"{layer} got an input on {x.device} but its parameters are on meta, a device without "
+                             f"storage: give it storage and weights (model.to_empty(device='{x.device}') then load "
+                             f"a state dict), or build it on '{x.device}'")
         raise InputError(f"{layer} got an input on {x.device} but its parameters are on {param.device}: move "
                          f"the input (x.to('{param.device}')) or the model (model.to('{x.device}'))")
 
